@@ -1,0 +1,166 @@
+"""The `chatpipe` command line.
+
+    chatpipe run CONFIG [--run-dir DIR] [--set section.key=value ...]   every stage, in order
+    chatpipe stage NAME --run-dir DIR                                   one stage, from the recorded config
+    chatpipe status RUN_DIR                                             the manifest as a table
+
+`run` records the resolved config in RUN_DIR/manifest.json, then launches each stage as its own
+process (group). A completed stage is skipped while its config slice and its inputs are unchanged;
+a stage that crashed resumes from its last checkpoint when run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+from pipeline.config import LaunchConfig, RunConfig, config_hash, load_config, validate_config
+from pipeline.errors import ChatpipeError
+from pipeline.launcher import run_logged, stage_command
+from pipeline.manifest import manifest_path, new_manifest, read_manifest, write_manifest
+from pipeline.registry import STAGES, StageSpec, get_stage
+from pipeline.stage import log_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="chatpipe", description="ChatGPT-style training pipeline.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="Run every stage of a config, skipping completed ones.")
+    run.add_argument("config", help="Run config YAML, e.g. configs/tiny.yaml.")
+    run.add_argument("--run-dir", help="Where checkpoints and the manifest go (default: runs/<name>).")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="Override a config value; may be repeated.")
+
+    stage = commands.add_parser("stage", help="Run one stage of an existing run from its recorded config.")
+    stage.add_argument("name", help="Stage name: " + ", ".join(spec.name for spec in STAGES))
+    stage.add_argument("--run-dir", required=True)
+
+    status = commands.add_parser("status", help="Print a run's manifest as a table.")
+    status.add_argument("run_dir")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return command_run(args.config, args.run_dir, args.overrides)
+        if args.command == "stage":
+            return command_stage(args.name, Path(args.run_dir))
+        return command_status(Path(args.run_dir))
+    except ChatpipeError as error:
+        print(f"chatpipe: {error}", file=sys.stderr)
+        return 2
+
+
+def command_run(config_path: str, run_dir: str | None, overrides: list[str]) -> int:
+    config = load_config(config_path, overrides)
+    run_dir_path = Path(run_dir or Path("runs") / config.name).resolve()
+    record_config(run_dir_path, config, config_path)
+    manifest = read_manifest(run_dir_path)
+    for spec in STAGES:
+        reason = rerun_reason(spec, config, manifest, run_dir_path)
+        if reason is None:
+            print(f"chatpipe: {spec.name}: up to date, skipped")
+            continue
+        print(f"chatpipe: {spec.name}: {reason}; running")
+        code = launch_stage(spec, config, run_dir_path)
+        if code != 0:
+            return code
+        manifest = read_manifest(run_dir_path)
+    print(f"chatpipe: run complete: {run_dir_path}")
+    print_status(read_manifest(run_dir_path))
+    return 0
+
+
+def command_stage(name: str, run_dir: Path) -> int:
+    spec = get_stage(name)
+    manifest = read_manifest(run_dir)
+    config = validate_config(manifest["config"], source=f"{manifest_path(run_dir)} config")
+    return launch_stage(spec, config, run_dir.resolve())
+
+
+def command_status(run_dir: Path) -> int:
+    print_status(read_manifest(run_dir))
+    return 0
+
+
+def record_config(run_dir: Path, config: RunConfig, source: str) -> None:
+    """Write the resolved config into the manifest, creating it for a new run dir."""
+    resolved = config.model_dump(mode="json")
+    if manifest_path(run_dir).exists():
+        manifest = read_manifest(run_dir)
+        manifest.update(config=resolved, config_source=str(source), run_name=config.name)
+    else:
+        manifest = new_manifest(config.name, resolved, str(source))
+    write_manifest(run_dir, manifest)
+
+
+def rerun_reason(spec: StageSpec, config: RunConfig, manifest: dict, run_dir: Path) -> str | None:
+    """Why `spec` must run now, or None when its completed result still stands."""
+    entry = manifest["stages"].get(spec.name)
+    if entry is None:
+        return "not run yet"
+    if entry.get("status") != "completed":
+        return f"{entry.get('status')}, resuming" if entry.get("status") in ("running", "failed") else "not run yet"
+    if entry.get("config_hash") != config_hash(spec.config_slice(config)):
+        return "config changed"
+    for upstream in spec.inputs:
+        recorded = (entry.get("inputs") or {}).get(upstream, {}).get("digest")
+        current = ((manifest["stages"].get(upstream) or {}).get("output") or {}).get("digest")
+        if recorded != current:
+            return f"its input {upstream!r} changed"
+    output = Path(entry["output"]["path"])
+    if not (output if output.is_absolute() else run_dir / output).is_dir():
+        return "its output folder is missing"
+    return None
+
+
+def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
+    launch = spec.launch(config) or LaunchConfig()
+    log = log_path(run_dir, spec.name)
+    code = run_logged(stage_command(spec.module, launch, run_dir), log)
+    if code != 0:
+        print(f"chatpipe: stage {spec.name!r} failed (exit code {code}); log: {log}", file=sys.stderr)
+        print(f"chatpipe: fix the cause and run again: completed stages are skipped, this one resumes", file=sys.stderr)
+    return code
+
+
+def print_status(manifest: dict) -> None:
+    rows = [("stage", "status", "started", "took", "procs", "metrics", "output")]
+    for spec in STAGES:
+        entry = manifest["stages"].get(spec.name, {"status": "pending"})
+        rows.append((
+            spec.name,
+            entry.get("status", "pending"),
+            (entry.get("started_at") or "")[:19].replace("T", " "),
+            _duration(entry.get("started_at"), entry.get("finished_at")),
+            str(entry.get("world_size") or ""),
+            _headline(entry.get("metrics") or {}) if entry.get("status") == "completed" else (entry.get("error") or "")[:60],
+            (entry.get("output") or {}).get("path", ""),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    print(f"run {manifest['run_name']} ({manifest.get('config_source', '')})")
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def _duration(started: str | None, finished: str | None) -> str:
+    if not started or not finished:
+        return ""
+    seconds = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds()
+    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def _headline(metrics: dict) -> str:
+    parts = []
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, (int, str)) and len(parts) < 6:
+            parts.append(f"{key}={value}")
+    return " ".join(parts[:6])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

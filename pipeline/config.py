@@ -1,0 +1,278 @@
+"""The run config: one YAML file that describes a whole run, validated before anything trains.
+
+    config = load_config("configs/tiny.yaml", overrides=["pretrain.max_steps=50"])
+
+Every section is a typed model with documented defaults; an unknown key, a wrong type or a data
+file that does not exist is a `ConfigError` naming the key (and the keys allowed there) or the file.
+Relative data paths resolve against the working directory, then against the config file's folder,
+and are stored absolute, so a stage can later run from the recorded config alone.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSource(Section):
+    """Where a dataset comes from: local files (`path`) or the Hugging Face hub (`hub`)."""
+
+    path: str | None = Field(None, description="Local file, glob or folder (.txt, .jsonl, .json, .parquet).")
+    hub: str | None = Field(None, description="A `datasets` hub name, e.g. HuggingFaceFW/fineweb-edu.")
+    hub_config: str | None = Field(None, description="The hub dataset's config name (subset).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    split: str = Field("train", description="Split to read.")
+    format: Literal["auto", "text", "json", "parquet"] = Field("auto", description="Local file format; auto = by extension.")
+    text_field: str = Field("text", description="Column holding the text (json/parquet/hub).")
+    sample_by: Literal["document", "paragraph", "line"] = Field(
+        "document", description="How a .txt file splits into documents."
+    )
+    max_rows: int | None = Field(None, ge=1, description="Read at most this many rows (for quick runs).")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> "DataSource":
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` (local files) or `hub` (a datasets hub name)")
+        return self
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is None:
+            return None
+        base_dir = (info.context or {}).get("base_dir")
+        return str(resolve_data_path(path, base_dir))
+
+    def files(self) -> list[str]:
+        """The local files this source reads, sorted (a folder means every file in it)."""
+        assert self.path is not None
+        target = Path(self.path)
+        if target.is_dir():
+            return sorted(str(p) for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
+        return sorted(glob.glob(self.path)) or [self.path]
+
+
+def resolve_data_path(path: str, base_dir: str | Path | None) -> Path:
+    """Absolute path of a data file, glob or folder, or ConfigError naming where it was looked for."""
+    candidates = [Path(path).expanduser()]
+    if base_dir is not None and not Path(path).is_absolute():
+        candidates.append(Path(base_dir) / path)
+    for candidate in candidates:
+        if candidate.exists() or (glob.has_magic(str(candidate)) and glob.glob(str(candidate))):
+            return candidate.resolve() if candidate.exists() else Path(str(candidate.absolute()))
+    tried = ", ".join(str(c.absolute()) for c in candidates)
+    raise ValueError(f"data file not found: {path!r} (looked in {tried}); fix the path or create the file")
+
+
+class LaunchConfig(Section):
+    """How a stage's processes start. One process runs in-line; more go through accelerate or torchrun."""
+
+    num_processes: int = Field(1, ge=1, description="Processes on this machine (one per GPU).")
+    accelerate_config: str | None = Field(None, description="An accelerate config file (DDP, FSDP, DeepSpeed...).")
+    launcher: Literal["auto", "python", "accelerate", "torchrun"] = Field(
+        "auto", description="auto: python for one process, accelerate with GPUs, torchrun (gloo) on CPU."
+    )
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the GPU supports it, otherwise fp32."
+    )
+
+    @field_validator("accelerate_config")
+    @classmethod
+    def _config_exists(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is None:
+            return None
+        return str(resolve_data_path(path, (info.context or {}).get("base_dir")))
+
+
+class ModelConfig(Section):
+    """The model architecture (trained from scratch) or an existing base model to start from."""
+
+    architecture: str = Field("llama", description="A transformers model_type: llama, gpt2, qwen2, mistral...")
+    config: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for that architecture's config.")
+    base_model: str | None = Field(None, description="Hub id or local path of a base model; skips pretraining.")
+    revision: str | None = Field(None, description="Hub revision of base_model.")
+    trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, architecture: str) -> str:
+        from transformers import CONFIG_MAPPING
+
+        if architecture not in CONFIG_MAPPING:
+            close = [name for name in CONFIG_MAPPING.keys() if architecture.lower() in name][:8]
+            hint = f" (did you mean one of {close}?)" if close else " (e.g. llama, gpt2, qwen2, mistral)"
+            raise ValueError(f"unknown architecture {architecture!r}: use a transformers model_type{hint}")
+        return architecture
+
+    @model_validator(mode="after")
+    def _known_config_keys(self) -> "ModelConfig":
+        import inspect
+
+        from transformers import CONFIG_MAPPING
+
+        config_class = CONFIG_MAPPING[self.architecture]
+        known = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs"}
+        known |= set(getattr(config_class, "attribute_map", {}))
+        unknown = sorted(set(self.config) - known)
+        if unknown:
+            raise ValueError(
+                f"config keys {unknown} are not {self.architecture} config fields; "
+                f"allowed: {', '.join(sorted(known))}"
+            )
+        return self
+
+
+class WandbConfig(Section):
+    """Weights & Biases tracking. The API key is never part of the config: log in or set WANDB_API_KEY."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when logged in, offline otherwise; WANDB_MODE overrides."
+    )
+    project: str = Field("chatpipe", description="W&B project.")
+    entity: str | None = Field(None, description="W&B team or user; default: your default entity.")
+
+
+class TokenizerConfig(Section):
+    """The `tokenizer` stage: train a byte-level BPE tokenizer, or adopt an existing one."""
+
+    pretrained: str | None = Field(None, description="Hub id or path of a tokenizer to use instead of training one.")
+    corpus: DataSource | None = Field(None, description="Text to train on; default: the pretrain data.")
+    vocab_size: int = Field(8192, ge=300, description="Vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, description="Merges seen fewer times than this are not learned.")
+    max_chars: int | None = Field(None, ge=1, description="Train on at most this many characters of the corpus.")
+
+
+class PretrainConfig(Section):
+    """The `pretrain` stage: causal-LM pretraining from scratch on packed blocks of text."""
+
+    data: DataSource | None = Field(None, description="The corpus. Not needed when model.base_model is set.")
+    block_size: int = Field(256, ge=8, description="Tokens per packed training block.")
+    validation_fraction: float = Field(0.05, gt=0, lt=1, description="Share of blocks held out for eval.")
+    per_device_batch_size: int = Field(16, ge=1, description="Blocks per process per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimiser step.")
+    max_steps: int = Field(1000, ge=1, description="Optimiser steps.")
+    learning_rate: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay floor, as a fraction of the peak.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (matrices only, not norms/biases).")
+    adam_beta1: float = Field(0.9, gt=0, lt=1)
+    adam_beta2: float = Field(0.95, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    eval_every: int = Field(100, ge=1, description="Steps between evaluations.")
+    eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
+    save_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk.")
+    log_every: int = Field(10, ge=1, description="Steps between logged training metrics.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+class RunConfig(Section):
+    """A whole run: the model, W&B, and one section per stage."""
+
+    name: str = Field(..., min_length=1, description="Run name; also the W&B group.")
+    seed: int = Field(0, description="Seed for data order, initialisation and sampling.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _pretrain_has_data(self) -> "RunConfig":
+        if self.model.base_model is None and self.pretrain.data is None:
+            raise ValueError("pretrain.data is required unless model.base_model names a model to start from")
+        if self.model.base_model is None and self.tokenizer.pretrained is None and self.tokenizer_corpus is None:
+            raise ValueError("tokenizer.corpus (or pretrain.data) is required to train a tokenizer")
+        return self
+
+    @property
+    def tokenizer_corpus(self) -> DataSource | None:
+        return self.tokenizer.corpus or self.pretrain.data
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (name, model, tokenizer, pretrain...)")
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path), base_dir=path.parent)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | Path | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as error:
+        raise ConfigError(f"{source}: invalid config\n" + _describe(error)) from None
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply `section.key=value` (value parsed as YAML) to a raw config mapping, in place."""
+    key, sep, value = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. pretrain.max_steps=100")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
+        node = child
+    node[leaf] = yaml.safe_load(value)
+
+
+def config_hash(data: Any) -> str:
+    """Stable hash of a JSON-able value (sorted keys): equal configs hash equal."""
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            allowed = _allowed_keys(item["loc"][:-1])
+            message = f"unknown key; allowed here: {', '.join(allowed)}"
+        elif item["type"] == "missing":
+            message = "required key is missing"
+        elif "input" in item and item["type"] not in ("value_error",) and not isinstance(item["input"], dict):
+            message = f"{message} (got {item['input']!r})"
+        lines.append(f"  {location}: {message}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        nested = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return sorted(model.model_fields)

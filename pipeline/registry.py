@@ -1,0 +1,59 @@
+"""The stages of a run, in order, and what each one depends on.
+
+A stage's *config* is the slice of the run config its result depends on; its hash decides whether
+a completed stage is skipped (unchanged) or rerun (changed) by `chatpipe run`. Its *inputs* are the
+earlier stages whose checkpoints it consumes through the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipeline.config import RunConfig
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    inputs: tuple[str, ...]
+    config_slice: Callable[[RunConfig], dict[str, Any]]
+
+    @property
+    def module(self) -> str:
+        """The module `python -m` / `accelerate launch -m` runs."""
+        return f"stages.{self.name}"
+
+    def launch(self, config: RunConfig):
+        section = getattr(config, self.name, None)
+        return getattr(section, "launch", None)
+
+
+def _tokenizer_slice(config: RunConfig) -> dict[str, Any]:
+    corpus = config.tokenizer_corpus
+    return {
+        "tokenizer": config.tokenizer.model_dump(exclude={"corpus"}),
+        "corpus": corpus.model_dump() if corpus else None,
+        "base_model": config.model.base_model,
+        "revision": config.model.revision,
+    }
+
+
+def _pretrain_slice(config: RunConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "model": config.model.model_dump(), "pretrain": config.pretrain.model_dump()}
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("tokenizer", (), _tokenizer_slice),
+    StageSpec("pretrain", ("tokenizer",), _pretrain_slice),
+)
+STAGE_NAMES = tuple(spec.name for spec in STAGES)
+
+
+def get_stage(name: str) -> StageSpec:
+    for spec in STAGES:
+        if spec.name == name:
+            return spec
+    from pipeline.errors import ConfigError
+
+    raise ConfigError(f"unknown stage {name!r}; stages are: {', '.join(STAGE_NAMES)}")

@@ -1,0 +1,198 @@
+"""What every stage's `__main__` shares: read the manifest, check inputs, record the outcome.
+
+    python -m stages.pretrain --run-dir runs/tiny        # what `accelerate launch -m` runs too
+
+`run_stage(name, train)` loads the run config recorded in the manifest, resolves and verifies the
+stage's inputs, marks the stage running, calls `train(context)`, then records the output
+checkpoint's hashes and final metrics (or the error) in the manifest. Every process runs it; only
+the main process writes the manifest. A stage that crashed or failed under the same config keeps
+its folder, so its checkpoints resume; any other attempt starts from a clean folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.config import RunConfig, config_hash, validate_config
+from pipeline.errors import ChatpipeError
+from pipeline.manifest import now, output_record, read_manifest, resolve_input, update_stage
+from pipeline.registry import get_stage
+from pipeline.tracking import Tracker
+
+VERSIONED_PACKAGES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "wandb", "tokenizers")
+
+
+@dataclass
+class StageContext:
+    """Everything a stage's training function gets."""
+
+    name: str
+    run_dir: Path
+    config: RunConfig
+    inputs: dict[str, Path]
+    tracker: Tracker
+    is_main: bool
+    world_size: int
+    resuming: bool
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def output_dir(self) -> Path:
+        """Where the stage's final checkpoint goes (a plain Hugging Face folder)."""
+        return self.stage_dir / "final"
+
+
+@dataclass
+class StageResult:
+    output_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_config(config: RunConfig, name: str) -> dict[str, Any]:
+    return get_stage(name).config_slice(config)
+
+
+def run_stage(name: str, train: Callable[[StageContext], StageResult], argv: list[str] | None = None) -> None:
+    """Entry point of `python -m stages.<name>`; exits non-zero with a clear message on failure."""
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
+    parser.add_argument("--run-dir", required=True, help="Run directory holding manifest.json.")
+    args = parser.parse_args(argv)
+    try:
+        execute_stage(name, Path(args.run_dir), train)
+    except ChatpipeError as error:
+        print(f"chatpipe: {name}: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], StageResult]) -> StageResult:
+    from accelerate import PartialState
+
+    state = PartialState()  # joins the process group when launched by torchrun / accelerate
+    run_dir = run_dir.resolve()
+    manifest = read_manifest(run_dir)
+    config = validate_config(manifest["config"], source=f"{run_dir}/manifest.json config")
+    spec = get_stage(name)
+    sliced = spec.config_slice(config)
+    digest = config_hash(sliced)
+    previous = manifest["stages"].get(name, {})
+    resuming = previous.get("config_hash") == digest and previous.get("status") in ("running", "failed")
+    stage_dir = run_dir / name
+
+    inputs = {
+        upstream: resolve_input(run_dir, manifest, upstream, verify=state.is_main_process)
+        for upstream in spec.inputs
+    }
+    if state.is_main_process:
+        if not resuming and stage_dir.exists():
+            # A fresh attempt (new config, or a rerun of a finished stage) must not resume from
+            # checkpoints of an earlier one.
+            shutil.rmtree(stage_dir)
+        stage_dir.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+
+    tracker = Tracker(
+        stage_dir,
+        run_name=config.name,
+        stage=name,
+        config=sliced,
+        wandb_config=config.wandb,
+        run_dir=run_dir,
+        is_main=state.is_main_process,
+        resume_id=previous.get("wandb_run_id") if resuming else None,
+    )
+    if state.is_main_process:
+        update_stage(
+            run_dir,
+            name,
+            status="running",
+            config=sliced,
+            config_hash=digest,
+            inputs=inputs,
+            output=None,
+            metrics={},
+            error=None,
+            started_at=now(),
+            finished_at=None,
+            world_size=state.num_processes,
+            versions=package_versions(),
+            git_commit=git_commit(),
+            wandb_run_id=tracker.run_id,
+            log=str(log_path(run_dir, name)),
+        )
+    context = StageContext(
+        name=name,
+        run_dir=run_dir,
+        config=config,
+        inputs={upstream: Path(record["path"]) for upstream, record in inputs.items()},
+        tracker=tracker,
+        is_main=state.is_main_process,
+        world_size=state.num_processes,
+        resuming=resuming,
+    )
+    try:
+        result = train(context)
+        state.wait_for_everyone()
+    except BaseException as error:
+        if state.is_main_process:
+            update_stage(run_dir, name, status="failed", error=f"{type(error).__name__}: {error}", finished_at=now())
+        tracker.finish(exit_code=1)
+        raise
+    if state.is_main_process:
+        tracker.summary(result.metrics)
+        update_stage(
+            run_dir,
+            name,
+            status="completed",
+            output=output_record(run_dir, result.output_dir),
+            metrics=result.metrics,
+            finished_at=now(),
+        )
+    tracker.finish()
+    return result
+
+
+def log_path(run_dir: Path, name: str) -> Path:
+    """Where the launcher writes a stage's console output (outside the stage folder, which a rerun clears)."""
+    return Path(run_dir) / "logs" / f"{name}.log"
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("chatpipe", *VERSIONED_PACKAGES):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+def git_commit() -> str | None:
+    """The commit of the chatpipe checkout running this, with `-dirty` when it has local changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None

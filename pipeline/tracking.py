@@ -1,0 +1,110 @@
+"""Metric logging for every stage: a local `metrics.jsonl` always, Weights & Biases when enabled.
+
+One W&B run per stage, grouped by the run name, `job_type` = the stage. The mode comes from the
+config (`wandb.mode`), then `WANDB_MODE`, and `auto` means online when an API key is available and
+offline otherwise. The key itself is never read into, or written with, anything chatpipe records.
+Only the main process creates a tracker that writes; the others get a silent one.
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import WandbConfig
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def resolve_wandb_mode(config: WandbConfig) -> str:
+    """online / offline / disabled, from the config, WANDB_MODE, and whether a key is available."""
+    if config.mode == "disabled":
+        return "disabled"
+    env_mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if env_mode == "dryrun":
+        env_mode = "offline"
+    if env_mode in WANDB_MODES:
+        return env_mode
+    if config.mode != "auto":
+        return config.mode
+    return "online" if _has_wandb_credentials() else "offline"
+
+
+def _has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+class Tracker:
+    """Logs a stage's metrics. `log` is cheap and safe to call on every process."""
+
+    def __init__(
+        self,
+        stage_dir: Path,
+        *,
+        run_name: str,
+        stage: str,
+        config: dict[str, Any],
+        wandb_config: WandbConfig,
+        run_dir: Path,
+        is_main: bool,
+        resume_id: str | None = None,
+    ):
+        self.is_main = is_main
+        self.metrics_path = Path(stage_dir) / "metrics.jsonl"
+        self.mode = resolve_wandb_mode(wandb_config) if is_main else "disabled"
+        self._wandb_run = None
+        if not is_main:
+            return
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.mode != "disabled":
+            import wandb
+
+            self._wandb_run = wandb.init(
+                project=wandb_config.project,
+                entity=wandb_config.entity,
+                group=run_name,
+                job_type=stage,
+                name=f"{run_name}-{stage}",
+                config=config,
+                dir=str(run_dir),
+                mode=self.mode,
+                id=resume_id,
+                resume="allow" if resume_id else None,
+            )
+
+    @property
+    def run_id(self) -> str | None:
+        return self._wandb_run.id if self._wandb_run is not None else None
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(metrics, step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.summary.update(metrics)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self._wandb_run is not None:
+            self._wandb_run.finish(exit_code=exit_code)
+            self._wandb_run = None
+
+
+def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
+    """The metrics a stage logged, in order (a resumed stage's lines follow the first attempt's)."""
+    path = Path(stage_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

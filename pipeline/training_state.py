@@ -1,0 +1,159 @@
+"""Resumable checkpoints without pickle: model, optimiser, scheduler and RNG in safetensors + JSON.
+
+    RUN_DIR/<stage>/checkpoints/step-000200/
+        model.safetensors, config.json, ...   the model (save_pretrained: loads with from_pretrained)
+        optimizer.safetensors                  optimiser tensors (AdamW moments, step counts)
+        rng-rank0.safetensors, ...             each process's torch RNG state
+        state.json                             step, counters, optimiser param groups, scheduler, extras
+
+A checkpoint is written to `step-N.tmp/` and renamed when complete, so a `kill -9` mid-save leaves
+the previous checkpoint as the latest. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"step-{step:06d}"
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The completed checkpoint with the highest step under `root`, if any."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
+    complete = [(step, path) for step, path in found if (path / "state.json").exists()]
+    return max(complete)[1] if complete else None
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimiser state dict into tensors (for safetensors) and JSON (param groups, scalars)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().cpu().contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    tokenizer=None,
+    extra: dict[str, Any] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write a resumable checkpoint (collective: every process calls it) and prune old ones."""
+    final = checkpoint_dir(root, step)
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(partial)
+        tensors, meta = optimizer_tensors(optimizer)
+        save_file(tensors, str(partial / "optimizer.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(partial / f"rng-rank{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        state = {
+            "step": step,
+            "optimizer": meta,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "python_rng": _jsonable(random.getstate()),
+            "extra": extra or {},
+        }
+        (partial / "state.json").write_text(json.dumps(state, default=_json_default))
+        partial.rename(final)
+        _prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore model, optimiser, scheduler and this process's RNG; returns state.json's contents."""
+    path = Path(path)
+    state = json.loads((path / "state.json").read_text())
+    weights = {}
+    for shard in sorted(path.glob("model*.safetensors")):
+        weights.update(load_file(str(shard)))
+    unwrapped = accelerator.unwrap_model(model)
+    missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+    # Tied weights (lm_head = embeddings) are saved once; anything else missing is a real error.
+    tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
+    real_missing = [name for name in missing if name not in tied and not name.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {real_missing}, unexpected {unexpected})")
+    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
+    if rng_file.exists():
+        rng = load_file(str(rng_file))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(_python_rng(state["python_rng"]))
+    return state
+
+
+def _prune(root: Path, keep: int) -> None:
+    found = sorted(p for p in Path(root).iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name))
+    for old in found[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _python_rng(value: list) -> tuple:
+    version, internal, gauss = value
+    return (version, tuple(internal), gauss)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in state.json")

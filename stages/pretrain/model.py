@@ -1,0 +1,42 @@
+"""Build the model the pretrain stage trains (from a config) or adopts (a base model)."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.config import ModelConfig
+
+
+def model_from_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A freshly initialised causal LM of `model.architecture`, sized to the tokenizer.
+
+    The vocabulary size and the special-token ids always come from the tokenizer, so the config
+    cannot disagree with it.
+    """
+    config = AutoConfig.for_model(
+        model.architecture,
+        **{
+            **model.config,
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+    )
+    return AutoModelForCausalLM.from_config(config)
+
+
+def adopt_base_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The base model named in the config, its embeddings grown if the tokenizer gained tokens."""
+    base = AutoModelForCausalLM.from_pretrained(
+        model.base_model, revision=model.revision, trust_remote_code=model.trust_remote_code, dtype="auto"
+    )
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    return base
+
+
+def count_parameters(model: PreTrainedModel) -> int:
+    return sum(p.numel() for p in model.parameters())
