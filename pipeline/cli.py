@@ -70,6 +70,9 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str]) -> 
         manifest = read_manifest(run_dir_path)
     print(f"chatpipe: run complete: {run_dir_path}")
     print_status(read_manifest(run_dir_path))
+    offline_runs = sorted((run_dir_path / "wandb").glob("offline-run-*"))
+    if offline_runs:
+        print(f"chatpipe: W&B ran offline; to upload: wandb sync {run_dir_path / 'wandb'}/offline-run-*")
     return 0
 
 
@@ -152,14 +155,17 @@ def _duration(started: str | None, finished: str | None) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+HEADLINE_METRICS = ("eval_loss", "eval_perplexity", "train_loss", "accuracy", "mean_score", "kl", "steps", "vocab_size", "source")
+
+
 def _headline(metrics: dict) -> str:
+    """The few final metrics worth a glance, most telling first."""
+    keys = [key for key in HEADLINE_METRICS if key in metrics]
     parts = []
-    for key, value in metrics.items():
-        if isinstance(value, float):
-            parts.append(f"{key}={value:.4g}")
-        elif isinstance(value, (int, str)) and len(parts) < 6:
-            parts.append(f"{key}={value}")
-    return " ".join(parts[:6])
+    for key in keys[:5]:
+        value = metrics[key]
+        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+    return " ".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,431 @@
+"""Turn the conversation formats datasets come in into chat `messages` lists.
+
+    conversations, report = normalize_rows(load_source(source), source=source.path)
+    conversations[0]  # [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+
+Four formats are read (`FORMATS`), each named after the columns that carry it:
+
+- `messages`: a list of `{"role", "content"}` dicts (the OpenAI / TRL conversational form).
+- `prompt_response`: a prompt (a string, or a messages list for multi-turn context) and a response
+  (a string, or one assistant message); `completion` is accepted for `response`.
+- `instruction` (Alpaca): `instruction`, optional `input`, `output`.
+- `hh` (Anthropic HH-RLHF): one string `"\\n\\nHuman: ...\\n\\nAssistant: ..."` in `chosen` or `text`.
+
+`columns` maps our field names (`FIELDS`) to a dataset's own column names, e.g.
+`{"prompt": "question", "response": "answer"}`. Every conversation then passes the same checks
+(`validate_messages`), so the SFT, reward and PPO stages all see the same shape: known roles,
+string contents, a system message only first, at least one assistant turn, no empty assistant
+reply, and nothing after the last assistant turn (a trailing user turn carries no loss).
+
+A row that fails is a `RowError` saying what is wrong with it; `normalize_rows` either stops at
+the first one (a `DataError` naming the file and row) or drops and counts them (`RowReport`), and
+stops when too many rows are unusable, since that usually means the wrong format or mapping.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from pipeline.errors import DataError
+
+FORMATS = ("messages", "prompt_response", "instruction", "hh")
+FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "text", "system")
+ROLES = ("system", "user", "assistant")
+# Only the aliases of formats people actually use (ShareGPT's human/gpt, Gemini's model); a role
+# outside these is more likely a mapping mistake than something to guess at.
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "model": "assistant"}
+RESPONSE_ALIASES = ("response", "completion")
+HH_COLUMNS = ("chosen", "text")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+BAD_ROW_POLICIES = ("drop", "error")
+MAX_EXAMPLES = 5
+
+
+class RowError(ValueError):
+    """Why one row is unusable, e.g. "missing field 'response'" or "no assistant turn".
+
+    Messages name no row number or position, so equal problems count as one reason in a `RowReport`.
+    """
+
+
+class FormatError(DataError, ValueError):
+    """A dataset whose columns fit no format, or a `columns` mapping or format name that is unknown.
+
+    A `DataError` (the command line prints it without a traceback) and a `ValueError`.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Columns and formats
+# ---------------------------------------------------------------------------------------------
+
+
+def check_columns(columns: dict[str, str] | None) -> None:
+    """FormatError unless every key of `columns` is one of our field names (`FIELDS`)."""
+    unknown = sorted(set(columns or {}) - set(FIELDS))
+    if unknown:
+        raise FormatError(
+            f"unknown field(s) {', '.join(map(repr, unknown))} in columns; the fields are {', '.join(FIELDS)}. "
+            f"`columns` maps our field name to your column name, e.g. {{prompt: question, response: answer}}"
+        )
+
+
+def column_for(field_name: str, columns: dict[str, str] | None) -> str:
+    """The dataset column that holds one of our fields: `column_for("prompt", {"prompt": "question"}) == "question"`."""
+    return (columns or {}).get(field_name, field_name)
+
+
+def response_column(names: Iterable[str], columns: dict[str, str] | None) -> str | None:
+    """The column holding the response: the mapped one, else `response`, else `completion`; None if absent."""
+    names = set(names)
+    if columns and "response" in columns:
+        return columns["response"] if columns["response"] in names else None
+    return next((name for name in RESPONSE_ALIASES if name in names), None)
+
+
+def hh_column(names: Iterable[str], columns: dict[str, str] | None) -> str | None:
+    """The column holding HH text: the one mapped to `text`, else `chosen`, else `text`; None if absent."""
+    names = set(names)
+    if columns and "text" in columns:
+        return columns["text"] if columns["text"] in names else None
+    return next((name for name in HH_COLUMNS if name in names), None)
+
+
+def detect_format(column_names: list[str], columns: dict[str, str] | None = None) -> str:
+    """The format (one of `FORMATS`) that a dataset's columns carry, after applying `columns`.
+
+    Checked in order: `messages`; `prompt` + `response`/`completion`; `instruction` + `output`;
+    `chosen` or `text` (HH text: its content is checked row by row, as the names cannot tell).
+
+    >>> detect_format(["prompt", "completion"])
+    'prompt_response'
+    >>> detect_format(["question", "answer"], {"prompt": "question", "response": "answer"})
+    'prompt_response'
+    """
+    check_columns(columns)
+    names = set(column_names)
+
+    def present(field_name: str) -> bool:
+        return column_for(field_name, columns) in names
+
+    if present("messages"):
+        return "messages"
+    if present("prompt") and response_column(names, columns) is not None:
+        return "prompt_response"
+    if present("instruction") and present("output"):
+        return "instruction"
+    if hh_column(names, columns) is not None:
+        return "hh"
+    raise FormatError(
+        f"no conversation format fits the columns [{', '.join(column_names)}]; accepted formats: "
+        f"messages (a 'messages' column of role/content lists), "
+        f"prompt_response ('prompt' + 'response' or 'completion'), "
+        f"instruction ('instruction' + 'output', optional 'input'), "
+        f"hh ('chosen' or 'text' holding '\\n\\nHuman: ...\\n\\nAssistant: ...' text). "
+        f"Map your column names onto these with `columns`, e.g. {{prompt: question, response: answer}}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking a conversation
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_message(message: object) -> dict:
+    """One message as `{"role", "content"}` with the role alias resolved; RowError if malformed.
+
+    >>> normalize_message({"role": "human", "content": "Hi", "name": "x"})
+    {'role': 'user', 'content': 'Hi'}
+    """
+    if not isinstance(message, dict):
+        raise RowError(f"a message is {type(message).__name__}, not a dict with 'role' and 'content'")
+    for key in ("role", "content"):
+        if message.get(key) is None:
+            raise RowError(f"a message has no {key!r} (keys: {', '.join(map(str, message))})")
+    role = ROLE_ALIASES.get(message["role"], message["role"])
+    if role not in ROLES:
+        raise RowError(f"unknown role {message['role']!r} (use {', '.join(ROLES)})")
+    content = message["content"]
+    if not isinstance(content, str):
+        raise RowError(f"{role} message content is {type(content).__name__}, not a string")
+    return {"role": role, "content": content}
+
+
+def validate_messages(messages: object) -> list[dict]:
+    """A conversation that passes every check, as new `{"role", "content"}` dicts.
+
+    Turns after the last assistant turn are removed (they carry no loss); everything else that is
+    wrong is a RowError: an unknown role, non-string content, a system message that is not first,
+    no assistant turn, an empty assistant reply.
+
+    >>> validate_messages([{"role": "user", "content": "Hi"}, {"role": "gpt", "content": "Hello"},
+    ...                    {"role": "user", "content": "Bye"}])
+    [{'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello'}]
+    """
+    if not isinstance(messages, list):
+        raise RowError(f"messages is {type(messages).__name__}, not a list of role/content dicts")
+    messages = [normalize_message(message) for message in messages]
+    if any(message["role"] == "system" for message in messages[1:]):
+        raise RowError("system message after the first turn (only the first message may be system)")
+    assistant_positions = [position for position, message in enumerate(messages) if message["role"] == "assistant"]
+    if not assistant_positions:
+        raise RowError("no assistant turn")
+    messages = messages[: assistant_positions[-1] + 1]
+    if any(not message["content"].strip() for message in messages if message["role"] == "assistant"):
+        raise RowError("empty assistant reply")
+    return messages
+
+
+def prompt_of(messages: list[dict]) -> list[dict]:
+    """The messages before the final assistant turn: what a policy is asked to continue in PPO.
+
+    >>> prompt_of([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])
+    [{'role': 'user', 'content': 'Hi'}]
+    """
+    last = max((position for position, message in enumerate(messages) if message["role"] == "assistant"), default=None)
+    if last is None:
+        raise RowError("no assistant turn")
+    return list(messages[:last])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading each format
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_hh(text: str) -> list[dict]:
+    """Anthropic HH-RLHF text -> alternating user/assistant messages, contents stripped.
+
+    Turns start at "\\n\\nHuman:" or "\\n\\nAssistant:" ("Human:" inside a turn is content). Two
+    turns of the same role in a row (a few HH rows have them) are joined with a blank line, so roles
+    always alternate. The text must start with a Human turn; no other check is made here.
+
+    >>> parse_hh("\\n\\nHuman: Hi there\\n\\nAssistant: Hello!")
+    [{'role': 'user', 'content': 'Hi there'}, {'role': 'assistant', 'content': 'Hello!'}]
+    """
+    if not isinstance(text, str):
+        raise RowError(f"HH text is {type(text).__name__}, not a string")
+    text = text.lstrip()
+    if not text.startswith("Human:"):
+        raise RowError("HH text does not start with a 'Human:' turn")
+    pieces = HH_TURN.split("\n\n" + text)  # ["", "Human", content, "Assistant", content, ...]
+    messages: list[dict] = []
+    for speaker, content in zip(pieces[1::2], pieces[2::2]):
+        role, content = HH_ROLES[speaker], content.strip()
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] = "\n\n".join(part for part in (messages[-1]["content"], content) if part)
+        else:
+            messages.append({"role": role, "content": content})
+    return messages
+
+
+def field_value(row: dict, column: str) -> object:
+    """`row[column]`, or RowError "missing field ..." when absent or None."""
+    value = row.get(column)
+    if value is None:
+        raise RowError(f"missing field {column!r}")
+    return value
+
+
+def string_field(row: dict, column: str) -> str:
+    """`row[column]` as a string, or RowError when absent or not a string."""
+    value = field_value(row, column)
+    if not isinstance(value, str):
+        raise RowError(f"field {column!r} is {type(value).__name__}, not a string")
+    return value
+
+
+def system_messages(row: dict, columns: dict[str, str] | None) -> list[dict]:
+    """The optional system message from the `system` column: [] when absent or empty."""
+    column = column_for("system", columns)
+    if row.get(column) in (None, ""):
+        return []
+    return [{"role": "system", "content": string_field(row, column)}]
+
+
+def read_messages_row(row: dict, columns: dict[str, str] | None) -> list:
+    """A `messages` row: the list itself (checked by `validate_messages`)."""
+    return field_value(row, column_for("messages", columns))
+
+
+def read_prompt_response_row(row: dict, columns: dict[str, str] | None) -> list[dict]:
+    """A prompt (string or messages) and a response (string or one assistant message)."""
+    prompt_column = column_for("prompt", columns)
+    prompt = field_value(row, prompt_column)
+    if isinstance(prompt, str):
+        prompt_messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        prompt_messages = [normalize_message(message) for message in prompt]
+    else:
+        raise RowError(f"field {prompt_column!r} is {type(prompt).__name__}, not a string or a messages list")
+
+    column = response_column(row, columns) or column_for("response", columns)
+    response = field_value(row, column)
+    if isinstance(response, list):
+        reply = [normalize_message(message) for message in response]
+        if len(reply) != 1 or reply[0]["role"] != "assistant":
+            raise RowError(f"field {column!r} holds {len(reply)} message(s); give a string or one assistant message")
+    elif isinstance(response, str):
+        reply = [{"role": "assistant", "content": response}]
+    else:
+        raise RowError(f"field {column!r} is {type(response).__name__}, not a string or one assistant message")
+    return system_messages(row, columns) + prompt_messages + reply
+
+
+def read_instruction_row(row: dict, columns: dict[str, str] | None) -> list[dict]:
+    """An Alpaca row: user = instruction (+ "\\n\\n" + input when non-empty), assistant = output."""
+    request = string_field(row, column_for("instruction", columns))
+    input_column = column_for("input", columns)
+    if row.get(input_column) not in (None, ""):
+        request += "\n\n" + string_field(row, input_column)
+    output = string_field(row, column_for("output", columns))
+    turns = [{"role": "user", "content": request}, {"role": "assistant", "content": output}]
+    return system_messages(row, columns) + turns
+
+
+def read_hh_row(row: dict, columns: dict[str, str] | None) -> list[dict]:
+    """An HH row: the text in the `text`-mapped column, else `chosen`, else `text`."""
+    column = hh_column(row, columns)
+    if column is None:
+        expected = columns["text"] if columns and "text" in columns else HH_COLUMNS[0]
+        raise RowError(f"missing field {expected!r}")
+    text = field_value(row, column)
+    if isinstance(text, list):
+        raise RowError(
+            f"field {column!r} holds a messages list, not HH text (read it as format 'messages', "
+            f"with columns {{messages: {column}}})"
+        )
+    return parse_hh(text)
+
+
+FORMAT_READERS = {
+    "messages": read_messages_row,
+    "prompt_response": read_prompt_response_row,
+    "instruction": read_instruction_row,
+    "hh": read_hh_row,
+}
+
+
+def to_messages(row: dict, fmt: str, columns: dict[str, str] | None = None) -> list[dict]:
+    """One dataset row in format `fmt` -> checked messages; RowError if the row is unusable.
+
+    >>> to_messages({"instruction": "Add 2 and 3.", "input": "", "output": "5"}, "instruction")
+    [{'role': 'user', 'content': 'Add 2 and 3.'}, {'role': 'assistant', 'content': '5'}]
+    """
+    if fmt not in FORMAT_READERS:
+        raise FormatError(f"unknown conversation format {fmt!r}; use one of {', '.join(FORMATS)} (or auto)")
+    check_columns(columns)
+    return validate_messages(FORMAT_READERS[fmt](row, columns))
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RowReport:
+    """What `normalize_rows` kept and dropped, and why.
+
+    `reasons` counts dropped rows per RowError message; `examples` holds the first few as
+    "row N: reason" (N counts from 1).
+    """
+
+    total: int = 0
+    kept: int = 0
+    dropped: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    @property
+    def dropped_fraction(self) -> float:
+        """dropped / total (0.0 for no rows)."""
+        return self.dropped / self.total if self.total else 0.0
+
+    def record_drop(self, row_number: int, reason: str) -> None:
+        """Count one dropped row (1-based `row_number`)."""
+        self.dropped += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        if len(self.examples) < MAX_EXAMPLES:
+            self.examples.append(f"row {row_number}: {reason}")
+
+    def top_reasons(self, limit: int = 3) -> str:
+        """The most common reasons with counts: "empty assistant reply (7), no assistant turn (3)"."""
+        return ", ".join(f"{reason} ({count})" for reason, count in Counter(self.reasons).most_common(limit))
+
+    def summary(self) -> str:
+        """One line: "kept 990 of 1000 rows; dropped 10 (1.0%): empty assistant reply (7), ..."."""
+        line = f"kept {self.kept} of {self.total} rows"
+        if self.dropped:
+            line += f"; dropped {self.dropped} ({self.dropped_fraction:.1%}): {self.top_reasons()}"
+        return line
+
+
+def normalize_rows(
+    rows: Iterable[dict],
+    *,
+    fmt: str = "auto",
+    columns: dict[str, str] | None = None,
+    on_bad_row: str = "drop",
+    max_bad_fraction: float = 0.1,
+    source: str = "<data>",
+    config_section: str = "sft",
+) -> tuple[list[list[dict]], RowReport]:
+    """Every row as checked messages, with a report of what was dropped.
+
+    fmt="auto" detects the format from the first row's keys. on_bad_row="error" raises a DataError
+    at the first unusable row; "drop" skips such rows, but raises a DataError when more than
+    `max_bad_fraction` of them were dropped, or none is left. Messages name `source`, the row
+    (counting from 1) and the `config_section` setting that changes the behaviour.
+    """
+    if on_bad_row not in BAD_ROW_POLICIES:
+        raise ValueError(f"on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, not {on_bad_row!r}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction must be between 0 and 1, not {max_bad_fraction}")
+    try:
+        check_columns(columns)
+    except FormatError as error:
+        raise FormatError(f"{source}: {error}") from None
+
+    conversations: list[list[dict]] = []
+    report = RowReport()
+    for row_number, row in enumerate(rows, start=1):
+        if fmt == "auto":
+            try:
+                fmt = detect_format(list(row), columns)
+            except FormatError as error:
+                raise FormatError(f"{source}: {error}") from None
+        report.total += 1
+        try:
+            conversations.append(to_messages(row, fmt, columns))
+        except FormatError as error:
+            raise FormatError(f"{source}: {error}") from None
+        except RowError as error:
+            if on_bad_row == "error":
+                raise DataError(
+                    f"{source}: row {row_number}: {error}; fix the row, "
+                    f"or set {config_section}.on_bad_row: drop to skip such rows"
+                ) from error
+            report.record_drop(row_number, str(error))
+    report.kept = len(conversations)
+
+    if report.total == 0:
+        raise DataError(f"{source}: no rows; point the data source at a file or split with conversations")
+    if report.kept == 0:
+        raise DataError(
+            f"{source}: none of the {report.total} rows is a usable {fmt} conversation "
+            f"({report.top_reasons()}; e.g. {'; '.join(report.examples)}); "
+            f"check the format and the `columns` mapping against the data"
+        )
+    if report.dropped_fraction > max_bad_fraction:
+        raise DataError(
+            f"{source}: {report.dropped} of {report.total} rows ({report.dropped_fraction:.1%}) are unusable, "
+            f"more than {config_section}.max_bad_fraction ({max_bad_fraction:.1%}); "
+            f"most common: {report.top_reasons()}; e.g. {'; '.join(report.examples)}. "
+            f"Fix the data or the `columns` mapping, or raise {config_section}.max_bad_fraction to train without them"
+        )
+    return conversations, report

@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny real configs, data and tokenizers that build in milliseconds to seconds."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = REPO_ROOT / "data" / "samples"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_excerpt(tmp_path_factory) -> Path:
+    """The first 100 kB of Tiny Shakespeare: enough text to learn from in a few dozen steps."""
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text((SAMPLES / "tinyshakespeare.txt").read_text()[:100_000])
+    return path
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer(shakespeare_excerpt):
+    from stages.tokenizer.bpe import train_bpe
+
+    return train_bpe([[shakespeare_excerpt.read_text()]], vocab_size=400)
+
+
+def tiny_config(corpus: Path, **sections) -> dict:
+    """A raw run config for a model with hidden size 32 and 2 layers; `sections` update it."""
+    config = {
+        "name": "test",
+        "seed": 7,
+        "model": {
+            "architecture": "llama",
+            "config": {
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 128,
+            },
+        },
+        "wandb": {"mode": "disabled"},
+        "tokenizer": {"vocab_size": 400},
+        "pretrain": {
+            "data": {"path": str(corpus)},
+            "block_size": 32,
+            "per_device_batch_size": 8,
+            "max_steps": 40,
+            "learning_rate": 3e-3,
+            "warmup_steps": 5,
+            "eval_every": 20,
+            "eval_batches": 4,
+            "save_every": 20,
+            "log_every": 10,
+        },
+    }
+    for name, values in sections.items():
+        if isinstance(values, dict) and isinstance(config.get(name), dict):
+            config[name] = {**config[name], **values}
+        else:
+            config[name] = values
+    return config
+
+
+@pytest.fixture
+def write_config(tmp_path, shakespeare_excerpt):
+    """Write a tiny config (with section updates) to a YAML file and return its path."""
+
+    def write(name: str = "run.yaml", **sections) -> Path:
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(tiny_config(shakespeare_excerpt, **sections)))
+        return path
+
+    return write
+
+
+def chatpipe(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the `chatpipe` command line in a fresh process, as a user would."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"chatpipe {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

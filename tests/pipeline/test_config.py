@@ -1,0 +1,93 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import apply_override, config_hash, load_config, validate_config
+from pipeline.errors import ConfigError
+from tests.conftest import REPO_ROOT, tiny_config
+
+
+def test_embedded_demo_config_validates_with_absolute_data_paths():
+    config = load_config(REPO_ROOT / "configs" / "tiny.yaml")
+    assert config.name == "tiny"
+    data_path = Path(config.pretrain.data.path)
+    assert data_path.is_absolute() and data_path.name == "tinyshakespeare.txt" and data_path.exists()
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones(write_config):
+    path = write_config(pretrain={"lerning_rate": 1e-3})
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert "pretrain.lerning_rate: unknown key" in message
+    assert "learning_rate" in message.split("allowed here:")[1]
+
+
+def test_wrong_type_names_the_key_and_the_value(write_config):
+    with pytest.raises(ConfigError, match=r"pretrain\.max_steps: .*'many'"):
+        load_config(write_config(pretrain={"max_steps": "many"}))
+
+
+def test_missing_data_file_is_named_before_anything_runs(write_config, tmp_path):
+    path = write_config(pretrain={"data": {"path": "no/such/corpus.txt"}})
+    with pytest.raises(ConfigError, match=r"pretrain\.data\.path: data file not found: 'no/such/corpus.txt'"):
+        load_config(path)
+
+
+def test_unknown_architecture_and_unknown_architecture_key(write_config):
+    with pytest.raises(ConfigError, match="unknown architecture 'lama'"):
+        load_config(write_config(model={"architecture": "lama", "config": {}}))
+    with pytest.raises(ConfigError, match=r"\['hiden_size'\] are not llama config fields"):
+        load_config(write_config(model={"architecture": "llama", "config": {"hiden_size": 32}}))
+
+
+def test_set_overrides_parse_values_as_yaml(write_config):
+    config = load_config(
+        write_config(), overrides=["pretrain.max_steps=7", "pretrain.learning_rate=1e-4", "wandb.mode=offline"]
+    )
+    assert config.pretrain.max_steps == 7
+    assert config.pretrain.learning_rate == pytest.approx(1e-4)
+    assert config.wandb.mode == "offline"
+
+
+def test_set_override_of_an_unknown_key_is_an_error(write_config):
+    with pytest.raises(ConfigError, match="pretrain.max_stepz: unknown key"):
+        load_config(write_config(), overrides=["pretrain.max_stepz=3"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        apply_override({}, "pretrain.max_steps")
+
+
+def test_base_model_runs_need_no_pretraining_data(shakespeare_excerpt):
+    raw = tiny_config(shakespeare_excerpt)
+    raw["pretrain"].pop("data")
+    with pytest.raises(ConfigError, match="pretrain.data is required unless model.base_model"):
+        validate_config(raw)
+    raw["model"]["base_model"] = "some-org/some-model"
+    assert validate_config(raw).model.base_model == "some-org/some-model"
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+
+
+def test_config_hash_ignores_key_order_but_not_values():
+    assert config_hash({"a": 1, "b": {"c": 2}}) == config_hash({"b": {"c": 2}, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path, shakespeare_excerpt):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "corpus.txt").write_text(shakespeare_excerpt.read_text())
+    raw = tiny_config(shakespeare_excerpt)
+    raw["pretrain"]["data"]["path"] = "corpus.txt"
+    (folder / "run.yaml").write_text(yaml.safe_dump(raw))
+    config = load_config(folder / "run.yaml")
+    assert Path(config.pretrain.data.path) == (folder / "corpus.txt").resolve()

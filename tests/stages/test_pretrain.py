@@ -1,0 +1,173 @@
+"""The pretrain stage end to end, through the command line a user runs."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline.manifest import read_manifest
+from pipeline.tracking import read_metrics
+from tests.conftest import REPO_ROOT, chatpipe
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, shakespeare_excerpt):
+    """One tiny tokenizer + pretrain run, shared by the tests that only read its results."""
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    folder = tmp_path_factory.mktemp("pretrain_run")
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(shakespeare_excerpt)))
+    run_dir = folder / "run"
+    result = chatpipe("run", str(config), "--run-dir", str(run_dir))
+    return config, run_dir, result
+
+
+def test_pretraining_loss_falls(finished_run):
+    _, run_dir, _ = finished_run
+    metrics = read_manifest(run_dir)["stages"]["pretrain"]["metrics"]
+    assert metrics["steps"] == 40
+    # From uniform guessing over 400 tokens (ln 400 = 6.0) to well below it in 40 steps.
+    assert metrics["initial_eval_loss"] > 5.5
+    assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 1.0
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
+    losses = [row["train/loss"] for row in read_metrics(run_dir / "pretrain") if "train/loss" in row]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_checkpoint_loads_with_plain_transformers_and_generates(finished_run):
+    _, run_dir, _ = finished_run
+    folder = run_dir / "pretrain" / "final"
+    assert (folder / "model.safetensors").exists() and not list(folder.glob("*.bin"))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    prompt = tokenizer("First Citizen:", return_tensors="pt")
+    output = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+    assert isinstance(tokenizer.decode(output[0]), str)
+
+
+def test_manifest_records_lineage_hashes_and_provenance(finished_run):
+    _, run_dir, _ = finished_run
+    manifest = read_manifest(run_dir)
+    tokenizer, pretrain = manifest["stages"]["tokenizer"], manifest["stages"]["pretrain"]
+    assert tokenizer["status"] == pretrain["status"] == "completed"
+    assert pretrain["inputs"]["tokenizer"]["digest"] == tokenizer["output"]["digest"]
+    assert pretrain["inputs"]["tokenizer"]["path"] == str((run_dir / "tokenizer" / "final").resolve())
+    assert "model.safetensors" in pretrain["output"]["files"]
+    assert pretrain["world_size"] == 1 and pretrain["versions"]["torch"] == torch.__version__
+    assert pretrain["config"]["pretrain"]["max_steps"] == 40 and len(pretrain["config_hash"]) == 16
+    assert pretrain["started_at"] <= pretrain["finished_at"]
+
+
+def test_status_prints_the_manifest_as_a_table(finished_run):
+    _, run_dir, _ = finished_run
+    lines = chatpipe("status", str(run_dir)).stdout.splitlines()
+    assert lines[1].split()[:2] == ["stage", "status"]
+    assert lines[2].split()[:2] == ["tokenizer", "completed"]
+    assert lines[3].split()[:2] == ["pretrain", "completed"] and "eval_loss=" in lines[3]
+
+
+def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(finished_run, tmp_path):
+    config, run_dir, _ = finished_run
+    # Work on a copy: the other tests read the original run.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = read_manifest(copy)["stages"]
+    again = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
+    assert "tokenizer: up to date, skipped" in again and "pretrain: up to date, skipped" in again
+    assert read_manifest(copy)["stages"]["pretrain"]["finished_at"] == before["pretrain"]["finished_at"]
+
+    changed = chatpipe("run", str(config), "--run-dir", str(copy), "--set", "pretrain.max_steps=20").stdout
+    assert "tokenizer: up to date, skipped" in changed and "pretrain: config changed; running" in changed
+    after = read_manifest(copy)["stages"]
+    assert after["pretrain"]["metrics"]["steps"] == 20
+    assert after["tokenizer"]["finished_at"] == before["tokenizer"]["finished_at"]
+
+
+def test_an_altered_input_checkpoint_is_refused(finished_run, tmp_path):
+    import shutil
+
+    _, run_dir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    tokenizer_json = copy / "tokenizer" / "final" / "tokenizer.json"
+    tokenizer_json.write_text(tokenizer_json.read_text() + "\n")
+    result = chatpipe("stage", "pretrain", "--run-dir", str(copy), check=False)
+    assert result.returncode != 0
+    assert "altered since it was recorded" in result.stderr + result.stdout and "tokenizer.json" in result.stderr + result.stdout
+
+
+def test_killed_stage_resumes_from_its_last_checkpoint(write_config, tmp_path):
+    steps = 300
+    config = write_config(pretrain={"max_steps": steps, "save_every": 10, "eval_every": 100, "log_every": 10})
+    run_dir = tmp_path / "run"
+    from pipeline.cli import record_config
+    from pipeline.config import load_config
+
+    record_config(run_dir, load_config(config), str(config))
+    chatpipe("stage", "tokenizer", "--run-dir", str(run_dir))
+    # Start pretraining in the background and kill -9 it once it has written a checkpoint.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.pretrain", "--run-dir", str(run_dir)],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = run_dir / "pretrain" / "checkpoints"
+    deadline = time.monotonic() + 120
+    while not list(checkpoints.glob("step-*[0-9]")) and time.monotonic() < deadline:
+        assert process.poll() is None, "pretraining ended before it could be interrupted"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert read_manifest(run_dir)["stages"]["pretrain"]["status"] == "running"
+
+    output = chatpipe("run", str(config), "--run-dir", str(run_dir)).stdout
+    assert "pretrain: running, resuming; running" in output
+    entry = read_manifest(run_dir)["stages"]["pretrain"]
+    resumed_from = entry["metrics"]["resumed_from_step"]
+    assert entry["status"] == "completed" and entry["metrics"]["steps"] == steps
+    assert 10 <= resumed_from < steps and resumed_from % 10 == 0
+    logged_steps = [row["step"] for row in read_metrics(run_dir / "pretrain") if "train/loss" in row]
+    # The second attempt picks up after the checkpoint rather than starting again from step 10.
+    second_attempt = logged_steps[logged_steps.index(steps) - (steps - resumed_from) // 10 + 1 :]
+    assert second_attempt[0] == resumed_from + 10
+    assert logged_steps.count(10) == 1
+
+
+def test_resumed_training_matches_uninterrupted_training(write_config, tmp_path):
+    """Optimiser moments, schedule, RNG and data order all come back: the result is the same run."""
+    config = write_config(pretrain={"max_steps": 30, "save_every": 10, "eval_every": 30, "keep_checkpoints": 5})
+    straight = tmp_path / "straight"
+    chatpipe("run", str(config), "--run-dir", str(straight))
+
+    interrupted = tmp_path / "interrupted"
+    import shutil
+
+    shutil.copytree(straight, interrupted)
+    # Roll the copy back to its step-10 checkpoint, as if the process had died just after saving it.
+    checkpoints = interrupted / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000010", "step-000020"]
+    shutil.rmtree(checkpoints / "step-000020")
+    shutil.rmtree(interrupted / "pretrain" / "final")
+    from pipeline.manifest import update_stage
+
+    update_stage(interrupted, "pretrain", status="running", output=None)
+    chatpipe("run", str(config), "--run-dir", str(interrupted))
+
+    resumed, uninterrupted = (read_manifest(d)["stages"]["pretrain"]["metrics"] for d in (interrupted, straight))
+    assert resumed["resumed_from_step"] == 10 and uninterrupted["resumed_from_step"] is None
+    assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-5)
+    weights = [AutoModelForCausalLM.from_pretrained(d / "pretrain" / "final").state_dict() for d in (interrupted, straight)]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], atol=1e-5, rtol=1e-4)
