@@ -12,11 +12,15 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# Without CUDA take the CPU build of torch (a local wheel where the machine has one, else the
-	# CPU index): an unpinned torch pulls a multi-GB CUDA build.
+	# Without CUDA take the CPU build of torch: the local CPU wheel where the machine has one
+	# (then its dependencies from the index), else PyTorch's CPU index. An unpinned torch would
+	# pull a multi-GB CUDA build.
 	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
-		$(BIN)/pip install --quiet --no-index torch==2.13.0 2>/dev/null || \
-		$(BIN)/pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
+		if $(BIN)/pip install --quiet --no-deps --no-index torch==2.13.0 2>/dev/null; then \
+			$(BIN)/pip install --quiet torch==2.13.0; \
+		else \
+			$(BIN)/pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu; \
+		fi; \
 	fi
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
