@@ -3,8 +3,9 @@
     RUN_DIR/<stage>/checkpoints/step-000200/
         model.safetensors, config.json, ...   the model (save_pretrained: loads with from_pretrained)
         optimizer.safetensors                  optimiser tensors (AdamW moments, step counts)
-        rng-rank0.safetensors, ...             each process's torch RNG state
-        state.json                             step, counters, optimiser param groups, scheduler, extras
+        optimizer.json                         optimiser param groups and scalars, scheduler state
+        rng-rank0.safetensors, rng-rank0.json  each process's torch and Python RNG state
+        state.json                             step and extras; written last, so its presence marks a complete checkpoint
 
 A checkpoint is written to `step-N.tmp/` and renamed when complete, so a `kill -9` mid-save leaves
 the previous checkpoint as the latest. Loading never unpickles anything.
@@ -61,6 +62,41 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def save_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+    """optimizer.safetensors (tensors) + optimizer.json (param groups, scalars, scheduler)."""
+    tensors, meta = optimizer_tensors(optimizer)
+    save_file(tensors, str(Path(folder) / "optimizer.safetensors"))
+    meta["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    (Path(folder) / "optimizer.json").write_text(json.dumps(meta, default=_json_default))
+
+
+def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer, scheduler=None) -> None:
+    meta = json.loads((Path(folder) / "optimizer.json").read_text())
+    restore_optimizer(optimizer, load_file(str(Path(folder) / "optimizer.safetensors")), meta)
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+
+
+def save_rng_state(folder: Path, process_index: int) -> None:
+    """This process's torch (and CUDA) RNG to safetensors, Python's to JSON."""
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(Path(folder) / f"rng-rank{process_index}.safetensors"))
+    (Path(folder) / f"rng-rank{process_index}.json").write_text(json.dumps(_jsonable(random.getstate())))
+
+
+def load_rng_state(folder: Path, process_index: int) -> None:
+    tensors_file = Path(folder) / f"rng-rank{process_index}.safetensors"
+    if not tensors_file.exists():  # resumed with more processes than saved: fresh streams for the new ones
+        return
+    rng = load_file(str(tensors_file))
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    random.setstate(_python_rng(json.loads((Path(folder) / f"rng-rank{process_index}.json").read_text())))
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -85,22 +121,11 @@ def save_checkpoint(
         accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
-        tensors, meta = optimizer_tensors(optimizer)
-        save_file(tensors, str(partial / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, str(partial / f"rng-rank{accelerator.process_index}.safetensors"))
+        save_optimizer_state(partial, optimizer, scheduler)
+    save_rng_state(partial, accelerator.process_index)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {
-            "step": step,
-            "optimizer": meta,
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "python_rng": _jsonable(random.getstate()),
-            "extra": extra or {},
-        }
-        (partial / "state.json").write_text(json.dumps(state, default=_json_default))
+        (partial / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}, default=_json_default))
         partial.rename(final)
         _prune(root, keep)
     accelerator.wait_for_everyone()
@@ -110,28 +135,18 @@ def save_checkpoint(
 def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore model, optimiser, scheduler and this process's RNG; returns state.json's contents."""
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
     weights = {}
     for shard in sorted(path.glob("model*.safetensors")):
         weights.update(load_file(str(shard)))
     unwrapped = accelerator.unwrap_model(model)
     missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
     # Tied weights (lm_head = embeddings) are saved once; anything else missing is a real error.
-    tied = set(getattr(unwrapped, "_tied_weights_keys", None) or [])
-    real_missing = [name for name in missing if name not in tied and not name.endswith("lm_head.weight")]
+    real_missing = [name for name in missing if not name.endswith("lm_head.weight")]
     if real_missing or unexpected:
         raise RuntimeError(f"{path}: checkpoint does not match the model (missing {real_missing}, unexpected {unexpected})")
-    restore_optimizer(optimizer, load_file(str(path / "optimizer.safetensors")), state["optimizer"])
-    if scheduler is not None and state["scheduler"] is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    rng_file = path / f"rng-rank{accelerator.process_index}.safetensors"
-    if rng_file.exists():
-        rng = load_file(str(rng_file))
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    random.setstate(_python_rng(state["python_rng"]))
-    return state
+    load_optimizer_state(path, optimizer, scheduler)
+    load_rng_state(path, accelerator.process_index)
+    return json.loads((path / "state.json").read_text())
 
 
 def _prune(root: Path, keep: int) -> None:
