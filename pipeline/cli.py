@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import LaunchConfig, RunConfig, config_hash, load_config, validate_config
-from pipeline.errors import ChatpipeError
+from pipeline.errors import ChatpipeError, ConfigError
 from pipeline.launcher import run_logged, stage_command
 from pipeline.manifest import manifest_path, new_manifest, read_manifest, write_manifest
 from pipeline.registry import STAGES, StageSpec, get_stage
@@ -59,6 +59,8 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str]) -> 
     record_config(run_dir_path, config, config_path)
     manifest = read_manifest(run_dir_path)
     for spec in STAGES:
+        if not spec.enabled(config):
+            continue
         reason = rerun_reason(spec, config, manifest, run_dir_path)
         if reason is None:
             print(f"chatpipe: {spec.name}: up to date, skipped")
@@ -80,6 +82,7 @@ def command_stage(name: str, run_dir: Path) -> int:
     spec = get_stage(name)
     manifest = read_manifest(run_dir)
     config = validate_config(manifest["config"], source=f"{manifest_path(run_dir)} config")
+    require_enabled(spec, config)
     return launch_stage(spec, config, run_dir.resolve())
 
 
@@ -119,6 +122,11 @@ def rerun_reason(spec: StageSpec, config: RunConfig, manifest: dict, run_dir: Pa
     return None
 
 
+def require_enabled(spec: StageSpec, config: RunConfig) -> None:
+    if not spec.enabled(config):
+        raise ConfigError(f"stage {spec.name!r} has no `{spec.name}:` section in this run's config; add one to run it")
+
+
 def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     launch = spec.launch(config) or LaunchConfig()
     log = log_path(run_dir, spec.name)
@@ -131,7 +139,10 @@ def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
 
 def print_status(manifest: dict) -> None:
     rows = [("stage", "status", "started", "took", "procs", "metrics", "output")]
+    config = manifest["config"]
     for spec in STAGES:
+        if spec.name not in manifest["stages"] and config.get(spec.name, {}) is None:
+            continue  # not part of this run
         entry = manifest["stages"].get(spec.name, {"status": "pending"})
         rows.append((
             spec.name,

@@ -180,6 +180,71 @@ class PretrainConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
+class ConversationData(DataSource):
+    """Conversations: a DataSource plus how its rows map to chat messages (see data/conversations.py)."""
+
+    conversation_format: Literal["auto", "messages", "prompt_response", "instruction", "hh"] = Field(
+        "auto", description="Row format; auto = from the column names."
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Our field -> your column, e.g. {prompt: question, response: answer}."
+    )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
+        from data.conversations import FIELDS
+
+        unknown = sorted(set(columns) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; the fields are {', '.join(FIELDS)} (mapped to your column names)")
+        return columns
+
+
+class LoraSettings(Section):
+    """LoRA adapters through peft instead of full fine-tuning."""
+
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="Scaling numerator (the update is scaled by alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt, or all-linear."
+    )
+    save: Literal["merged", "adapter"] = Field(
+        "merged", description="merged: full weights with the adapter folded in; adapter: the adapter and a note of its base."
+    )
+
+
+class SFTConfig(Section):
+    """The `sft` stage: supervised fine-tuning on conversations, loss on assistant tokens only (TRL SFTTrainer)."""
+
+    data: ConversationData = Field(..., description="Training conversations.")
+    validation_data: ConversationData | None = Field(None, description="Held-out conversations; default: a split of data.")
+    validation_fraction: float = Field(0.05, gt=0, lt=1, description="Share held out when validation_data is unset.")
+    on_bad_row: Literal["drop", "error"] = Field("drop", description="drop: skip and count unusable rows; error: stop at the first.")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of rows is unusable.")
+    max_length: int = Field(512, ge=8, description="Tokens per conversation.")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer conversations.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training conversations.")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
+    per_device_batch_size: int = Field(8, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, description="Peak learning rate (LoRA usually wants ~10x more).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps spent warming up.")
+    lr_scheduler: str = Field("cosine", description="A transformers scheduler name: cosine, linear, constant...")
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1, description="Steps between evaluations.")
+    save_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    activation_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~20% slower.")
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights.")
+    sample_prompts: int = Field(4, ge=0, description="Held-out prompts answered at the end (samples.jsonl).")
+    sample_max_new_tokens: int = Field(64, ge=1)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
 class RunConfig(Section):
     """A whole run: the model, W&B, and one section per stage."""
 
@@ -189,6 +254,7 @@ class RunConfig(Section):
     wandb: WandbConfig = Field(default_factory=WandbConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    sft: SFTConfig | None = Field(None, description="Supervised fine-tuning; the stage runs when this section is present.")
 
     @model_validator(mode="after")
     def _pretrain_has_data(self) -> "RunConfig":

@@ -18,6 +18,7 @@ class StageSpec:
     name: str
     inputs: tuple[str, ...]
     config_slice: Callable[[RunConfig], dict[str, Any]]
+    enabled: Callable[[RunConfig], bool] = lambda config: True
 
     @property
     def module(self) -> str:
@@ -43,9 +44,14 @@ def _pretrain_slice(config: RunConfig) -> dict[str, Any]:
     return {"seed": config.seed, "model": config.model.model_dump(), "pretrain": config.pretrain.model_dump()}
 
 
+def _sft_slice(config: RunConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "sft": config.sft.model_dump()}
+
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", (), _tokenizer_slice),
     StageSpec("pretrain", ("tokenizer",), _pretrain_slice),
+    StageSpec("sft", ("pretrain",), _sft_slice, enabled=lambda config: config.sft is not None),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.config import RunConfig, config_hash, validate_config
-from pipeline.errors import ChatpipeError
+from pipeline.errors import ChatpipeError, ConfigError
 from pipeline.manifest import now, output_record, read_manifest, resolve_input, update_stage
 from pipeline.registry import get_stage
 from pipeline.tracking import Tracker
@@ -37,6 +37,7 @@ class StageContext:
     run_dir: Path
     config: RunConfig
     inputs: dict[str, Path]
+    input_digests: dict[str, str]
     tracker: Tracker
     is_main: bool
     world_size: int
@@ -82,6 +83,8 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     manifest = read_manifest(run_dir)
     config = validate_config(manifest["config"], source=f"{run_dir}/manifest.json config")
     spec = get_stage(name)
+    if not spec.enabled(config):
+        raise ConfigError(f"stage {name!r} has no `{name}:` section in this run's config; add one to run it")
     sliced = spec.config_slice(config)
     digest = config_hash(sliced)
     previous = manifest["stages"].get(name, {})
@@ -134,6 +137,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         run_dir=run_dir,
         config=config,
         inputs={upstream: Path(record["path"]) for upstream, record in inputs.items()},
+        input_digests={upstream: record["digest"] for upstream, record in inputs.items()},
         tracker=tracker,
         is_main=state.is_main_process,
         world_size=state.num_processes,
@@ -159,6 +163,15 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         )
     tracker.finish()
     return result
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """`auto` means bf16 on a GPU that has it, full precision elsewhere."""
+    if setting != "auto":
+        return setting
+    import torch
+
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def log_path(run_dir: Path, name: str) -> Path:

@@ -92,6 +92,13 @@ class Tracker:
         if self._wandb_run is not None:
             self._wandb_run.log(metrics, step=step)
 
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table (e.g. sample replies) in W&B; the stage keeps its own file copy."""
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def summary(self, metrics: dict[str, Any]) -> None:
         if self._wandb_run is not None:
             self._wandb_run.summary.update(metrics)

@@ -95,3 +95,22 @@ def chatpipe(*args: str, check: bool = True, timeout: int = 600) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"chatpipe {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def tiny_sft_section(**updates) -> dict:
+    """An `sft:` section on the first 120 HH conversations, sized to run in seconds."""
+    section = {
+        "data": {"path": str(SAMPLES / "hh_harmless_1000.jsonl"), "conversation_format": "hh", "max_rows": 120},
+        "validation_fraction": 0.1,
+        "max_length": 192,
+        "max_steps": 30,
+        "per_device_batch_size": 8,
+        "learning_rate": 3e-3,
+        "eval_every": 10,
+        "save_every": 10,
+        "log_every": 5,
+        "sample_prompts": 2,
+        "sample_max_new_tokens": 8,
+    }
+    section.update(updates)
+    return section

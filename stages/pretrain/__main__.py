@@ -23,17 +23,10 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
 
 from data.packing import batch_indices
-from pipeline.stage import StageContext, StageResult, run_stage
+from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.pretrain.corpus import prepare_blocks
 from stages.pretrain.model import adopt_base_model, count_parameters, model_from_config
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """`auto` means bf16 on a GPU that has it, full precision elsewhere."""
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def train(context: StageContext) -> StageResult:

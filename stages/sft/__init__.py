@@ -1,0 +1,1 @@
+"""The `sft` stage: supervised fine-tuning on conversations, loss on the assistant's tokens only."""

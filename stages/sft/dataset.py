@@ -1,0 +1,102 @@
+"""SFT data: conversations -> token ids with an assistant mask, split into train and validation.
+
+We tokenize here rather than inside TRL so that the mask is exactly the chat template's
+`{% generation %}` span (`return_assistant_tokens_mask`), overlong conversations follow the
+configured policy with counts, and TRL gets `input_ids` + `assistant_masks`, from which it builds
+labels that are -100 everywhere but the assistant's tokens.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from data.conversations import RowReport, normalize_rows
+from data.sources import load_source
+from pipeline.config import ConversationData, SFTConfig
+from pipeline.errors import DataError
+
+
+@dataclass
+class LengthReport:
+    """What the `max_length` policy did."""
+
+    total: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_reply_left: int = 0  # truncation cut away every assistant token
+    lengths: list[int] = field(default_factory=list)
+
+    def as_metrics(self, prefix: str) -> dict[str, int]:
+        return {
+            f"{prefix}_conversations": self.total - self.dropped_overlong - self.dropped_no_reply_left,
+            f"{prefix}_truncated": self.truncated,
+            f"{prefix}_dropped_overlong": self.dropped_overlong + self.dropped_no_reply_left,
+        }
+
+
+def load_conversations(
+    source: ConversationData, section: SFTConfig, cache_dir: Path | None = None, config_section: str = "sft"
+) -> tuple[list[list[dict]], RowReport]:
+    """Normalised conversations from a source, with the bad-row policy applied."""
+    rows = load_source(source, cache_dir=cache_dir)
+    return normalize_rows(
+        rows,
+        fmt=source.conversation_format,
+        columns=source.columns or None,
+        on_bad_row=section.on_bad_row,
+        max_bad_fraction=section.max_bad_fraction,
+        source=source.hub or source.path,
+        config_section=config_section,
+    )
+
+
+def split_conversations(
+    conversations: list[list[dict]], validation_fraction: float, seed: int
+) -> tuple[list[list[dict]], list[list[dict]]]:
+    """(train, validation), a seeded shuffle then a cut: at least one of each."""
+    if len(conversations) < 2:
+        raise DataError(f"only {len(conversations)} usable conversation(s); need at least 2 to hold one out")
+    order = list(range(len(conversations)))
+    random.Random(seed).shuffle(order)
+    n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
+    return [conversations[i] for i in order[n_validation:]], [conversations[i] for i in order[:n_validation]]
+
+
+def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """(input_ids, assistant_mask): mask is 1 on assistant reply tokens (end-of-turn included), else 0."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+
+
+def tokenize_conversations(
+    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, max_length: int, overlong: str
+) -> tuple[datasets.Dataset, LengthReport]:
+    """A dataset of `input_ids` and `assistant_masks`, with `max_length` enforced per `overlong`."""
+    report = LengthReport(total=len(conversations))
+    rows = {"input_ids": [], "assistant_masks": []}
+    for messages in conversations:
+        input_ids, mask = tokenize_conversation(tokenizer, messages)
+        if len(input_ids) > max_length:
+            if overlong == "drop":
+                report.dropped_overlong += 1
+                continue
+            input_ids, mask = input_ids[:max_length], mask[:max_length]
+            if not any(mask):
+                report.dropped_no_reply_left += 1
+                continue
+            report.truncated += 1
+        rows["input_ids"].append(input_ids)
+        rows["assistant_masks"].append(mask)
+        report.lengths.append(len(input_ids))
+    if not rows["input_ids"]:
+        raise DataError(
+            f"no conversation fits in sft.max_length={max_length} tokens with an assistant reply left; raise max_length"
+        )
+    return datasets.Dataset.from_dict(rows), report
