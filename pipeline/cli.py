@@ -111,7 +111,7 @@ def rerun_reason(spec: StageSpec, config: RunConfig, manifest: dict, run_dir: Pa
         return f"{entry.get('status')}, resuming" if entry.get("status") in ("running", "failed") else "not run yet"
     if entry.get("config_hash") != config_hash(spec.config_slice(config)):
         return "config changed"
-    for upstream in spec.inputs:
+    for upstream in spec.inputs_for(config):
         recorded = (entry.get("inputs") or {}).get(upstream, {}).get("digest")
         current = ((manifest["stages"].get(upstream) or {}).get("output") or {}).get("digest")
         if recorded != current:

@@ -245,6 +245,45 @@ class SFTConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
+class PreferenceData(DataSource):
+    """Ranked completions: pairwise chosen/rejected rows or K-way rankings (see data/preferences.py)."""
+
+    ranking_is: Literal["order", "scores"] = Field(
+        "order", description="How to read a `ranking` column: a best-to-worst order, or one score per completion."
+    )
+
+
+class RewardConfig(Section):
+    """The `reward` stage: a scalar-head reward model trained on ranked completions."""
+
+    data: PreferenceData = Field(..., description="Preference rows.")
+    validation_data: PreferenceData | None = Field(None, description="Held-out preferences; default: a split of data.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when validation_data is unset.")
+    init_from: Literal["sft", "pretrain"] = Field("sft", description="Which stage's model the backbone starts from.")
+    on_bad_row: Literal["drop", "error"] = Field("drop", description="drop: skip and count unusable rows; error: stop at the first.")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
+    max_length: int = Field(512, ge=8, description="Tokens per scored conversation (oldest context cut first).")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training prompts.")
+    max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
+    prompts_per_batch: int = Field(8, ge=1, description="Prompts per process per micro-step, each with all its completions.")
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-5, gt=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine decay floor, as a fraction of the peak.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    margin: float = Field(0.0, ge=0, description="Added to every pair's margin (and to a `margin` column when present).")
+    center_rewards_coefficient: float = Field(
+        0.01, ge=0, description="Weight of mean(reward^2) in the loss, keeping rewards near zero."
+    )
+    eval_every: int = Field(50, ge=1)
+    save_every: int = Field(100, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1)
+    lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged into the saved reward model).")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
 class RunConfig(Section):
     """A whole run: the model, W&B, and one section per stage."""
 
@@ -255,6 +294,7 @@ class RunConfig(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SFTConfig | None = Field(None, description="Supervised fine-tuning; the stage runs when this section is present.")
+    reward: RewardConfig | None = Field(None, description="Reward model training; runs when this section is present.")
 
     @model_validator(mode="after")
     def _pretrain_has_data(self) -> "RunConfig":
@@ -262,6 +302,12 @@ class RunConfig(Section):
             raise ValueError("pretrain.data is required unless model.base_model names a model to start from")
         if self.model.base_model is None and self.tokenizer.pretrained is None and self.tokenizer_corpus is None:
             raise ValueError("tokenizer.corpus (or pretrain.data) is required to train a tokenizer")
+        return self
+
+    @model_validator(mode="after")
+    def _reward_source_exists(self) -> "RunConfig":
+        if self.reward is not None and self.reward.init_from == "sft" and self.sft is None:
+            raise ValueError("reward.init_from is sft but there is no sft section; add one or set reward.init_from: pretrain")
         return self
 
     @property

@@ -19,6 +19,11 @@ class StageSpec:
     inputs: tuple[str, ...]
     config_slice: Callable[[RunConfig], dict[str, Any]]
     enabled: Callable[[RunConfig], bool] = lambda config: True
+    choose_inputs: Callable[[RunConfig], tuple[str, ...]] | None = None
+
+    def inputs_for(self, config: RunConfig) -> tuple[str, ...]:
+        """The earlier stages whose outputs this stage reads, for this config."""
+        return self.choose_inputs(config) if self.choose_inputs else self.inputs
 
     @property
     def module(self) -> str:
@@ -48,10 +53,21 @@ def _sft_slice(config: RunConfig) -> dict[str, Any]:
     return {"seed": config.seed, "sft": config.sft.model_dump()}
 
 
+def _reward_slice(config: RunConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "reward": config.reward.model_dump()}
+
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", (), _tokenizer_slice),
     StageSpec("pretrain", ("tokenizer",), _pretrain_slice),
     StageSpec("sft", ("pretrain",), _sft_slice, enabled=lambda config: config.sft is not None),
+    StageSpec(
+        "reward",
+        ("sft",),
+        _reward_slice,
+        enabled=lambda config: config.reward is not None,
+        choose_inputs=lambda config: (config.reward.init_from,),
+    ),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)
 

@@ -93,7 +93,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
 
     inputs = {
         upstream: resolve_input(run_dir, manifest, upstream, verify=state.is_main_process)
-        for upstream in spec.inputs
+        for upstream in spec.inputs_for(config)
     }
     if state.is_main_process:
         if not resuming and stage_dir.exists():

@@ -135,11 +135,18 @@ def save_checkpoint(
 def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
     """Restore model, optimiser, scheduler and this process's RNG; returns state.json's contents."""
     path = Path(path)
-    weights = {}
-    for shard in sorted(path.glob("model*.safetensors")):
-        weights.update(load_file(str(shard)))
     unwrapped = accelerator.unwrap_model(model)
-    missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
+    unwrapped = getattr(unwrapped, "pretrained_model", unwrapped)  # a TokenScorer holds the HF model
+    if (path / "adapter_model.safetensors").exists():  # peft saved only the adapter's weights
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(unwrapped, load_file(str(path / "adapter_model.safetensors")))
+        missing, unexpected = [], []
+    else:
+        weights = {}
+        for shard in sorted(path.glob("model*.safetensors")):
+            weights.update(load_file(str(shard)))
+        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
     # Tied weights (lm_head = embeddings) are saved once; anything else missing is a real error.
     real_missing = [name for name in missing if not name.endswith("lm_head.weight")]
     if real_missing or unexpected:

@@ -20,9 +20,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_cosine_with_min_lr_schedule_with_warmup
+from transformers import AutoTokenizer
 
 from data.packing import batch_indices
+from pipeline.optimization import adamw, warmup_cosine
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.pretrain.corpus import prepare_blocks
@@ -51,18 +52,8 @@ def train(context: StageContext) -> StageResult:
     # ---------------------------------------------------------------------------------- model
     model = model_from_config(config.model, tokenizer)
     n_parameters = count_parameters(model)
-    # Weight decay on matrices only: decaying norms and biases hurts and buys nothing.
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": section.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=section.learning_rate,
-        betas=(section.adam_beta1, section.adam_beta2),
-    )
-    # Not passed to accelerator.prepare: a prepared scheduler steps once per process per step.
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, section.warmup_steps, section.max_steps, min_lr_rate=section.min_lr_ratio
-    )
+    optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
+    scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step, resumed_from, first_eval = 0, None, None

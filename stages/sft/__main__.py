@@ -23,7 +23,8 @@ from trl import SFTConfig as TRLSFTConfig
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.tracking import read_metrics
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from stages.sft.dataset import load_conversations, split_conversations, tokenize_conversations
+from data.splits import held_out_split
+from stages.sft.dataset import load_conversations, tokenize_conversations
 from stages.sft.samples import generate_replies, sample_rows
 from stages.sft.trainer import ChatpipeSFTTrainer, TrackerCallback
 
@@ -40,8 +41,8 @@ def train(context: StageContext) -> StageResult:
         train_conversations = conversations
         validation_conversations, _ = load_conversations(section.validation_data, section, cache)
     else:
-        train_conversations, validation_conversations = split_conversations(
-            conversations, section.validation_fraction, config.seed
+        train_conversations, validation_conversations = held_out_split(
+            conversations, section.validation_fraction, config.seed, what="conversations"
         )
     train_dataset, train_lengths = tokenize_conversations(
         train_conversations, tokenizer, section.max_length, section.overlong

@@ -8,7 +8,6 @@ labels that are -100 everywhere but the assistant's tokens.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,18 +52,6 @@ def load_conversations(
         source=source.hub or source.path,
         config_section=config_section,
     )
-
-
-def split_conversations(
-    conversations: list[list[dict]], validation_fraction: float, seed: int
-) -> tuple[list[list[dict]], list[list[dict]]]:
-    """(train, validation), a seeded shuffle then a cut: at least one of each."""
-    if len(conversations) < 2:
-        raise DataError(f"only {len(conversations)} usable conversation(s); need at least 2 to hold one out")
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    n_validation = min(len(order) - 1, max(1, round(validation_fraction * len(order))))
-    return [conversations[i] for i in order[n_validation:]], [conversations[i] for i in order[:n_validation]]
 
 
 def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:

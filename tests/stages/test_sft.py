@@ -13,7 +13,8 @@ from pipeline.config import SFTConfig
 from pipeline.errors import DataError
 from pipeline.manifest import read_manifest, update_stage
 from pipeline.tracking import read_metrics
-from stages.sft.dataset import load_conversations, split_conversations, tokenize_conversations
+from data.splits import held_out_split
+from stages.sft.dataset import load_conversations, tokenize_conversations
 from tests.conftest import SAMPLES, chatpipe, tiny_config, tiny_sft_section
 
 
@@ -109,9 +110,9 @@ def test_bad_rows_are_dropped_and_counted_or_rejected_with_file_and_row(tmp_path
 
 def test_validation_split_is_seeded_and_disjoint():
     conversations = hh_conversations(40)
-    train, validation = split_conversations(conversations, 0.1, seed=3)
+    train, validation = held_out_split(conversations, 0.1, seed=3)
     assert len(train) == 36 and len(validation) == 4
-    assert split_conversations(conversations, 0.1, seed=3) == (train, validation)
+    assert held_out_split(conversations, 0.1, seed=3) == (train, validation)
     assert not any(v in train for v in validation)
 
 

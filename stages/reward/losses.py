@@ -1,0 +1,40 @@
+"""The reward model's ranking loss, per prompt as in InstructGPT.
+
+A prompt ranked with K completions contributes K*(K-1)/2 pairs. Treating every pair as its own
+example would let prompts with many completions dominate, and (InstructGPT notes) overfit,
+since each completion appears in K-1 pairs. So all of a prompt's pairs share one batch, each
+completion is scored once, and the loss is the mean over prompts of each prompt's mean pair loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def grouped_pairwise_loss(
+    scores: torch.Tensor,
+    better: torch.Tensor,
+    worse: torch.Tensor,
+    pair_group: torch.Tensor,
+    margins: torch.Tensor,
+    n_groups: int,
+) -> torch.Tensor:
+    """Mean over prompts of mean over that prompt's pairs of -log sigmoid(r_better - r_worse - margin).
+
+    scores: (n_completions,) one reward per completion in the batch
+    better, worse: (n_pairs,) indices into scores; better was ranked above worse
+    pair_group: (n_pairs,) the prompt (0..n_groups-1) each pair belongs to
+    margins: (n_pairs,) how far apart the pair should be (0 for a plain preference)
+    """
+    per_pair = -F.logsigmoid(scores[better] - scores[worse] - margins)
+    loss_sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, pair_group, per_pair)
+    counts = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(
+        0, pair_group, torch.ones_like(per_pair)
+    )
+    return (loss_sums / counts.clamp(min=1)).mean()
+
+
+def centering_penalty(scores: torch.Tensor) -> torch.Tensor:
+    """mean(r^2): the pairwise loss only fixes differences; this keeps the rewards themselves near 0."""
+    return scores.pow(2).mean()

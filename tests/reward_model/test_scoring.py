@@ -1,0 +1,70 @@
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from reward_model.model import build_reward_model, per_token_scores
+from reward_model.scoring import RewardScorer, conversation_ids, last_token_index, pad_batch, sequence_scores
+
+PAD = 0
+
+
+def test_last_token_index_for_left_and_right_padding():
+    right = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])
+    assert last_token_index(right).tolist() == [2, 0, 3]
+    assert last_token_index(left).tolist() == [3, 3, 3]
+
+
+def test_pad_batch_sides():
+    ids, mask = pad_batch([[4, 5, 6], [7]], PAD, side="left")
+    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[4, 5, 6], [7]], PAD, side="right")
+    assert ids.tolist() == [[4, 5, 6], [7, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def tiny_reward_model(tmp_path, vocab_size=50):
+    config = AutoConfig.for_model(
+        "llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, pad_token_id=PAD,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    return build_reward_model(tmp_path, pad_token_id=PAD).eval()
+
+
+def test_scores_are_the_same_under_left_and_right_padding(tmp_path):
+    model = tiny_reward_model(tmp_path)
+    sequences = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
+    alone = torch.stack([
+        sequence_scores(model, torch.tensor([s]), torch.ones(1, len(s), dtype=torch.long))[0] for s in sequences
+    ])
+    for side in ("left", "right"):
+        ids, mask = pad_batch(sequences, PAD, side=side)
+        torch.testing.assert_close(sequence_scores(model, ids, mask), alone, atol=1e-5, rtol=1e-4)
+    # And the reward is the head's output at the last real token, not at padding.
+    ids, mask = pad_batch(sequences, PAD, side="right")
+    per_token = per_token_scores(model, ids, mask)
+    assert per_token.shape == ids.shape
+    torch.testing.assert_close(per_token[1, 1], alone[1], atol=1e-5, rtol=1e-4)
+
+
+def test_reward_model_starts_from_the_causal_lm_backbone(tmp_path):
+    model = tiny_reward_model(tmp_path)
+    language_model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    for name, tensor in language_model.model.state_dict().items():
+        assert torch.equal(model.model.state_dict()[name], tensor)
+    assert model.score.weight.shape == (1, 32)
+
+
+def test_scorer_reads_conversations_ending_at_eos(bpe_tokenizer, tmp_path):
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]
+    ids = conversation_ids(bpe_tokenizer, conversation)
+    assert ids[-1] == bpe_tokenizer.eos_token_id
+    assert bpe_tokenizer.decode(ids).endswith("Hello there.<|im_end|>")
+    model = tiny_reward_model(tmp_path, vocab_size=len(bpe_tokenizer))
+    model.config.pad_token_id = bpe_tokenizer.pad_token_id
+    scorer = RewardScorer(model, bpe_tokenizer, batch_size=2)
+    other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}]
+    batch = scorer.score_messages([conversation, other, conversation])
+    assert batch.shape == (3,) and batch[0] == batch[2]
+    single = scorer.score_messages([other])
+    torch.testing.assert_close(single[0], batch[1], atol=1e-5, rtol=1e-4)
