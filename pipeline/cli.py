@@ -166,7 +166,10 @@ def _duration(started: str | None, finished: str | None) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
-HEADLINE_METRICS = ("eval_loss", "eval_perplexity", "train_loss", "accuracy", "mean_score", "kl", "steps", "vocab_size", "source")
+HEADLINE_METRICS = (
+    "eval_loss", "eval_perplexity", "train_loss", "accuracy", "initial_score", "score", "kl", "steps", "rollouts",
+    "vocab_size", "source",
+)
 
 
 def _headline(metrics: dict) -> str:

@@ -284,6 +284,68 @@ class RewardConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
+class PPOConfig(Section):
+    """The `ppo` stage: RLHF against the reward model with a KL penalty to the SFT policy.
+
+    `estimator` picks the algorithm on the same rollouts: ppo (clipped surrogate, value model,
+    GAE), rloo (k samples per prompt, leave-one-out baseline) or grpo (k samples, group-normalised
+    advantages, KL as a loss term).
+    """
+
+    prompts: ConversationData = Field(..., description="Conversations; each is cut before its final assistant reply.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out for evaluation.")
+    on_bad_row: Literal["drop", "error"] = Field("drop")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
+    max_prompt_length: int = Field(256, ge=4, description="Longer prompts are dropped (and counted).")
+    estimator: Literal["ppo", "rloo", "grpo"] = Field("ppo", description="ppo, rloo or grpo.")
+    samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt; rloo and grpo need at least 2.")
+    total_episodes: int = Field(1024, ge=1, description="Responses generated over the whole stage.")
+    rollout_batch_size: int = Field(64, ge=1, description="Responses per rollout, over all processes.")
+    num_mini_batches: int = Field(2, ge=1, description="Optimiser steps per PPO epoch (the rollout split in this many).")
+    micro_batch_size: int = Field(8, ge=1, description="Responses per forward/backward pass (gradient accumulation inside a minibatch).")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout, reshuffled every time.")
+    response_length: int = Field(64, ge=1, description="Tokens generated per response at most.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1); logprobs use the same.")
+    missing_eos_penalty: Literal["none", "subtract", "replace"] = Field(
+        "subtract", description="A response without EOS: subtract missing_eos_value from its score, or replace the score with it."
+    )
+    missing_eos_value: float = Field(1.0, description="The penalty (subtract) or the fixed score (replace), in normalised units.")
+    kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty.")
+    kl_estimator: Literal["k1", "k3"] = Field("k1", description="k1: log p - log q; k3: unbiased and never negative.")
+    adaptive_kl: bool = Field(False, description="Adapt beta toward target_kl (Ziegler et al.).")
+    target_kl: float = Field(6.0, gt=0, description="Target summed KL per response for the adaptive controller.")
+    kl_horizon: int = Field(10000, ge=1, description="Episodes over which the adaptive controller acts.")
+    normalize_scores: bool = Field(True, description="Standardise scores with the reward model's held-out mean and std.")
+    score_clip: float | None = Field(None, gt=0, description="Clip normalised scores to +-this value.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    whiten_advantages: bool = Field(True, description="Whiten advantages over the whole rollout (all processes).")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip range.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    policy_learning_rate: float = Field(3e-6, gt=0)
+    value_learning_rate: float = Field(1e-5, gt=0)
+    lr_schedule: Literal["constant", "linear"] = Field("linear", description="linear: decay to 0 over the stage.")
+    max_grad_norm: float = Field(1.0, gt=0)
+    eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored at each evaluation.")
+    eval_every: int = Field(10, ge=1, description="Rollouts between evaluations.")
+    save_every: int = Field(10, ge=1, description="Rollouts between resumable checkpoints.")
+    keep_checkpoints: int = Field(2, ge=1)
+    sample_table_every: int = Field(10, ge=1, description="Rollouts between logged tables of sample responses.")
+    lora: LoraSettings | None = Field(None, description="LoRA on the policy; the reference is the same model with the adapter off.")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "PPOConfig":
+        if self.estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise ValueError(f"estimator {self.estimator} needs samples_per_prompt >= 2 (a group baseline)")
+        if self.rollout_batch_size % self.samples_per_prompt:
+            raise ValueError("rollout_batch_size must be a multiple of samples_per_prompt")
+        if self.rollout_batch_size % self.num_mini_batches:
+            raise ValueError("rollout_batch_size must be a multiple of num_mini_batches")
+        return self
+
+
 class RunConfig(Section):
     """A whole run: the model, W&B, and one section per stage."""
 
@@ -295,6 +357,7 @@ class RunConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SFTConfig | None = Field(None, description="Supervised fine-tuning; the stage runs when this section is present.")
     reward: RewardConfig | None = Field(None, description="Reward model training; runs when this section is present.")
+    ppo: PPOConfig | None = Field(None, description="RLHF against the reward model; runs when this section is present.")
 
     @model_validator(mode="after")
     def _pretrain_has_data(self) -> "RunConfig":
@@ -308,7 +371,14 @@ class RunConfig(Section):
     def _reward_source_exists(self) -> "RunConfig":
         if self.reward is not None and self.reward.init_from == "sft" and self.sft is None:
             raise ValueError("reward.init_from is sft but there is no sft section; add one or set reward.init_from: pretrain")
+        if self.ppo is not None and self.reward is None:
+            raise ValueError("ppo needs a reward section: PPO optimises against the reward model it trains")
         return self
+
+    @property
+    def policy_stage(self) -> str:
+        """The stage whose model RL starts from: the SFT policy when there is one."""
+        return "sft" if self.sft is not None else "pretrain"
 
     @property
     def tokenizer_corpus(self) -> DataSource | None:

@@ -57,6 +57,10 @@ def _reward_slice(config: RunConfig) -> dict[str, Any]:
     return {"seed": config.seed, "reward": config.reward.model_dump()}
 
 
+def _ppo_slice(config: RunConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "ppo": config.ppo.model_dump()}
+
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", (), _tokenizer_slice),
     StageSpec("pretrain", ("tokenizer",), _pretrain_slice),
@@ -67,6 +71,13 @@ STAGES: tuple[StageSpec, ...] = (
         _reward_slice,
         enabled=lambda config: config.reward is not None,
         choose_inputs=lambda config: (config.reward.init_from,),
+    ),
+    StageSpec(
+        "ppo",
+        ("sft", "reward"),
+        _ppo_slice,
+        enabled=lambda config: config.ppo is not None,
+        choose_inputs=lambda config: (config.policy_stage, "reward"),
     ),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)

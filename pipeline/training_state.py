@@ -127,7 +127,7 @@ def save_checkpoint(
     if accelerator.is_main_process:
         (partial / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}, default=_json_default))
         partial.rename(final)
-        _prune(root, keep)
+        prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
     return final
 
@@ -136,27 +136,32 @@ def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler) -> 
     """Restore model, optimiser, scheduler and this process's RNG; returns state.json's contents."""
     path = Path(path)
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped = getattr(unwrapped, "pretrained_model", unwrapped)  # a TokenScorer holds the HF model
-    if (path / "adapter_model.safetensors").exists():  # peft saved only the adapter's weights
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(unwrapped, load_file(str(path / "adapter_model.safetensors")))
-        missing, unexpected = [], []
-    else:
-        weights = {}
-        for shard in sorted(path.glob("model*.safetensors")):
-            weights.update(load_file(str(shard)))
-        missing, unexpected = unwrapped.load_state_dict(weights, strict=False)
-    # Tied weights (lm_head = embeddings) are saved once; anything else missing is a real error.
-    real_missing = [name for name in missing if not name.endswith("lm_head.weight")]
-    if real_missing or unexpected:
-        raise RuntimeError(f"{path}: checkpoint does not match the model (missing {real_missing}, unexpected {unexpected})")
+    load_model_weights(path, getattr(unwrapped, "pretrained_model", unwrapped))  # a TokenScorer holds the HF model
     load_optimizer_state(path, optimizer, scheduler)
     load_rng_state(path, accelerator.process_index)
     return json.loads((path / "state.json").read_text())
 
 
-def _prune(root: Path, keep: int) -> None:
+def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
+    """Load a save_pretrained folder's weights into `model` in place: full weights, or a peft adapter's."""
+    folder = Path(folder)
+    if (folder / "adapter_model.safetensors").exists():  # peft saved only the adapter's weights
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")))
+        return
+    weights = {}
+    for shard in sorted(folder.glob("model*.safetensors")):
+        weights.update(load_file(str(shard)))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied weights (lm_head = embeddings) are saved once; anything else missing is a real error.
+    real_missing = [name for name in missing if not name.endswith("lm_head.weight")]
+    if real_missing or unexpected:
+        raise RuntimeError(f"{folder}: checkpoint does not match the model (missing {real_missing}, unexpected {unexpected})")
+
+
+def prune_checkpoints(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints under `root`."""
     found = sorted(p for p in Path(root).iterdir() if p.is_dir() and CHECKPOINT_PATTERN.match(p.name))
     for old in found[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

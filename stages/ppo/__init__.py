@@ -1,0 +1,1 @@
+"""The `ppo` stage: RLHF policy optimisation against the reward model (PPO, RLOO, GRPO)."""

@@ -1,0 +1,165 @@
+"""RLHF: optimise the SFT policy against the reward model, with a KL penalty to the SFT policy.
+
+    python -m stages.ppo --run-dir runs/tiny
+    accelerate launch --num_processes 8 -m stages.ppo --run-dir runs/big
+
+Reads from the manifest the policy (the SFT output; the pretrained model when there is no SFT
+stage), the reward model and its held-out reward statistics. The reference is a frozen copy of
+the policy (or, with LoRA, the policy with its adapter disabled); the value model starts from the
+reward model. `ppo.estimator` picks PPO, RLOO or GRPO over the same rollout machinery.
+Each rollout: `rollout_batch_size` responses over all processes (stages/ppo/rollout.py), then
+`ppo_epochs` passes of `num_mini_batches` optimiser steps (stages/ppo/trainer.py). Held-out
+prompts are scored before training (the SFT policy) and every `eval_every` rollouts.
+Output: RUN_DIR/ppo/final, the policy as a Hugging Face folder.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from data.packing import batch_indices
+from pipeline.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.errors import ConfigError
+from pipeline.manifest import read_manifest
+from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from reward_model.model import TokenScorer, load_reward_model
+from stages.ppo.checkpoint import latest_checkpoint, load_ppo_checkpoint, save_ppo_checkpoint
+from stages.ppo.prompts import left_padded, load_prompts
+from stages.ppo.rollout import reward_model_function
+from stages.ppo.trainer import RLTrainer, decode_samples, evaluate_policy
+
+
+def train(context: StageContext) -> StageResult:
+    config, section = context.config, context.config.ppo
+    policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs["reward"]
+    reward_stats = read_manifest(context.run_dir)["stages"]["reward"]["metrics"]
+    tokenizer = AutoTokenizer.from_pretrained(policy_dir)
+
+    # ---------------------------------------------------------------------------------- setup
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
+    set_seed(config.seed)
+    world = accelerator.num_processes
+    if section.rollout_batch_size % (world * section.samples_per_prompt):
+        raise ConfigError(
+            f"ppo.rollout_batch_size={section.rollout_batch_size} must split evenly over {world} process(es) "
+            f"x samples_per_prompt={section.samples_per_prompt}"
+        )
+    local_episodes = section.rollout_batch_size // world
+    local_prompts = local_episodes // section.samples_per_prompt
+    rollouts = max(1, section.total_episodes // section.rollout_batch_size)
+    checkpoints = context.stage_dir / "checkpoints"
+
+    # ----------------------------------------------------------------------------------- data
+    train_prompts, held_out, counts = load_prompts(section, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
+    held_out = held_out[: section.eval_prompts]
+    mine = held_out[accelerator.process_index :: world]
+    eval_batches = [left_padded(mine[i : i + local_episodes], tokenizer.pad_token_id) for i in range(0, len(mine), local_episodes)]
+
+    def queries_for(rollout: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's prompts for a rollout, each repeated samples_per_prompt times in a row."""
+        position = (rollout * world + accelerator.process_index) * local_prompts
+        indices = batch_indices(position, local_prompts, len(train_prompts), config.seed)
+        chosen = [train_prompts[i] for i in indices for _ in range(section.samples_per_prompt)]
+        return left_padded(chosen, tokenizer.pad_token_id)
+
+    # --------------------------------------------------------------------------------- models
+    policy = load_causal_lm(policy_dir)
+    reference, reference_context = None, None
+    if section.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        policy = get_peft_model(policy, LoraConfig(
+            r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=0.0,
+            target_modules=section.lora.target_modules, task_type="CAUSAL_LM",
+        ))
+        reference_context = policy.disable_adapter  # one copy of the weights: adapter off = SFT policy
+    else:
+        reference = load_causal_lm(policy_dir)
+    value = TokenScorer(load_reward_model(reward_dir)) if section.estimator == "ppo" else None
+    reward_model = TokenScorer(load_reward_model(reward_dir)).eval().requires_grad_(False).to(accelerator.device)
+    trainer = RLTrainer(
+        policy, reference, value, reward_model_function(reward_model), tokenizer, section, accelerator,
+        score_mean=reward_stats["reward_mean"], score_std=reward_stats["reward_std"],
+        total_updates=rollouts * section.ppo_epochs * section.num_mini_batches,
+        seed=config.seed, reference_context=reference_context,
+    )
+
+    start, resumed_from, initial_eval = 0, None, None
+    latest = latest_checkpoint(checkpoints)
+    if latest is not None:
+        state = load_ppo_checkpoint(latest, trainer)
+        start, resumed_from, initial_eval = state["step"], state["step"], state["extra"].get("initial_eval")
+        accelerator.print(f"ppo: resuming from {latest} (rollout {start} of {rollouts}, episode {trainer.episode})")
+
+    def log_eval(step: int) -> dict[str, float]:
+        metrics, _ = evaluate_policy(trainer, eval_batches, config.seed)
+        context.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+        return metrics
+
+    # ----------------------------------------------------------------------------------- loop
+    if start == 0:
+        initial_eval = log_eval(0)  # the SFT policy: the baseline RLHF has to beat
+    last_eval = initial_eval
+    progress = tqdm(total=rollouts, initial=start, desc=f"{section.estimator}", disable=not accelerator.is_main_process)
+    for rollout in range(start, rollouts):
+        metrics, experience = trainer.step(*queries_for(rollout))
+        done = rollout + 1
+        context.tracker.log(metrics, step=done)
+        progress.update(1)
+        progress.set_postfix(score=f"{metrics['objective/raw_scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
+        if done % section.sample_table_every == 0 or done == rollouts:
+            log_samples(context, decode_samples(tokenizer, experience)[:8], done)
+        if done % section.eval_every == 0 or done == rollouts:
+            last_eval = log_eval(done)
+        if done % section.save_every == 0 and done < rollouts:
+            save_ppo_checkpoint(checkpoints, done, trainer, section.keep_checkpoints, extra={"initial_eval": initial_eval})
+    progress.close()
+
+    # ----------------------------------------------------------------------------------- save
+    accelerator.wait_for_everyone()
+    trained = accelerator.unwrap_model(trainer.model).policy
+    keep_adapter = section.lora is not None and section.lora.save == "adapter"
+    if section.lora is not None and not keep_adapter:
+        trained = trained.merge_and_unload()
+    if accelerator.is_main_process:
+        trained.save_pretrained(context.output_dir, safe_serialization=True)
+        tokenizer.save_pretrained(context.output_dir)
+        if keep_adapter:
+            write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
+    return StageResult(context.output_dir, {
+        "estimator": section.estimator,
+        "rollouts": rollouts,
+        "episodes": trainer.episode,
+        "initial_score": initial_eval["score"],
+        "score": last_eval["score"],
+        "score_gain": last_eval["score"] - initial_eval["score"],
+        "kl": last_eval["kl"],
+        "eos_fraction": last_eval["eos_fraction"],
+        "response_length": last_eval["response_length"],
+        "kl_coef": trainer.kl_controller.value,
+        "eval_prompts": len(held_out),
+        **counts,
+        "resumed_from_step": resumed_from,
+    })
+
+
+def log_samples(context: StageContext, samples: list[dict], step: int) -> None:
+    """A table of responses with their scores: W&B when on, and RUN_DIR/ppo/samples.jsonl."""
+    if not context.is_main:
+        return
+    with open(context.stage_dir / "samples.jsonl", "a") as handle:
+        for sample in samples:
+            handle.write(json.dumps({"step": step, **sample}) + "\n")
+    context.tracker.log_table(
+        "samples", ["query", "response", "score"], [[s["query"], s["response"], s["score"]] for s in samples], step=step
+    )
+
+
+if __name__ == "__main__":
+    run_stage("ppo", train)

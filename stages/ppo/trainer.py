@@ -1,0 +1,304 @@
+"""The optimisation half of RLHF: PPO epochs over a rollout, for ppo, rloo and grpo alike.
+
+    trainer = RLTrainer(policy, reference, value, reward_fn, tokenizer, config, accelerator, ...)
+    metrics = trainer.step(query_ids, query_mask)     # one rollout, then its updates
+
+We build this on transformers + accelerate because TRL removed its PPO trainer (1.13). The
+policy and the value model travel as one module (`PolicyAndValue`) so DeepSpeed, which prepares
+one model per engine, can wrap them together; they keep separate learning rates (two parameter
+groups) and separate gradient clipping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+
+from pipeline.config import PPOConfig
+from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
+from stages.ppo.losses import (
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_logits,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+)
+from stages.ppo.rollout import Experience, ExperienceMaker, RewardFunction, RolloutSettings, response_logits, response_values
+
+
+class PolicyAndValue(nn.Module):
+    """The two trained models as one module: forward gives response logits and values."""
+
+    def __init__(self, policy: nn.Module, value: nn.Module | None):
+        super().__init__()
+        self.policy, self.value = policy, value
+
+    def forward(self, sequence_ids, attention_mask, response_length: int):
+        logits = response_logits(self.policy, sequence_ids, attention_mask, response_length)
+        values = response_values(self.value, sequence_ids, attention_mask, response_length) if self.value is not None else None
+        return logits, values
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off: with it, logprobs of the same tokens differ between rollout and training passes."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in config.to_dict().items():
+            if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+                setattr(config, key, 0.0)
+
+
+@contextlib.contextmanager
+def unwrapped_for_generation(accelerator, model: nn.Module):
+    """The policy, unwrapped, with ZeRO-3's sharded weights gathered for the length of generation.
+
+    Without the gather, each ZeRO-3 process holds a shard and `generate` would need every process
+    to run the same number of steps (or hang).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and plugin.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
+            yield unwrapped.policy
+    else:
+        yield unwrapped.policy
+
+
+class RLTrainer:
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module | None,
+        value: nn.Module | None,
+        reward_fn: RewardFunction,
+        tokenizer,
+        config: PPOConfig,
+        accelerator,
+        *,
+        score_mean: float = 0.0,
+        score_std: float = 1.0,
+        total_updates: int,
+        seed: int = 0,
+        reference_context=None,
+    ):
+        self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
+        for model in (policy, reference, value):
+            if model is not None:
+                disable_dropout(model)
+        if reference is not None:
+            reference.requires_grad_(False).eval().to(accelerator.device)
+        use_value = config.estimator == "ppo"
+        wrapper = PolicyAndValue(policy, value if use_value else None)
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.policy_learning_rate}]
+        if use_value:
+            groups.append({"params": [p for p in value.parameters() if p.requires_grad], "lr": config.value_learning_rate})
+        optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
+        schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.lr_schedule == "linear" else (lambda step: 1.0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        self.model, self.optimizer = accelerator.prepare(wrapper, optimizer)
+        self.kl_controller = (
+            AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
+            if config.adaptive_kl
+            else FixedKLController(config.kl_coef)
+        )
+        settings = RolloutSettings(
+            estimator=config.estimator, samples_per_prompt=config.samples_per_prompt,
+            response_length=config.response_length, temperature=config.temperature,
+            micro_batch_size=config.micro_batch_size, kl_estimator=config.kl_estimator,
+            missing_eos_penalty=config.missing_eos_penalty, missing_eos_value=config.missing_eos_value,
+            score_mean=score_mean if config.normalize_scores else 0.0,
+            score_std=score_std if config.normalize_scores and score_std > 0 else 1.0,
+            score_clip=config.score_clip, gamma=config.gamma, lam=config.lam,
+            whiten_advantages=config.whiten_advantages,
+        )
+        unwrapped = accelerator.unwrap_model(self.model)
+        self.maker = ExperienceMaker(
+            unwrapped.policy, reference, unwrapped.value, reward_fn, tokenizer, settings, accelerator,
+            reference_context=reference_context,
+        )
+        self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+        self.episode = 0
+
+    # ------------------------------------------------------------------------------ rollout
+    def rollout(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Experience:
+        self.model.eval()
+        with unwrapped_for_generation(self.accelerator, self.model) as generation_model:
+            experience = self.maker.make(query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device), generation_model)
+        self.maker.assign_advantages(experience, self.kl_controller.value)
+        return experience
+
+    # ------------------------------------------------------------------------------- update
+    def update(self, experience: Experience) -> dict[str, float]:
+        """ppo_epochs passes over the rollout, each in num_mini_batches optimiser steps."""
+        config, accelerator = self.config, self.accelerator
+        self.model.train()
+        local = len(experience)
+        mini_size = local // config.num_mini_batches
+        totals: dict[str, list[torch.Tensor]] = {}
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(local, generator=self.generator)
+            for mini_start in range(0, mini_size * config.num_mini_batches, mini_size):
+                mini = order[mini_start : mini_start + mini_size]
+                micro_batches = list(mini.split(config.micro_batch_size))
+                for index, micro in enumerate(micro_batches):
+                    last = index == len(micro_batches) - 1
+                    with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+                        stats = self.micro_step(experience.select(micro.to(experience.response_ids.device)), len(micro) / len(mini))
+                    for key, value in stats.items():
+                        totals.setdefault(key, []).append(value)
+                self.clip_gradients(totals)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        means = {key: torch.stack(values).mean() for key, values in totals.items()}
+        keys = sorted(means)
+        reduced = accelerator.reduce(torch.stack([means[k] for k in keys]), "mean").tolist()
+        return dict(zip(keys, reduced))
+
+    def micro_step(self, batch: Experience, weight: float) -> dict[str, torch.Tensor]:
+        config, mask = self.config, batch.response_mask
+        logits, values = self.model(batch.sequence_ids, batch.attention_mask, config.response_length)
+        logprobs = logprobs_from_logits(logits, batch.response_ids, config.temperature)
+        policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
+        loss = policy_loss
+        stats = {
+            "loss/policy": policy_loss.detach(),
+            "policy/clipfrac": policy_stats["clipfrac"],
+            "policy/approxkl": policy_stats["approxkl"],
+            "val/ratio": policy_stats["ratio"],
+            "policy/entropy": masked_mean(entropy_from_logits(logits.detach(), config.temperature), mask),
+        }
+        if config.estimator == "grpo":
+            kl_loss = masked_mean(kl_estimate(logprobs, batch.ref_logprobs, "k3"), mask)
+            loss = loss + self.kl_controller.value * kl_loss
+            stats["loss/kl"] = kl_loss.detach()
+        if values is not None:
+            value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
+            loss = loss + config.vf_coef * value_loss
+            stats["loss/value"] = value_loss.detach()
+            stats["val/clipfrac"] = value_stats["clipfrac"]
+        self.accelerator.backward(loss * weight)
+        return stats
+
+    def clip_gradients(self, totals: dict[str, list[torch.Tensor]]) -> None:
+        """Clip the policy's and the value model's gradients each to max_grad_norm."""
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        for name, module in (("policy", unwrapped.policy), ("value", unwrapped.value)):
+            if module is None:
+                continue
+            parameters = [p for p in module.parameters() if p.grad is not None]
+            if parameters:
+                norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
+                if norm is not None:  # DeepSpeed clips inside its engine and reports nothing here
+                    totals.setdefault(f"{name}/grad_norm", []).append(torch.as_tensor(float(norm), device=self.accelerator.device))
+
+    # --------------------------------------------------------------------------------- step
+    def step(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[dict[str, float], Experience]:
+        """One rollout and its updates; returns RL metrics (over all processes) and the experience."""
+        started = time.perf_counter()
+        experience = self.rollout(query_ids, query_mask)
+        rollout_seconds = time.perf_counter() - started
+        rollout_metrics = self.rollout_metrics(experience)
+        started = time.perf_counter()
+        update_metrics = self.update(experience)
+        update_seconds = time.perf_counter() - started
+        episodes = len(experience) * self.accelerator.num_processes
+        self.episode += episodes
+        self.kl_controller.update(rollout_metrics["objective/kl"], episodes)
+        generated = rollout_metrics.pop("_generated_tokens")
+        return {
+            **rollout_metrics,
+            **update_metrics,
+            "objective/kl_coef": self.kl_controller.value,
+            "lr": self.scheduler.get_last_lr()[0],
+            "episode": self.episode,
+            "time/rollout": rollout_seconds,
+            "time/update": update_seconds,
+            "throughput/episodes_per_second": episodes / (rollout_seconds + update_seconds),
+            "throughput/generated_tokens_per_second": generated / rollout_seconds,
+        }, experience
+
+    def rollout_metrics(self, experience: Experience) -> dict[str, float]:
+        """Sequence-level means over every process's episodes, all masked to real tokens."""
+        mask = experience.response_mask
+        sequence_kl = masked_sum(experience.kl, mask, dim=1)
+        beta = self.kl_controller.value
+        per_episode = torch.stack([
+            sequence_kl,
+            masked_sum(-experience.logprobs, mask, dim=1),
+            experience.scores,
+            experience.raw_scores,
+            experience.scores - beta * sequence_kl,
+            -beta * sequence_kl,
+            mask.sum(1).float(),
+            experience.has_eos.float(),
+        ])
+        means = self.accelerator.reduce(per_episode.mean(1), "mean").tolist()
+        num_eos = self.accelerator.reduce(experience.has_eos.sum().float(), "sum").item()
+        generated = self.accelerator.reduce(mask.sum().float(), "sum").item() / self.accelerator.num_processes
+        names = [
+            "objective/kl", "objective/entropy", "objective/scores", "objective/raw_scores",
+            "objective/rlhf_reward", "objective/non_score_reward", "val/response_length", "val/eos_fraction",
+        ]
+        return {**dict(zip(names, means)), "val/num_eos": num_eos, "_generated_tokens": generated}
+
+
+@torch.no_grad()
+def evaluate_policy(trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> tuple[dict[str, float], list[dict]]:
+    """Mean reward-model score, KL to the reference, EOS rate and length on held-out prompts.
+
+    Sampling is seeded, so the same policy gets the same numbers, and the reference scored
+    against itself gets KL exactly 0. Each process scores its own share of the batches.
+    Returns the metrics (over all processes) and this process's (query, response, score) samples.
+    """
+    accelerator = trainer.accelerator
+    trainer.model.eval()
+    rng_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    torch.manual_seed(seed + accelerator.process_index)
+    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # n, score, kl, length, eos
+    samples = []
+    for query_ids, query_mask in prompt_batches:
+        with unwrapped_for_generation(accelerator, trainer.model) as generation_model:
+            experience = trainer.maker.make(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generation_model)
+        mask = experience.response_mask
+        sequence_kl = masked_sum(experience.logprobs - experience.ref_logprobs, mask, dim=1)
+        totals += torch.stack([
+            torch.tensor(float(len(experience)), device=accelerator.device, dtype=torch.float64),
+            experience.raw_scores.double().sum(),
+            sequence_kl.double().sum(),
+            mask.sum().double(),
+            experience.has_eos.double().sum(),
+        ])
+        samples.extend(decode_samples(trainer.tokenizer, experience))
+    torch.set_rng_state(rng_state)
+    if cuda_state is not None:
+        torch.cuda.set_rng_state(cuda_state)
+    count, score, kl, length, eos = accelerator.reduce(totals, "sum").tolist()
+    count = max(count, 1)
+    metrics = {"score": score / count, "kl": kl / count, "response_length": length / count, "eos_fraction": eos / count}
+    return metrics, samples
+
+
+def decode_samples(tokenizer, experience: Experience) -> list[dict]:
+    rows = []
+    for index in range(len(experience)):
+        query = experience.query_ids[index][experience.query_mask[index].bool()]
+        response = experience.response_ids[index][experience.response_mask[index].bool()]
+        rows.append({
+            "query": tokenizer.decode(query, skip_special_tokens=False),
+            "response": tokenizer.decode(response, skip_special_tokens=True),
+            "score": float(experience.raw_scores[index]),
+            "has_eos": bool(experience.has_eos[index]),
+        })
+    return rows
