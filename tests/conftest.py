@@ -114,3 +114,30 @@ def tiny_sft_section(**updates) -> dict:
     }
     section.update(updates)
     return section
+
+
+def tiny_causal_lm(tokenizer, seed: int = 0, **overrides):
+    """A 2-layer, hidden-32 Llama sized to `tokenizer`, built from its config in milliseconds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **overrides,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def tiny_token_scorer(tokenizer, seed: int = 1):
+    """A tiny scalar-head model wrapped as a TokenScorer (a value or reward model)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from reward_model.model import TokenScorer
+
+    config = tiny_causal_lm(tokenizer).config
+    config.num_labels = 1
+    torch.manual_seed(seed)
+    return TokenScorer(AutoModelForSequenceClassification.from_config(config))

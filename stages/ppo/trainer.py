@@ -45,10 +45,17 @@ class PolicyAndValue(nn.Module):
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """Dropout off: with it, logprobs of the same tokens differ between rollout and training passes."""
+    """Dropout off: with it, logprobs of the same tokens differ between rollout and training passes.
+
+    Besides nn.Dropout modules, attention layers keep their rate as a float attribute read at
+    forward time (Llama's `attention_dropout`), so those are zeroed too, and so is the config.
+    """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if isinstance(value, float) and ("dropout" in name or "pdrop" in name):
+                setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
         for key, value in config.to_dict().items():

@@ -1,0 +1,188 @@
+"""Experience making and the PPO update on tiny in-memory models: the implementation details."""
+
+import copy
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from pipeline.config import PPOConfig
+from reward_model.scoring import pad_batch
+from stages.ppo.losses import logprobs_from_logits
+from stages.ppo.rollout import Experience, response_logits, truncate_after_eos
+from stages.ppo.trainer import RLTrainer, disable_dropout
+from tests.conftest import tiny_causal_lm, tiny_token_scorer
+
+EOS, PAD = 7, 0
+
+
+def test_truncate_after_the_first_eos():
+    responses = torch.tensor([[5, EOS, 9, EOS], [5, 6, 8, 9], [EOS, 3, 3, 3]])
+    truncated, mask, has_eos, last = truncate_after_eos(responses, EOS, PAD)
+    assert truncated.tolist() == [[5, EOS, PAD, PAD], [5, 6, 8, 9], [EOS, PAD, PAD, PAD]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert has_eos.tolist() == [True, False, True] and last.tolist() == [1, 3, 0]
+
+
+def ppo_settings(**overrides) -> PPOConfig:
+    values = {
+        "prompts": {"path": "data/samples/hh_harmless_1000.jsonl"},
+        "rollout_batch_size": 4, "num_mini_batches": 2, "micro_batch_size": 2, "ppo_epochs": 1,
+        "response_length": 6, "temperature": 0.7, "policy_learning_rate": 1e-3, "value_learning_rate": 5e-3,
+    }
+    values.update(overrides)
+    return PPOConfig.model_validate(values)
+
+
+class RecordingReward:
+    """A reward function that scores by length and remembers what it was given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, sequence_ids, attention_mask):
+        self.calls.append((sequence_ids.clone(), attention_mask.clone()))
+        return attention_mask.sum(1).float()
+
+
+@pytest.fixture
+def trainer_parts(bpe_tokenizer):
+    policy = tiny_causal_lm(bpe_tokenizer)
+    reference = copy.deepcopy(policy)
+    value = tiny_token_scorer(bpe_tokenizer)
+    reward = RecordingReward()
+    prompts = [
+        bpe_tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        for text in ("Hi", "What is the capital of France, my friend?", "Tell me more", "Why?")
+    ]
+    query_ids, query_mask = pad_batch([list(p) for p in prompts], bpe_tokenizer.pad_token_id, side="left")
+    return policy, reference, value, reward, query_ids, query_mask
+
+
+def make_trainer(bpe_tokenizer, policy, reference, value, reward, **overrides):
+    return RLTrainer(policy, reference, value, reward, bpe_tokenizer, ppo_settings(**overrides), Accelerator(cpu=True), total_updates=10)
+
+
+def test_left_padding_with_position_ids_changes_nothing(bpe_tokenizer):
+    model = tiny_causal_lm(bpe_tokenizer).eval()
+    sequences = [[11, 12, 13, 14, 15, 16], [21, 22, 23]]
+    ids, mask = pad_batch(sequences, bpe_tokenizer.pad_token_id, side="left")
+    batched = response_logits(model, ids, mask, response_length=2)
+    for row, sequence in enumerate(sequences):
+        alone = response_logits(model, torch.tensor([sequence]), torch.ones(1, len(sequence), dtype=torch.long), 2)
+        torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_rollout_samples_as_configured_and_logprobs_match_the_training_pass(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, query_ids, query_mask = trainer_parts
+    trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward)
+    assert bpe_tokenizer.pad_token_id != bpe_tokenizer.eos_token_id
+    recorded = {}
+    original_generate = policy.generate
+
+    def recording_generate(**kwargs):
+        recorded.update(kwargs)
+        return original_generate(**kwargs)
+
+    policy.generate = recording_generate
+    torch.manual_seed(0)
+    experience = trainer.rollout(query_ids, query_mask)
+    config = recorded["generation_config"]
+    assert "position_ids" not in recorded
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 1.0)
+    assert recorded["input_ids"][:, 0].eq(bpe_tokenizer.pad_token_id).any()  # queries are left-padded
+    # The training forward (through the prepared model, temperature-scaled logits) reproduces the
+    # rollout's logprobs: the first PPO ratio is exactly 1, and the reference agrees before any update.
+    logits, values = trainer.model(experience.sequence_ids, experience.attention_mask, 6)
+    recomputed = logprobs_from_logits(logits, experience.response_ids, 0.7)
+    mask = experience.response_mask.bool()
+    torch.testing.assert_close(recomputed[mask], experience.logprobs[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(experience.ref_logprobs[mask], experience.logprobs[mask], atol=1e-5, rtol=1e-5)
+    assert experience.kl[mask].abs().max() < 1e-5
+    torch.testing.assert_close(values[mask], experience.values[mask])
+
+
+def test_the_reward_scores_the_truncated_response_and_lands_on_eos(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, query_ids, query_mask = trainer_parts
+    # Make EOS likely so some responses stop early.
+    with torch.no_grad():
+        policy.lm_head.weight[bpe_tokenizer.eos_token_id] += 0.5 * policy.model.embed_tokens.weight.mean(0)
+        policy.lm_head.bias = None
+    trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward, kl_coef=0.0, normalize_scores=False,
+                           missing_eos_penalty="none", whiten_advantages=False)
+    torch.manual_seed(3)
+    experience = trainer.rollout(query_ids, query_mask)
+    scored_ids = torch.cat([ids for ids, _ in reward.calls])
+    scored_mask = torch.cat([mask for _, mask in reward.calls])
+    assert experience.has_eos.any() and not experience.has_eos.all()
+    for row in range(len(experience)):
+        real = scored_ids[row][scored_mask[row].bool()]
+        if experience.has_eos[row]:
+            assert real[-1].item() == bpe_tokenizer.eos_token_id  # scored up to and including the EOS
+            eos_position = experience.last_index[row].item()
+            assert experience.response_ids[row, eos_position] == bpe_tokenizer.eos_token_id
+            assert (experience.response_ids[row, eos_position + 1 :] == bpe_tokenizer.pad_token_id).all()
+        # The score (here: the number of real tokens) sits on the last real response token, nowhere else.
+        expected = torch.zeros(6)
+        expected[experience.last_index[row]] = scored_mask[row].sum()
+        torch.testing.assert_close(experience.rewards[row], expected)
+
+
+def test_missing_eos_is_penalised_as_configured(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, *_ = trainer_parts
+    raw, has_eos = torch.tensor([3.0, 3.0]), torch.tensor([True, False])
+    for penalty, expected in (("subtract", [1.0, -1.0]), ("replace", [1.0, -5.0]), ("none", [1.0, 1.0])):
+        trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward, missing_eos_penalty=penalty,
+                               missing_eos_value=2.0 if penalty == "subtract" else -5.0)
+        trainer.maker.settings.score_mean, trainer.maker.settings.score_std = 1.0, 2.0
+        assert trainer.maker.normalise(raw, has_eos).tolist() == expected
+    clipped = make_trainer(bpe_tokenizer, policy, reference, value, reward, score_clip=0.5, missing_eos_penalty="none")
+    assert clipped.maker.normalise(torch.tensor([3.0, -3.0]), torch.tensor([True, True])).tolist() == [0.5, -0.5]
+
+
+def test_dropout_is_off_in_every_model(bpe_tokenizer):
+    model = tiny_causal_lm(bpe_tokenizer, attention_dropout=0.5)
+    model.train()
+    ids = torch.tensor([[11, 12, 13, 14]])
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    disable_dropout(model)
+    assert model.config.attention_dropout == 0.0
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_metrics_ignore_padding(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, *_ = trainer_parts
+    trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward, kl_coef=0.5)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    garbage = torch.where(mask.bool(), torch.zeros(2, 4), torch.full((2, 4), 1e6))
+    experience = Experience(
+        query_ids=torch.zeros(2, 1, dtype=torch.long), query_mask=torch.ones(2, 1, dtype=torch.long),
+        response_ids=torch.zeros(2, 4, dtype=torch.long), response_mask=mask,
+        logprobs=garbage - torch.tensor([[1.0, 1.0, 0, 0], [0.5, 0.5, 0.5, 0.5]]), ref_logprobs=garbage,
+        values=garbage, raw_scores=torch.tensor([1.0, 3.0]), scores=torch.tensor([0.0, 2.0]),
+        has_eos=torch.tensor([True, False]), last_index=torch.tensor([1, 3]),
+        kl=torch.tensor([[0.2, 0.2, 0, 0], [0.1, 0.1, 0.1, 0.1]]), rewards=garbage, advantages=garbage, returns=garbage,
+    )
+    metrics = trainer.rollout_metrics(experience)
+    assert metrics["objective/kl"] == pytest.approx(0.4)  # (0.4 + 0.4) / 2
+    assert metrics["objective/entropy"] == pytest.approx(2.0)  # -logprob sums: 2 and 2
+    assert metrics["objective/rlhf_reward"] == pytest.approx(((0 - 0.2) + (2 - 0.2)) / 2)
+    assert metrics["val/response_length"] == 3.0 and metrics["val/num_eos"] == 1
+
+
+def test_update_uses_separate_learning_rates_and_reports_the_expected_metrics(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, query_ids, query_mask = trainer_parts
+    trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward, ppo_epochs=2)
+    assert [group["lr"] for group in trainer.optimizer.param_groups] == [1e-3, 5e-3]
+    before = {name: p.detach().clone() for name, p in policy.named_parameters()}
+    metrics, _ = trainer.step(query_ids, query_mask)
+    expected = {
+        "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
+        "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/ratio", "val/num_eos", "lr", "episode",
+        "time/rollout", "time/update", "throughput/episodes_per_second", "throughput/generated_tokens_per_second",
+    }
+    assert expected <= set(metrics)
+    assert metrics["episode"] == 4
+    assert any(not torch.equal(before[name], p) for name, p in policy.named_parameters())
+    # Linear decay: 2 epochs x 2 minibatches = 4 of the 10 scheduled updates done.
+    assert metrics["lr"] == pytest.approx(1e-3 * (1 - 4 / 10))
