@@ -76,9 +76,12 @@ def run_stage(name: str, train: Callable[[StageContext], StageResult], argv: lis
 
 
 def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], StageResult]) -> StageResult:
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()  # joins the process group when launched by torchrun / accelerate
+    # Joins the process group when launched by torchrun / accelerate. Without cpu=True accelerate
+    # ignores a torchrun world on a machine without GPUs and runs every process alone.
+    state = PartialState(cpu=not torch.cuda.is_available())
     run_dir = run_dir.resolve()
     manifest = read_manifest(run_dir)
     config = validate_config(manifest["config"], source=f"{run_dir}/manifest.json config")

@@ -79,6 +79,7 @@ def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer, schedul
 
 def save_rng_state(folder: Path, process_index: int) -> None:
     """This process's torch (and CUDA) RNG to safetensors, Python's to JSON."""
+    Path(folder).mkdir(parents=True, exist_ok=True)  # any process may get here first
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()

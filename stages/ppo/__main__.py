@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from data.packing import batch_indices
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.distributed import replicas_in_sync
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
@@ -134,6 +135,8 @@ def train(context: StageContext) -> StageResult:
             write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
     return StageResult(context.output_dir, {
         "estimator": section.estimator,
+        "world_size": world,
+        "replicas_in_sync": replicas_in_sync(trainer.model, accelerator.device),
         "rollouts": rollouts,
         "episodes": trainer.episode,
         "initial_score": initial_eval["score"],

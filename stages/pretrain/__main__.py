@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 
 from data.packing import batch_indices
 from pipeline.optimization import adamw, warmup_cosine
+from pipeline.distributed import replicas_in_sync
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.pretrain.corpus import prepare_blocks
@@ -157,6 +158,8 @@ def train(context: StageContext) -> StageResult:
         final_model.save_pretrained(context.output_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(context.output_dir)
     metrics = {
+        "world_size": accelerator.num_processes,
+        "replicas_in_sync": replicas_in_sync(model, accelerator.device),
         "steps": section.max_steps,
         "parameters": n_parameters,
         "tokens": section.max_steps * tokens_per_step,

@@ -29,6 +29,7 @@ from data.preferences import normalize_preferences
 from data.sources import load_source
 from data.splits import held_out_split
 from pipeline.optimization import adamw, warmup_cosine
+from pipeline.distributed import replicas_in_sync
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from reward_model.model import TokenScorer, build_reward_model
@@ -164,6 +165,8 @@ def train(context: StageContext) -> StageResult:
         final_model.save_pretrained(context.output_dir, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(context.output_dir)
     metrics = {
+        "world_size": accelerator.num_processes,
+        "replicas_in_sync": replicas_in_sync(scorer, accelerator.device),
         "steps": total_steps,
         "accuracy": last_eval["accuracy"],
         "mean_margin": last_eval["mean_margin"],

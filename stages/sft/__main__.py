@@ -16,10 +16,13 @@ from __future__ import annotations
 import json
 import math
 
+import torch
+
 from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig as TRLSFTConfig
 
+from pipeline.distributed import replicas_in_sync
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.tracking import read_metrics
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
@@ -65,8 +68,10 @@ def train(context: StageContext) -> StageResult:
             task_type="CAUSAL_LM",
         )
     precision = resolve_mixed_precision(section.launch.mixed_precision)
+    checkpoints = context.stage_dir / "checkpoints"
+    resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
     arguments = TRLSFTConfig(
-        output_dir=str(context.stage_dir / "checkpoints"),
+        output_dir=str(checkpoints),
         per_device_train_batch_size=section.per_device_batch_size,
         per_device_eval_batch_size=section.per_device_batch_size,
         gradient_accumulation_steps=section.gradient_accumulation_steps,
@@ -80,6 +85,7 @@ def train(context: StageContext) -> StageResult:
         logging_steps=section.log_every,
         eval_strategy="steps",
         eval_steps=section.eval_every,
+        eval_on_start=resume_from is None,
         save_strategy="steps",
         save_steps=section.save_every,
         save_total_limit=section.keep_checkpoints,
@@ -88,6 +94,7 @@ def train(context: StageContext) -> StageResult:
         seed=config.seed,
         max_length=section.max_length,
         report_to="none",
+        use_cpu=not torch.cuda.is_available(),
         activation_checkpointing=section.activation_checkpointing,
         dataloader_num_workers=0,
     )
@@ -102,9 +109,8 @@ def train(context: StageContext) -> StageResult:
     )
 
     # ----------------------------------------------------------------------------------- loop
-    resume_from = get_last_checkpoint(arguments.output_dir) if (context.stage_dir / "checkpoints").is_dir() else None
-    if resume_from is None:
-        trainer.evaluate()  # the step-0 baseline, logged like every other evaluation
+    # The step-0 baseline comes from eval_on_start, inside train(): calling trainer.evaluate()
+    # before train() makes the Trainer skip its DDP wrapping, and replicas silently diverge.
     trainer.train(resume_from_checkpoint=resume_from)
     step = trainer.state.global_step
     final = next((row for row in trainer.state.log_history if row.get("step") == step and "eval_loss" in row), None)
@@ -148,6 +154,8 @@ def train(context: StageContext) -> StageResult:
         )
 
     metrics = {
+        "world_size": trainer.accelerator.num_processes,
+        "replicas_in_sync": replicas_in_sync(trainer.model, trainer.accelerator.device),
         "steps": trainer.state.global_step,
         "eval_loss": final["eval_loss"],
         "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),

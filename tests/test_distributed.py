@@ -1,0 +1,61 @@
+"""Two CPU processes over gloo (torchrun), as a multi-GPU run would use them: SFT and PPO."""
+
+import json
+
+import pytest
+import yaml
+
+from pipeline.manifest import hash_folder, read_manifest
+from tests.conftest import chatpipe, tiny_config, tiny_sft_section
+from tests.stages.test_ppo import ppo_section
+from tests.stages.test_reward import marker_preferences
+
+TWO = {"num_processes": 2, "launcher": "torchrun"}
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, shakespeare_excerpt):
+    folder = tmp_path_factory.mktemp("distributed")
+    raw = tiny_config(
+        shakespeare_excerpt,
+        sft=tiny_sft_section(max_steps=10, eval_every=5, save_every=5, launch=TWO),
+        reward={
+            "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "sft",
+            "max_length": 64, "max_steps": 10, "learning_rate": 3e-3, "eval_every": 10, "save_every": 10,
+        },
+        ppo=ppo_section(launch=TWO),
+    )
+    config = folder / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = folder / "run"
+    chatpipe("run", str(config), "--run-dir", str(run_dir))
+    return run_dir
+
+
+@pytest.mark.parametrize("stage", ["sft", "ppo"])
+def test_two_processes_train_one_model(two_process_run, stage):
+    entry = read_manifest(two_process_run)["stages"][stage]
+    assert entry["status"] == "completed" and entry["world_size"] == 2
+    # Gradients were averaged before every step: both replicas ended with identical weights.
+    assert entry["metrics"]["world_size"] == 2 and entry["metrics"]["replicas_in_sync"] is True
+    # One process wrote the checkpoint, and it is the one the manifest describes.
+    output = two_process_run / entry["output"]["path"]
+    assert hash_folder(output) == entry["output"]["files"]
+    log = (two_process_run / "logs" / f"{stage}.log").read_text()
+    assert "--nproc_per_node 2" in log.splitlines()[0]
+
+
+def test_ppo_episodes_come_from_both_processes(two_process_run):
+    metrics = read_manifest(two_process_run)["stages"]["ppo"]["metrics"]
+    assert metrics["episodes"] == 64 and metrics["rollouts"] == 4
+    rows = [json.loads(line) for line in (two_process_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    # Rollouts of 16 episodes, 8 on each process; logged once, by the main process.
+    assert [row["episode"] for row in rows if "objective/kl" in row] == [16, 32, 48, 64]
+    checkpoint = two_process_run / "ppo" / "checkpoints" / "step-000002"
+    assert sorted(p.name for p in checkpoint.glob("rng-rank*.safetensors")) == ["rng-rank0.safetensors", "rng-rank1.safetensors"]
+
+
+def test_sft_checkpoints_carry_each_process_rng(two_process_run):
+    checkpoint = two_process_run / "sft" / "checkpoints" / "checkpoint-10"
+    assert (checkpoint / "rng-rank0.safetensors").exists() and (checkpoint / "rng-rank1.safetensors").exists()
+    assert len(list(checkpoint.glob("model*.safetensors"))) == 1
