@@ -1,8 +1,11 @@
 """The `chatpipe` command line.
 
     chatpipe run CONFIG [--run-dir DIR] [--set section.key=value ...]   every stage, in order
+             [--from STAGE | --only STAGE]
     chatpipe stage NAME --run-dir DIR                                   one stage, from the recorded config
     chatpipe status RUN_DIR                                             the manifest as a table
+    chatpipe chat RUN_DIR [--stage sft|ppo] [--prompt TEXT]              talk to a trained policy
+    chatpipe serve RUN_DIR [--stage sft|ppo] [--port 8000]               an OpenAI-compatible endpoint
 
 `run` records the resolved config in RUN_DIR/manifest.json, then launches each stage as its own
 process (group). A completed stage is skipped while its config slice and its inputs are unchanged;
@@ -33,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-dir", help="Where checkpoints and the manifest go (default: runs/<name>).")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="Override a config value; may be repeated.")
+    which = run.add_mutually_exclusive_group()
+    which.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")
+    which.add_argument("--only", metavar="STAGE", help="Rerun this stage alone (its inputs must be completed).")
 
     stage = commands.add_parser("stage", help="Run one stage of an existing run from its recorded config.")
     stage.add_argument("name", help="Stage name: " + ", ".join(spec.name for spec in STAGES))
@@ -41,27 +47,61 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="Print a run's manifest as a table.")
     status.add_argument("run_dir")
 
+    for name, help_text in (("chat", "Talk to a trained policy in the terminal."),
+                            ("serve", "Serve a trained policy as an OpenAI-compatible HTTP endpoint.")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("run_dir")
+        command.add_argument("--stage", choices=("ppo", "sft", "pretrain"),
+                             help="Which policy (default: the latest completed of ppo, sft, pretrain).")
+        if name == "chat":
+            command.add_argument("--prompt", help="Answer this one message and exit (for scripts).")
+            command.add_argument("--temperature", type=float, default=0.7, help="0 = greedy.")
+            command.add_argument("--top-p", type=float, default=0.9)
+            command.add_argument("--top-k", type=int, default=0, help="0 = off.")
+            command.add_argument("--max-new-tokens", type=int, default=256)
+            command.add_argument("--seed", type=int, help="Make sampled replies repeatable.")
+        else:
+            command.add_argument("--host", default="127.0.0.1")
+            command.add_argument("--port", type=int, default=8000)
+            command.add_argument("--model-name", help="The model id clients send (default: RUN-STAGE).")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
-            return command_run(args.config, args.run_dir, args.overrides)
+            return command_run(args.config, args.run_dir, args.overrides, start=args.start, only=args.only)
         if args.command == "stage":
             return command_stage(args.name, Path(args.run_dir))
+        if args.command == "chat":
+            from pipeline.chat import SamplingSettings, chat_command
+
+            settings = SamplingSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+            return chat_command(args.run_dir, args.stage, args.prompt, settings, args.seed)
+        if args.command == "serve":
+            from pipeline.serve import serve_command
+
+            return serve_command(args.run_dir, args.stage, args.host, args.port, args.model_name)
         return command_status(Path(args.run_dir))
     except ChatpipeError as error:
         print(f"chatpipe: {error}", file=sys.stderr)
         return 2
 
 
-def command_run(config_path: str, run_dir: str | None, overrides: list[str]) -> int:
+def command_run(config_path: str, run_dir: str | None, overrides: list[str], start: str | None = None,
+                only: str | None = None) -> int:
     config = load_config(config_path, overrides)
+    for name in filter(None, (start, only)):
+        require_enabled(get_stage(name), config)
     run_dir_path = Path(run_dir or Path("runs") / config.name).resolve()
     record_config(run_dir_path, config, config_path)
     manifest = read_manifest(run_dir_path)
+    forced = False
     for spec in STAGES:
         if not spec.enabled(config):
             continue
-        reason = rerun_reason(spec, config, manifest, run_dir_path)
+        forced = forced or spec.name == start
+        if only is not None and spec.name != only:
+            continue
+        reason = "requested" if forced or spec.name == only else rerun_reason(spec, config, manifest, run_dir_path)
         if reason is None:
             print(f"chatpipe: {spec.name}: up to date, skipped")
             continue

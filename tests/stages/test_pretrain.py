@@ -171,3 +171,23 @@ def test_resumed_training_matches_uninterrupted_training(write_config, tmp_path)
     weights = [AutoModelForCausalLM.from_pretrained(d / "pretrain" / "final").state_dict() for d in (interrupted, straight)]
     for name, tensor in weights[0].items():
         torch.testing.assert_close(tensor, weights[1][name], atol=1e-5, rtol=1e-4)
+
+
+def test_only_and_from_rerun_the_named_stages(finished_run, tmp_path):
+    import shutil
+
+    config, run_dir, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = read_manifest(copy)["stages"]
+    only = chatpipe("run", str(config), "--run-dir", str(copy), "--only", "pretrain").stdout
+    assert "pretrain: requested; running" in only and "tokenizer:" not in only
+    after = read_manifest(copy)["stages"]
+    assert after["tokenizer"]["finished_at"] == before["tokenizer"]["finished_at"]
+    assert after["pretrain"]["started_at"] >= before["pretrain"]["finished_at"]
+    # The rerun is deterministic: the same weights as before.
+    assert after["pretrain"]["output"]["digest"] == before["pretrain"]["output"]["digest"]
+    both = chatpipe("run", str(config), "--run-dir", str(copy), "--from", "tokenizer").stdout
+    assert "tokenizer: requested; running" in both and "pretrain: requested; running" in both
+    unknown = chatpipe("run", str(config), "--run-dir", str(copy), "--only", "sft", check=False)
+    assert unknown.returncode == 2 and "has no `sft:` section" in unknown.stderr

@@ -202,3 +202,12 @@ def test_crashed_sft_resumes_from_its_last_trainer_checkpoint(sft_run, tmp_path)
     assert metrics["resumed_from_step"] == 20 and metrics["steps"] == 30
     original = read_manifest(run_dir)["stages"]["sft"]["metrics"]
     assert metrics["eval_loss"] == pytest.approx(original["eval_loss"], abs=1e-4)
+
+
+def test_chat_one_shot_answers_from_the_sft_policy(sft_run):
+    _, run_dir = sft_run
+    first = chatpipe("chat", str(run_dir), "--prompt", "Hello, who are you?", "--temperature", "0", "--max-new-tokens", "8")
+    again = chatpipe("chat", str(run_dir), "--stage", "sft", "--prompt", "Hello, who are you?", "--temperature", "0", "--max-new-tokens", "8")
+    assert first.stdout == again.stdout and first.stdout.endswith("\n")
+    missing = chatpipe("chat", str(run_dir), "--stage", "ppo", "--prompt", "Hi", check=False)
+    assert missing.returncode == 2 and "ppo" in missing.stderr

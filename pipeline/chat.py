@@ -1,0 +1,361 @@
+"""Talk to a run's policy in the terminal: one prompt for scripts, or a multi-turn chat.
+
+    chatpipe chat RUN_DIR [--stage ppo|sft|pretrain] [--prompt TEXT] [--temperature 0.7] ...
+
+The policy is the latest completed of ppo, sft, pretrain (or the stage named), found through the
+manifest like any later stage would. Replies are streamed token by token: `generate` runs in a
+background thread and feeds transformers' `TextIteratorStreamer`, which the caller iterates. The
+same `start_reply` drives `chatpipe serve` (pipeline/serve.py), so the terminal and the HTTP API
+sample identically for the same settings and seed.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, TextIO
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from pipeline.checkpoints import adapter_base, is_adapter, load_causal_lm
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.manifest import manifest_path, read_manifest, resolve_input
+
+# The stages whose output is a policy one can talk to, best first: PPO refines SFT refines pretrain.
+POLICY_STAGES = ("ppo", "sft", "pretrain")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which checkpoint
+
+
+def resolve_policy_stage(run_dir: str | Path, stage: str | None = None) -> tuple[str, Path]:
+    """(stage, checkpoint folder) of the policy to talk to; see `resolve_policy`."""
+    manifest = read_manifest(run_dir)
+    where = manifest_path(run_dir)
+    completed = [name for name in POLICY_STAGES if manifest["stages"].get(name, {}).get("status") == "completed"]
+    if stage is None:
+        if not completed:
+            statuses = ", ".join(
+                f"{name} {manifest['stages'][name].get('status', 'pending')}"
+                for name in reversed(POLICY_STAGES) if name in manifest["stages"]
+            ) or "none has run"
+            raise ManifestError(
+                f"{where}: no policy stage of run {run_dir} is completed ({statuses}); "
+                f"finish one first, e.g. `chatpipe stage pretrain --run-dir {run_dir}`"
+            )
+        stage = completed[0]
+    elif stage not in POLICY_STAGES:
+        raise ManifestError(
+            f"{where}: stage {stage!r} is not a policy one can chat with; choose one of {', '.join(POLICY_STAGES)}"
+        )
+    elif stage not in completed:
+        status = manifest["stages"].get(stage, {}).get("status", "not run")
+        hint = f"completed: {', '.join(completed)}" if completed else "no policy stage is completed yet"
+        raise ManifestError(
+            f"{where}: stage {stage!r} of run {run_dir} is {status}, not completed ({hint}); "
+            f"pick a completed stage or finish it with `chatpipe stage {stage} --run-dir {run_dir}`"
+        )
+    # No hash check: it would read every weight file before the first token, and chat changes nothing.
+    found = resolve_input(run_dir, manifest, stage, verify=False)
+    return stage, Path(found["path"])
+
+
+def resolve_policy(run_dir: str | Path, stage: str | None = None) -> Path:
+    """The checkpoint folder to talk to: `stage`'s output, or the latest completed of ppo, sft, pretrain.
+
+    Raises ManifestError naming the run dir, the stage and what is completed when none fits.
+    """
+    return resolve_policy_stage(run_dir, stage)[1]
+
+
+def load_chat_model(folder: str | Path, device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """(model in eval mode, tokenizer) from a full or adapter checkpoint, on a GPU when there is one."""
+    folder = Path(folder)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(folder).to(device)
+    model.eval()
+    # Every stage saves its tokenizer next to its weights; an adapter made elsewhere may only have it on its base.
+    has_tokenizer = (folder / "tokenizer_config.json").exists() or not is_adapter(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder if has_tokenizer else adapter_base(folder))
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+@dataclass
+class SamplingSettings:
+    """How replies are sampled."""
+
+    temperature: float = 0.7  # 0 = greedy: always the likeliest token, so replies are reproducible
+    top_p: float = 0.9  # nucleus sampling: keep the likeliest tokens covering this much probability
+    top_k: int = 0  # keep only the k likeliest tokens; 0 = off
+    max_new_tokens: int = 256  # reply length at most, in tokens
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"temperature {self.temperature} is negative; use 0 (greedy) or more")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p {self.top_p} is outside (0, 1]; use 1 to turn nucleus sampling off")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k {self.top_k} is negative; use 0 to turn it off")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens {self.max_new_tokens} must be at least 1")
+
+    def generation_config(self, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
+        """A fresh config, so nothing sampled follows defaults saved with the checkpoint."""
+        sampling = {"do_sample": False}
+        if self.temperature > 0:
+            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return GenerationConfig(
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling
+        )
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_tokens: int | None) -> list[int]:
+    """The chat-formatted prompt, ending in the assistant's turn marker, left-truncated to `max_tokens`.
+
+    Whole early turns go first (a leading system message stays), so the model still sees complete
+    turns; only a last turn too long on its own is cut mid-text. Control tokens typed inside a
+    message are encoded as plain text, so a user cannot forge a turn boundary.
+    """
+
+    def render(selected: list[dict]) -> list[int]:
+        encoded = tokenizer.apply_chat_template(
+            selected, add_generation_prompt=True, tokenize=True, return_dict=True, sanitize_control_tokens=True
+        )
+        return list(encoded["input_ids"])
+
+    ids = render(messages)
+    if max_tokens is None or len(ids) <= max_tokens:
+        return ids
+    system = messages[:1] if messages and messages[0].get("role") == "system" else []
+    rest = messages[len(system):]
+    while len(ids) > max_tokens and len(rest) > 1:
+        rest = rest[1:]
+        ids = render(system + rest)
+    return ids[-max_tokens:]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generation early once the reader has gone (closed stream, client disconnected, Ctrl-C)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class ReplyStream:
+    """One reply being generated: iterate it for text pieces as they come.
+
+    After iteration ends, `completion_tokens` counts the generated tokens (EOS included) and
+    `finish_reason` is "stop" (the model ended its turn) or "length" (max_new_tokens reached).
+    Closing the iterator early stops generation.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        messages: list[dict],
+        settings: SamplingSettings,
+        seed: int | None = None,
+    ):
+        self.model, self.tokenizer, self.settings, self.seed = model, tokenizer, settings, seed
+        context = getattr(model.config, "max_position_embeddings", None)
+        self.max_new_tokens = settings.max_new_tokens
+        if context:
+            # The prompt gives way to the reply, but keeps at least half the context (or all of itself).
+            whole_prompt = len(prompt_ids(tokenizer, messages, None))
+            self.max_new_tokens = min(settings.max_new_tokens, context - min(whole_prompt, context // 2))
+        self.input_ids = prompt_ids(tokenizer, messages, context - self.max_new_tokens if context else None)
+        self.prompt_tokens = len(self.input_ids)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._pieces = self._read()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def _read(self) -> Iterator[str]:
+        thread = threading.Thread(target=self._generate, name="chatpipe-generate", daemon=True)
+        thread.start()
+        try:
+            for text in self._streamer:
+                if text:
+                    yield text
+        finally:
+            self._stop.set()
+            thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def _generate(self) -> None:
+        device = self.model.device
+        input_ids = torch.tensor([self.input_ids], dtype=torch.long, device=device)
+        try:
+            forked = [device.index or 0] if device.type == "cuda" else []
+            with torch.random.fork_rng(devices=forked, enabled=self.seed is not None), torch.no_grad():
+                if self.seed is not None:
+                    torch.manual_seed(self.seed)
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=self.settings.generation_config(self.tokenizer, self.max_new_tokens),
+                    streamer=self._streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._stop)]),
+                )
+            generated = output[0, input_ids.shape[1]:].tolist()
+            self.completion_tokens = len(generated)
+            self.finish_reason = "stop" if self.tokenizer.eos_token_id in generated else "length"
+        except BaseException as error:  # handed to the reading thread, which raises it
+            self._error = error
+            self._streamer.end()  # unblock the reader
+
+
+def start_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    settings: SamplingSettings | None = None,
+    seed: int | None = None,
+) -> ReplyStream:
+    """A streamed reply to `messages` (role/content dicts); generation starts on first iteration."""
+    return ReplyStream(model, tokenizer, messages, settings or SamplingSettings(), seed)
+
+
+def stream_reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    settings: SamplingSettings | None = None,
+    seed: int | None = None,
+) -> Iterator[str]:
+    """The assistant's reply to `messages`, as text pieces while they are generated."""
+    yield from start_reply(model, tokenizer, messages, settings, seed)
+
+
+def reply(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    settings: SamplingSettings | None = None,
+    seed: int | None = None,
+) -> str:
+    """The assistant's whole reply to `messages`."""
+    return "".join(stream_reply(model, tokenizer, messages, settings, seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal
+
+
+USER_PROMPT = "you> "
+ASSISTANT_PREFIX = "assistant> "
+HELP = "Type a message and press Enter. /reset starts a new conversation, /exit (or Ctrl-D) quits."
+
+
+def run_repl(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: SamplingSettings | None = None,
+    input_stream: TextIO = sys.stdin,
+    output_stream: TextIO = sys.stdout,
+    name: str | None = None,
+) -> None:
+    """A multi-turn chat: each reply sees the whole conversation so far, and is written as it streams."""
+    settings = settings or SamplingSettings()
+    interactive = input_stream is sys.stdin and output_stream is sys.stdout and sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+    write = output_stream.write
+    write(f"Chatting with {name or 'the model'}. {HELP}\n")
+    messages: list[dict] = []
+    while True:
+        try:
+            if interactive:
+                line = input(USER_PROMPT) + "\n"
+            else:
+                write(USER_PROMPT)
+                output_stream.flush()
+                line = input_stream.readline()
+        except (EOFError, KeyboardInterrupt):
+            line = ""
+        if not line:  # end of input
+            write("\n")
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            messages = []
+            write("(conversation cleared)\n")
+            continue
+        if text == "/help":
+            write(HELP + "\n")
+            continue
+        messages.append({"role": "user", "content": text})
+        write(ASSISTANT_PREFIX)
+        pieces = []
+        stream = stream_reply(model, tokenizer, messages, settings)
+        try:
+            for piece in stream:
+                pieces.append(piece)
+                write(piece)
+                output_stream.flush()
+        except KeyboardInterrupt:
+            stream.close()
+            messages.pop()  # the interrupted turn is forgotten, as if never asked
+            write("\n(interrupted)\n")
+            continue
+        write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces)})
+    output_stream.flush()
+
+
+def chat_command(
+    run_dir: str | Path,
+    stage: str | None = None,
+    prompt: str | None = None,
+    settings: SamplingSettings | None = None,
+    seed: int | None = None,
+) -> int:
+    """`chatpipe chat`: print the reply to `prompt` alone (for scripts), or chat in the terminal."""
+    stage, folder = resolve_policy_stage(run_dir, stage)
+    model, tokenizer = load_chat_model(folder)
+    settings = settings or SamplingSettings()
+    if prompt is not None:
+        for piece in stream_reply(model, tokenizer, [{"role": "user", "content": prompt}], settings, seed):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    run_repl(model, tokenizer, settings, name=f"{stage} policy at {folder}")
+    return 0

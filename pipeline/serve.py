@@ -1,0 +1,405 @@
+"""Serve a run's policy over an OpenAI-compatible HTTP API, so existing chat clients can talk to it.
+
+    chatpipe serve RUN_DIR [--stage ppo|sft|pretrain] [--host 127.0.0.1] [--port 8000]
+
+    POST /v1/chat/completions   {"model", "messages", "temperature"?, "top_p"?, "max_tokens"?,
+                                 "stream"?, "seed"?}: a chat.completion, or with "stream": true
+                                 server-sent chat.completion.chunk events ending in `data: [DONE]`
+    GET  /v1/models             the one model served
+
+The standard library's ThreadingHTTPServer is enough for one model: requests are parsed in
+parallel, but generation holds a lock, so they are answered one at a time. Every bad request gets
+a 4xx JSON error `{"error": {"message", "type", "code"}}` saying what to fix; an unexpected failure
+is a 500 of the same shape, logged, never a traceback sent to the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from pipeline.chat import SamplingSettings, load_chat_model, resolve_policy_stage, start_reply
+from pipeline.errors import ConfigError
+from pipeline.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+CHAT_PATH = "/v1/chat/completions"
+# A refused body is still read (up to this much) before answering: closing a socket with unread
+# data resets the connection, and the client could lose our error response with it.
+DRAIN_LIMIT_BYTES = 64 << 20
+MODELS_PATH = "/v1/models"
+
+
+class RequestError(Exception):
+    """A request we refuse: its HTTP status, OpenAI error type and code, and what to fix."""
+
+    def __init__(self, status: int, message: str, code: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.kind = status, message, code, kind
+
+
+class ChatServer(ThreadingHTTPServer):
+    """An HTTP server holding one model, its tokenizer and the lock that serialises generation."""
+
+    daemon_threads = True  # a stuck client never keeps the process alive
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        model_name: str,
+        max_request_bytes: int,
+    ):
+        super().__init__(address, ChatRequestHandler)
+        self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
+        self.max_request_bytes = max_request_bytes
+        self.generation_lock = threading.Lock()
+        self.created = int(time.time())
+
+    def handle_error(self, request, client_address) -> None:
+        # The default prints a traceback to stderr; the handler already answered what it could.
+        logger.exception("chatpipe serve: error while handling a request from %s", client_address)
+
+
+def make_server(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_request_bytes: int = 1_000_000,
+) -> ChatServer:
+    """A server bound to host:port (0 = any free port, see `server.server_address`), not yet serving.
+
+    Run it with `serve_forever()` (in a thread, for tests), stop it with `shutdown()` and `server_close()`.
+    """
+    model.eval()
+    return ChatServer((host, port), model, tokenizer, model_name, max_request_bytes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+
+
+def parse_messages(value: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages as role/content dicts; text content parts are joined."""
+    if not isinstance(value, list) or not value:
+        raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "invalid_messages")
+    messages = []
+    for index, message in enumerate(value):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise RequestError(400, f"{where} must be an object with 'role' and 'content'", "invalid_messages")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise RequestError(
+                400, f"{where}.role is {role!r}; use one of {', '.join(ROLES)}", "invalid_role"
+            )
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                       for part in content):
+                raise RequestError(400, f"{where}.content parts must all be {{'type': 'text', 'text': str}}",
+                                   "invalid_messages")
+            content = "".join(part["text"] for part in content)
+        if not isinstance(content, str):
+            raise RequestError(400, f"{where}.content must be a string", "invalid_messages")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def _number(body: dict, key: str, kind: type, default):
+    value = body.get(key)
+    if value is None:
+        return default
+    allowed = (int, float) if kind is float else (int,)
+    if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value):
+        raise RequestError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}", "invalid_parameter")
+    return kind(value)
+
+
+def parse_request(body: Any, model_name: str) -> tuple[list[dict], SamplingSettings, bool, int | None, bool]:
+    """(messages, settings, stream, seed, include_usage) from a chat completion request body."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object", "invalid_body")
+    model = body.get("model", model_name)
+    if not isinstance(model, str):
+        raise RequestError(400, "'model' must be a string", "invalid_parameter")
+    if model != model_name:
+        raise RequestError(
+            404, f"model {model!r} is not served here; this server serves {model_name!r}", "model_not_found"
+        )
+    messages = parse_messages(body.get("messages"))
+    defaults = SamplingSettings()
+    length_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, length_key, int, defaults.max_new_tokens)
+    if max_tokens < 1:
+        raise RequestError(400, f"'{length_key}' is {max_tokens}; ask for at least 1 token", "invalid_parameter")
+    try:
+        settings = SamplingSettings(
+            temperature=_number(body, "temperature", float, defaults.temperature),
+            top_p=_number(body, "top_p", float, defaults.top_p),
+            top_k=_number(body, "top_k", int, defaults.top_k),
+            max_new_tokens=max_tokens,
+        )
+    except ConfigError as error:
+        raise RequestError(400, str(error), "invalid_parameter") from None
+    if body.get("n") not in (None, 1):
+        raise RequestError(400, "'n' must be 1: this server returns one choice", "invalid_parameter")
+    if body.get("stop") not in (None, [], ""):
+        raise RequestError(400, "'stop' sequences are not supported; replies end at the model's end of turn",
+                           "invalid_parameter")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError(400, "'stream' must be true or false", "invalid_parameter")
+    seed = _number(body, "seed", int, None)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise RequestError(400, f"'seed' {seed} is out of range; use 0 to 2**63 - 1", "invalid_parameter")
+    options = body.get("stream_options") or {}
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return messages, settings, stream, seed, include_usage
+
+
+# ---------------------------------------------------------------------------------------------
+# Handler
+
+
+class ChatRequestHandler(BaseHTTPRequestHandler):
+    server: ChatServer
+    server_version = "chatpipe"
+    timeout = 300  # seconds a client may stall a read or write before its connection is dropped
+
+    def log_message(self, format: str, *args) -> None:
+        logger.info("%s %s", self.address_string(), format % args)
+
+    # Every method goes through one dispatcher, so a wrong method is a JSON 405, not a 501 page.
+    def do_GET(self) -> None:
+        self.dispatch("GET")
+
+    def do_POST(self) -> None:
+        self.dispatch("POST")
+
+    def do_PUT(self) -> None:
+        self.dispatch("PUT")
+
+    def do_DELETE(self) -> None:
+        self.dispatch("DELETE")
+
+    def do_PATCH(self) -> None:
+        self.dispatch("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self.dispatch("OPTIONS")
+
+    def dispatch(self, method: str) -> None:
+        self.response_started = False
+        self.body_read = False
+        try:
+            path = urlsplit(self.path).path.rstrip("/")
+            routes = {CHAT_PATH: ("POST", self.chat_completions), MODELS_PATH: ("GET", self.list_models)}
+            if path.startswith(MODELS_PATH + "/"):
+                routes[path] = ("GET", lambda: self.get_model(path[len(MODELS_PATH) + 1:]))
+            if path not in routes:
+                raise RequestError(404, f"no route {method} {path or '/'}; use POST {CHAT_PATH} or GET {MODELS_PATH}",
+                                   "not_found")
+            allowed, handler = routes[path]
+            if method != allowed:
+                raise RequestError(405, f"{path} accepts {allowed}, not {method}", "method_not_allowed")
+            handler()
+        except RequestError as error:
+            self.send_error_json(error)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client left; nothing to answer
+        except Exception:
+            logger.exception("chatpipe serve: %s %s failed", method, self.path)
+            self.send_error_json(RequestError(500, "the server failed on this request; see its log",
+                                              "internal_error", "server_error"))
+
+    # -- responses --------------------------------------------------------------------------
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.response_started = True
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 405:
+            self.send_header("Allow", "POST" if urlsplit(self.path).path.rstrip("/") == CHAT_PATH else "GET")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def send_error_json(self, error: RequestError) -> None:
+        if self.response_started:  # a stream already begun can only be cut short
+            self.close_connection = True
+            return
+        self.close_connection = True
+        try:
+            self.discard_body()
+            self.send_json(error.status, {"error": {"message": error.message, "type": error.kind, "code": error.code}})
+        except OSError:  # the client left (or stalled past the timeout)
+            pass
+
+    def discard_body(self) -> None:
+        if self.body_read:
+            return
+        self.body_read = True
+        try:
+            remaining = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if remaining > DRAIN_LIMIT_BYTES:
+            return
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    # -- routes ------------------------------------------------------------------------------
+
+    def model_card(self) -> dict:
+        return {"id": self.server.model_name, "object": "model", "created": self.server.created, "owned_by": "chatpipe"}
+
+    def list_models(self) -> None:
+        self.send_json(200, {"object": "list", "data": [self.model_card()]})
+
+    def get_model(self, name: str) -> None:
+        if name != self.server.model_name:
+            raise RequestError(404, f"model {name!r} is not served here; this server serves "
+                                    f"{self.server.model_name!r}", "model_not_found")
+        self.send_json(200, self.model_card())
+
+    def read_body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(411, "send the request body with a Content-Length header", "length_required")
+        try:
+            length = int(length)
+        except ValueError:
+            raise RequestError(400, f"Content-Length {length!r} is not a number", "invalid_body") from None
+        if length < 0:
+            raise RequestError(400, f"Content-Length {length} is negative", "invalid_body")
+        if length > self.server.max_request_bytes:
+            raise RequestError(413, f"request body of {length} bytes is over this server's limit of "
+                                    f"{self.server.max_request_bytes} bytes; shorten the conversation",
+                               "request_too_large")
+        raw = self.rfile.read(length)
+        self.body_read = True
+        try:
+            return json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+            raise RequestError(400, f"the request body is not valid JSON ({error})", "invalid_json") from None
+
+    def chat_completions(self) -> None:
+        messages, settings, stream, seed, include_usage = parse_request(self.read_body(), self.server.model_name)
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        with self.server.generation_lock:
+            reply = start_reply(self.server.model, self.server.tokenizer, messages, settings, seed)
+            if stream:
+                self.stream_completion(reply, completion_id, created, include_usage)
+                return
+            content = "".join(reply)
+        self.send_json(200, {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": self.server.model_name,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content},
+                "finish_reason": reply.finish_reason,
+            }],
+            "usage": usage(reply),
+        })
+
+    def stream_completion(self, reply, completion_id: str, created: int, include_usage: bool) -> None:
+        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+            return {
+                "id": completion_id, "object": "chat.completion.chunk", "created": created,
+                "model": self.server.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+
+        pieces = iter(reply)
+        try:
+            # Pull the first piece before committing to 200, so a failure to start is still a JSON error.
+            first = next(pieces, None)
+            self.response_started = True
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True  # the end of the stream is the end of the connection
+            self.send_event(chunk({"role": "assistant", "content": ""}))
+            if first is not None:
+                self.send_event(chunk({"content": first}))
+            for piece in pieces:
+                self.send_event(chunk({"content": piece}))
+            self.send_event(chunk({}, reply.finish_reason))
+            if include_usage:
+                self.send_event({**chunk({}), "choices": [], "usage": usage(reply)})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        finally:
+            reply.close()  # stops generation if the client went away mid-reply
+
+    def send_event(self, payload: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+        self.wfile.flush()
+
+
+def usage(reply) -> dict:
+    return {
+        "prompt_tokens": reply.prompt_tokens,
+        "completion_tokens": reply.completion_tokens,
+        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Command
+
+
+def serve_command(
+    run_dir: str | Path,
+    stage: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+) -> int:
+    """`chatpipe serve`: load the run's policy and answer requests until Ctrl-C."""
+    stage, folder = resolve_policy_stage(run_dir, stage)
+    model_name = model_name or f"{read_manifest(run_dir).get('run_name') or Path(run_dir).name}-{stage}"
+    model, tokenizer = load_chat_model(folder)
+    try:
+        server = make_server(model, tokenizer, model_name, host, port)
+    except OSError as error:
+        raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror or error}); choose another --port") from None
+    bound_host, bound_port = server.server_address[:2]
+    print(
+        f"chatpipe: serving {model_name} ({folder}) at http://{bound_host}:{bound_port}/v1 "
+        f"(POST /v1/chat/completions, GET /v1/models); Ctrl-C to stop",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
