@@ -144,6 +144,7 @@ class WandbConfig(Section):
     )
     project: str = Field("chatpipe", description="W&B project.")
     entity: str | None = Field(None, description="W&B team or user; default: your default entity.")
+    log_checkpoints: bool = Field(True, description="Upload each stage's checkpoint as a W&B model artifact.")
 
 
 class TokenizerConfig(Section):

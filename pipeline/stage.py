@@ -116,6 +116,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         is_main=state.is_main_process,
         resume_id=previous.get("wandb_run_id") if resuming else None,
     )
+    tracker.use_inputs(inputs)
     if state.is_main_process:
         update_stage(
             run_dir,
@@ -156,13 +157,18 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         raise
     if state.is_main_process:
         tracker.summary(result.metrics)
+        output = output_record(run_dir, result.output_dir)
+        tracker.log_checkpoint(result.output_dir, name, output["digest"], {"stage": name, "inputs": {
+            upstream: record["digest"] for upstream, record in inputs.items()
+        }})
         update_stage(
             run_dir,
             name,
             status="completed",
-            output=output_record(run_dir, result.output_dir),
+            output=output,
             metrics=result.metrics,
             finished_at=now(),
+            warnings=tracker.warnings,
         )
     tracker.finish()
     return result

@@ -1,9 +1,15 @@
 """Metric logging for every stage: a local `metrics.jsonl` always, Weights & Biases when enabled.
 
-One W&B run per stage, grouped by the run name, `job_type` = the stage. The mode comes from the
-config (`wandb.mode`), then `WANDB_MODE`, and `auto` means online when an API key is available and
-offline otherwise. The key itself is never read into, or written with, anything chatpipe records.
-Only the main process creates a tracker that writes; the others get a silent one.
+One W&B run per stage, grouped by the run name, `job_type` = the stage, the stage's resolved
+config as the run config. Each stage's checkpoint is logged as a `model` artifact aliased with its
+content digest, and online runs `use` their inputs' artifacts, so the dashboard's artifact graph
+shows tokenizer -> pretrain -> sft -> reward -> ppo. (W&B cannot record artifact use in offline
+mode; offline runs carry their inputs' digests in the run config instead.)
+
+The mode comes from the config (`wandb.mode`), then `WANDB_MODE`, and `auto` means online when an
+API key is available and offline otherwise. The key itself is never read into, or written with,
+anything chatpipe records. Only the main process creates a tracker that writes; the others get a
+silent one.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +65,9 @@ class Tracker:
         resume_id: str | None = None,
     ):
         self.is_main = is_main
+        self.run_name = run_name
+        self.log_artifacts = wandb_config.log_checkpoints
+        self.warnings: list[str] = []
         self.metrics_path = Path(stage_dir) / "metrics.jsonl"
         self.mode = resolve_wandb_mode(wandb_config) if is_main else "disabled"
         self._wandb_run = None
@@ -79,6 +89,32 @@ class Tracker:
                 id=resume_id,
                 resume="allow" if resume_id else None,
             )
+
+    def artifact_name(self, stage: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{self.run_name}-{stage}")
+
+    def use_inputs(self, inputs: dict[str, dict]) -> None:
+        """Record which upstream checkpoints (by digest) this stage consumed."""
+        if self._wandb_run is None or not inputs:
+            return
+        self._wandb_run.config.update({"inputs": {name: record["digest"] for name, record in inputs.items()}}, allow_val_change=True)
+        if self.mode != "online":
+            return
+        for name, record in inputs.items():
+            try:
+                self._wandb_run.use_artifact(f"{self.artifact_name(name)}:{record['digest']}")
+            except Exception as error:  # e.g. the upstream stage ran with W&B disabled
+                self.warnings.append(f"W&B: no artifact for input {name!r} ({error}); lineage edge skipped")
+
+    def log_checkpoint(self, folder: Path, stage: str, digest: str, metadata: dict[str, Any]) -> None:
+        """The stage's output folder as a `model` artifact, aliased with its content digest."""
+        if self._wandb_run is None or not self.log_artifacts:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(self.artifact_name(stage), type="model", metadata={"digest": digest, **metadata})
+        artifact.add_dir(str(folder))
+        self._wandb_run.log_artifact(artifact, aliases=["latest", digest])
 
     @property
     def run_id(self) -> str | None:

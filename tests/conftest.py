@@ -83,14 +83,20 @@ def write_config(tmp_path, shakespeare_excerpt):
     return write
 
 
-def chatpipe(*args: str, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the `chatpipe` command line in a fresh process, as a user would."""
+def chatpipe(*args: str, check: bool = True, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `chatpipe` command line in a fresh process, as a user would.
+
+    `env` adds variables to the environment; a value of None removes that variable.
+    """
+    environment = {**os.environ, **(env or {})}
+    environment = {key: value for key, value in environment.items() if value is not None}
     result = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=environment,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"chatpipe {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
