@@ -4,6 +4,7 @@
              [--from STAGE | --only STAGE]
     chatpipe stage NAME --run-dir DIR                                   one stage, from the recorded config
     chatpipe status RUN_DIR                                             the manifest as a table
+    chatpipe eval RUN_DIR [--preferences FILE]                          SFT vs PPO on held-out prompts
     chatpipe chat RUN_DIR [--stage sft|ppo] [--prompt TEXT]              talk to a trained policy
     chatpipe serve RUN_DIR [--stage sft|ppo] [--port 8000]               an OpenAI-compatible endpoint
 
@@ -47,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="Print a run's manifest as a table.")
     status.add_argument("run_dir")
 
+    evaluate = commands.add_parser("eval", help="Compare the run's policies on held-out prompts (the eval stage).")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--preferences", help="A held-out preference file to measure the reward model's accuracy on.")
+
     for name, help_text in (("chat", "Talk to a trained policy in the terminal."),
                             ("serve", "Serve a trained policy as an OpenAI-compatible HTTP endpoint.")):
         command = commands.add_parser(name, help=help_text)
@@ -71,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_run(args.config, args.run_dir, args.overrides, start=args.start, only=args.only)
         if args.command == "stage":
             return command_stage(args.name, Path(args.run_dir))
+        if args.command == "eval":
+            return command_eval(Path(args.run_dir), args.preferences)
         if args.command == "chat":
             from pipeline.chat import SamplingSettings, chat_command
 
@@ -124,6 +131,19 @@ def command_stage(name: str, run_dir: Path) -> int:
     config = validate_config(manifest["config"], source=f"{manifest_path(run_dir)} config")
     require_enabled(spec, config)
     return launch_stage(spec, config, run_dir.resolve())
+
+
+def command_eval(run_dir: Path, preferences: str | None) -> int:
+    """Run the eval stage on an existing run, adding an `eval:` section (defaults) if it has none."""
+    manifest = read_manifest(run_dir)
+    raw = manifest["config"]
+    section = dict(raw.get("eval") or {})
+    if preferences is not None:
+        section["preferences"] = {"path": preferences}
+    raw = {**raw, "eval": section}
+    config = validate_config(raw, source=f"{manifest_path(run_dir)} config (with --preferences)")
+    record_config(run_dir.resolve(), config, manifest.get("config_source", ""))
+    return launch_stage(get_stage("eval"), config, run_dir.resolve())
 
 
 def command_status(run_dir: Path) -> int:
@@ -208,7 +228,7 @@ def _duration(started: str | None, finished: str | None) -> str:
 
 HEADLINE_METRICS = (
     "eval_loss", "eval_perplexity", "train_loss", "accuracy", "initial_score", "score", "kl", "steps", "rollouts",
-    "vocab_size", "source",
+    "win_rate", "ppo/score", "sft/score", "ppo/kl", "reward_accuracy", "vocab_size", "source",
 )
 
 

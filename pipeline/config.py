@@ -347,6 +347,26 @@ class PPOConfig(Section):
         return self
 
 
+class EvalConfig(Section):
+    """The `eval` stage: does RLHF help? Policies compared on held-out prompts, judged by reward models."""
+
+    prompts: ConversationData | None = Field(
+        None, description="Held-out conversations (cut before the final reply); default: the PPO stage's held-out split."
+    )
+    num_prompts: int = Field(128, ge=1, description="Prompts to answer, at most.")
+    max_prompt_length: int = Field(256, ge=4)
+    response_length: int = Field(64, ge=1, description="Tokens per reply at most.")
+    temperature: float = Field(0.7, gt=0, description="Sampling temperature (seeded: reruns agree).")
+    batch_size: int = Field(16, ge=1)
+    judge_reward_model: str | None = Field(
+        None, description="A second reward model (path or hub id), never trained on here, as an independent judge."
+    )
+    preferences: PreferenceData | None = Field(None, description="Held-out preference pairs to measure the reward model's accuracy on.")
+    on_bad_row: Literal["drop", "error"] = Field("drop")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
 class RunConfig(Section):
     """A whole run: the model, W&B, and one section per stage."""
 
@@ -359,6 +379,7 @@ class RunConfig(Section):
     sft: SFTConfig | None = Field(None, description="Supervised fine-tuning; the stage runs when this section is present.")
     reward: RewardConfig | None = Field(None, description="Reward model training; runs when this section is present.")
     ppo: PPOConfig | None = Field(None, description="RLHF against the reward model; runs when this section is present.")
+    eval: EvalConfig | None = Field(None, description="Evaluation of the policies; runs last when this section is present.")
 
     @model_validator(mode="after")
     def _pretrain_has_data(self) -> "RunConfig":
@@ -374,6 +395,10 @@ class RunConfig(Section):
             raise ValueError("reward.init_from is sft but there is no sft section; add one or set reward.init_from: pretrain")
         if self.ppo is not None and self.reward is None:
             raise ValueError("ppo needs a reward section: PPO optimises against the reward model it trains")
+        if self.eval is not None and self.reward is None:
+            raise ValueError("eval needs a reward section: the reward model judges the policies")
+        if self.eval is not None and self.eval.prompts is None and self.ppo is None:
+            raise ValueError("eval.prompts is required when there is no ppo section to take held-out prompts from")
         return self
 
     @property

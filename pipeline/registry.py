@@ -61,6 +61,16 @@ def _ppo_slice(config: RunConfig) -> dict[str, Any]:
     return {"seed": config.seed, "ppo": config.ppo.model_dump()}
 
 
+def _eval_slice(config: RunConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "eval": config.eval.model_dump(), "ppo_prompts": config.ppo.model_dump(
+        include={"prompts", "validation_fraction", "max_prompt_length"}) if config.ppo else None}
+
+
+def _eval_inputs(config: RunConfig) -> tuple[str, ...]:
+    policies = [config.policy_stage] + (["ppo"] if config.ppo is not None else [])
+    return (*policies, "reward")
+
+
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", (), _tokenizer_slice),
     StageSpec("pretrain", ("tokenizer",), _pretrain_slice),
@@ -79,6 +89,8 @@ STAGES: tuple[StageSpec, ...] = (
         enabled=lambda config: config.ppo is not None,
         choose_inputs=lambda config: (config.policy_stage, "reward"),
     ),
+    StageSpec("eval", ("sft", "ppo", "reward"), _eval_slice, enabled=lambda config: config.eval is not None,
+              choose_inputs=_eval_inputs),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)
 

@@ -130,3 +130,26 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(ppo_run, tmp_path):
     merged = load_causal_lm(folder)
     base = AutoModelForCausalLM.from_pretrained(copy / "pretrain" / "final")
     assert any(not torch.equal(p, base.get_parameter(n)) for n, p in merged.named_parameters())
+
+
+def test_eval_compares_the_policies_on_held_out_prompts(ppo_run, tmp_path):
+    config, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    preferences = run_dir.parent / "marker.jsonl"
+    result = chatpipe("eval", str(copy), "--preferences", str(preferences))
+    assert "win_rate" in result.stdout  # the comparison table is printed
+    entry = read_manifest(copy)["stages"]["eval"]
+    metrics = entry["metrics"]
+    assert set(entry["inputs"]) == {"pretrain", "ppo", "reward"}
+    assert 0.0 <= metrics["win_rate"] <= 1.0
+    assert metrics["pretrain/kl"] == 0.0  # the reference policy against itself
+    assert metrics["ppo/kl"] >= 0.0
+    assert metrics["pretrain/perplexity"] > 1.0 and 0 < metrics["ppo/length_mean"] <= 64  # eval.response_length
+    assert metrics["reward_accuracy"] > 0.5 and metrics["reward_pairs"] == 300
+    samples = [json.loads(line) for line in (copy / "eval" / "final" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == metrics["prompts"] > 0
+    assert {"prompt", "pretrain_reply", "pretrain_score", "ppo_reply", "ppo_score"} <= set(samples[0])
+    # Seeded sampling: the same numbers again.
+    chatpipe("eval", str(copy), "--preferences", str(preferences))
+    assert read_manifest(copy)["stages"]["eval"]["metrics"]["ppo/score"] == metrics["ppo/score"]

@@ -1,0 +1,1 @@
+"""The `eval` stage: the SFT and RLHF policies side by side on held-out prompts."""
