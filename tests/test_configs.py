@@ -158,7 +158,7 @@ def test_qwen_run_adopts_the_base_model_and_fine_tunes_with_merged_lora(run_conf
     assert config.pretrain.data is None and config.tokenizer.corpus is None  # adopted, not trained
     lora = config.sft.lora
     assert (lora.r, lora.alpha, lora.save) == (64, 128, "merged")
-    assert Path(config.ppo.launch.accelerate_config).name == "deepspeed_zero3.yaml"
+    assert Path(config.ppo.launch.accelerate_config).name == "deepspeed_zero2.yaml"
 
 
 @pytest.mark.parametrize("config_name", RUN_CONFIGS)

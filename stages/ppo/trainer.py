@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pipeline.config import PPOConfig
+from pipeline.distributed import fit_deepspeed_batch
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
 from stages.ppo.losses import (
     clipped_policy_loss,
@@ -112,6 +113,7 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
         schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.lr_schedule == "linear" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        fit_deepspeed_batch(accelerator, config.micro_batch_size)
         self.model, self.optimizer = accelerator.prepare(wrapper, optimizer)
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from data.packing import batch_indices
 from pipeline.optimization import adamw, warmup_cosine
-from pipeline.distributed import replicas_in_sync
+from pipeline.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from stages.pretrain.corpus import prepare_blocks
@@ -55,6 +55,7 @@ def train(context: StageContext) -> StageResult:
     n_parameters = count_parameters(model)
     optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
     scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
+    fit_deepspeed_batch(accelerator, section.per_device_batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step, resumed_from, first_eval = 0, None, None

@@ -29,7 +29,7 @@ from data.preferences import normalize_preferences
 from data.sources import load_source
 from data.splits import held_out_split
 from pipeline.optimization import adamw, warmup_cosine
-from pipeline.distributed import replicas_in_sync
+from pipeline.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from reward_model.model import TokenScorer, build_reward_model
@@ -83,6 +83,7 @@ def train(context: StageContext) -> StageResult:
         ))
     optimizer = adamw(model, section.learning_rate, section.weight_decay)
     scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
+    fit_deepspeed_batch(accelerator, section.prompts_per_batch)
     scorer, optimizer = accelerator.prepare(TokenScorer(model), optimizer)
     evaluate = lambda: evaluate_preferences(  # noqa: E731
         scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator

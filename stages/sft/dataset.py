@@ -70,6 +70,11 @@ def tokenize_conversations(
     rows = {"input_ids": [], "assistant_masks": []}
     for messages in conversations:
         input_ids, mask = tokenize_conversation(tokenizer, messages)
+        if not any(mask):
+            raise DataError(
+                "the tokenizer's chat template marks no assistant tokens (it has no {% generation %} markers), "
+                "so SFT would train on nothing; rerun the tokenizer stage, which installs chatpipe's template"
+            )
         if len(input_ids) > max_length:
             if overlong == "drop":
                 report.dropped_overlong += 1

@@ -37,20 +37,30 @@ def train_bpe(batches: Iterable[list[str]], vocab_size: int, min_frequency: int 
 
 
 def adopt_pretrained(name: str, revision: str | None = None, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """An existing tokenizer (hub id or path), given a distinct pad token and a chat template if it lacks them.
+    """An existing tokenizer (hub id or path) made ready for chatpipe: ChatML turns and a distinct pad.
 
-    A tokenizer that already has a chat template keeps it; one without gets chatpipe's ChatML
-    template and its turn tokens (a base model's embeddings are resized to match later).
+    SFT needs a template with `{% generation %}` markers (to mask everything but the replies) and
+    PPO needs the reply's end-of-turn token to be the EOS. A template with generation markers is
+    kept as it is; any other (or none) is replaced by chatpipe's ChatML template, whose
+    `<|im_end|>` becomes the EOS (Qwen-style tokenizers already have both turn tokens; others get
+    them added, and a base model's embeddings are resized to match later).
     """
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     additions = {}
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        additions["pad_token"] = PAD_TOKEN
-    if not tokenizer.chat_template:
-        additions["additional_special_tokens"] = [TURN_START, TURN_END]
+    if not has_generation_markers(tokenizer.chat_template):
         tokenizer.chat_template = CHAT_TEMPLATE
-        if tokenizer.eos_token is None:
-            additions["eos_token"] = TURN_END
+        missing = [token for token in (TURN_START, TURN_END) if token not in tokenizer.get_vocab()]
+        if missing:
+            additions["additional_special_tokens"] = missing
+        additions["eos_token"] = TURN_END
+    if tokenizer.pad_token is None or tokenizer.pad_token in (tokenizer.eos_token, additions.get("eos_token")):
+        additions["pad_token"] = PAD_TOKEN
     if additions:
         tokenizer.add_special_tokens(additions)
     return tokenizer
+
+
+def has_generation_markers(template: str | dict | None) -> bool:
+    if not isinstance(template, str):
+        return False
+    return "generation" in template and "endgeneration" in template

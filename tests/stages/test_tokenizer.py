@@ -80,3 +80,33 @@ def test_adopting_a_tokenizer_without_chat_format_adds_pad_and_template(shakespe
     assert "{% generation %}" in adopted.chat_template.replace("{%- generation %}", "{% generation %}")
     encoded = adopted.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
     assert sum(encoded["assistant_masks"]) > 0
+
+
+def test_a_template_without_generation_markers_is_replaced_and_the_turn_end_becomes_eos(shakespeare_excerpt, tmp_path):
+    # Qwen-like: ChatML turn tokens in the vocabulary, a template without {% generation %},
+    # and <|endoftext|> as EOS, so replies would end with a token that is not the EOS.
+    qwen_like = train_bpe([[shakespeare_excerpt.read_text()[:20_000]]], vocab_size=320)
+    qwen_like.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    qwen_like.eos_token = "<|endoftext|>"
+    qwen_like.chat_template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    qwen_like.save_pretrained(tmp_path)
+    size = len(AutoTokenizer.from_pretrained(tmp_path))
+    adopted = adopt_pretrained(str(tmp_path))
+    assert adopted.eos_token == TURN_END and adopted.pad_token_id not in (adopted.eos_token_id, None)
+    assert len(adopted) == size  # the turn tokens were there already; only nothing was added twice
+    encoded = adopted.apply_chat_template(CONVERSATION, return_dict=True, return_assistant_tokens_mask=True)
+    assert sum(encoded["assistant_masks"]) > 0
+
+
+def test_sft_refuses_a_template_that_masks_everything(bpe_tokenizer):
+    import copy
+
+    import pytest
+
+    from pipeline.errors import DataError
+    from stages.sft.dataset import tokenize_conversations
+
+    plain = copy.deepcopy(bpe_tokenizer)
+    plain.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    with pytest.raises(DataError, match="no {% generation %} markers"):
+        tokenize_conversations([CONVERSATION], plain, max_length=256, overlong="truncate")
