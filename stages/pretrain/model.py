@@ -33,8 +33,9 @@ def adopt_base_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
     )
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
-    base.config.pad_token_id = tokenizer.pad_token_id
-    base.generation_config.pad_token_id = tokenizer.pad_token_id
+    for config in (base.config, base.generation_config):
+        config.pad_token_id = tokenizer.pad_token_id
+        config.eos_token_id = tokenizer.eos_token_id
     return base
 
 

@@ -191,3 +191,26 @@ def test_only_and_from_rerun_the_named_stages(finished_run, tmp_path):
     assert "tokenizer: requested; running" in both and "pretrain: requested; running" in both
     unknown = chatpipe("run", str(config), "--run-dir", str(copy), "--only", "sft", check=False)
     assert unknown.returncode == 2 and "has no `sft:` section" in unknown.stderr
+
+
+def test_a_base_model_can_replace_pretraining(finished_run, tmp_path, shakespeare_excerpt):
+    import yaml
+
+    from tests.conftest import tiny_config
+
+    _, run_dir, _ = finished_run
+    base = run_dir / "pretrain" / "final"
+    raw = tiny_config(shakespeare_excerpt, model={"architecture": "llama", "config": {}, "base_model": str(base)})
+    raw["pretrain"].pop("data")
+    raw["tokenizer"] = {}
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    new_run = tmp_path / "run"
+    chatpipe("run", str(config), "--run-dir", str(new_run))
+    stages = read_manifest(new_run)["stages"]
+    assert stages["tokenizer"]["metrics"]["source"] == str(base)
+    assert stages["pretrain"]["metrics"]["source"] == str(base)
+    adopted = AutoModelForCausalLM.from_pretrained(new_run / "pretrain" / "final")
+    original = AutoModelForCausalLM.from_pretrained(base)
+    for name, tensor in original.state_dict().items():
+        assert torch.equal(adopted.state_dict()[name], tensor)
