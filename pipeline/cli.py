@@ -5,6 +5,7 @@
     chatpipe stage NAME --run-dir DIR                                   one stage, from the recorded config
     chatpipe status RUN_DIR                                             the manifest as a table
     chatpipe eval RUN_DIR [--preferences FILE]                          SFT vs PPO on held-out prompts
+    chatpipe report RUN_DIR                                             report.md with plots, for offline runs
     chatpipe chat RUN_DIR [--stage sft|ppo] [--prompt TEXT]              talk to a trained policy
     chatpipe serve RUN_DIR [--stage sft|ppo] [--port 8000]               an OpenAI-compatible endpoint
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     status = commands.add_parser("status", help="Print a run's manifest as a table.")
     status.add_argument("run_dir")
 
+    report = commands.add_parser("report", help="Write RUN_DIR/report.md: plots and final metrics of every stage.")
+    report.add_argument("run_dir")
+
     evaluate = commands.add_parser("eval", help="Compare the run's policies on held-out prompts (the eval stage).")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--preferences", help="A held-out preference file to measure the reward model's accuracy on.")
@@ -76,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
             return command_run(args.config, args.run_dir, args.overrides, start=args.start, only=args.only)
         if args.command == "stage":
             return command_stage(args.name, Path(args.run_dir))
+        if args.command == "report":
+            from pipeline.report import write_report  # matplotlib loads only for this command
+
+            print(f"chatpipe: wrote {write_report(Path(args.run_dir))}")
+            return 0
         if args.command == "eval":
             return command_eval(Path(args.run_dir), args.preferences)
         if args.command == "chat":

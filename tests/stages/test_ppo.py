@@ -153,3 +153,16 @@ def test_eval_compares_the_policies_on_held_out_prompts(ppo_run, tmp_path):
     # Seeded sampling: the same numbers again.
     chatpipe("eval", str(copy), "--preferences", str(preferences))
     assert read_manifest(copy)["stages"]["eval"]["metrics"]["ppo/score"] == metrics["ppo/score"]
+
+
+def test_report_plots_every_stage_of_a_real_run(ppo_run, tmp_path):
+    _, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    assert "report.md" in chatpipe("report", str(copy)).stdout
+    report = (copy / "report.md").read_text()
+    for stage in ("tokenizer", "pretrain", "reward", "ppo"):
+        assert stage in report
+    for image in ("pretrain", "reward", "ppo"):
+        assert f"report/{image}.png" in report
+        assert (copy / "report" / f"{image}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,356 @@
+"""A run's report for reading offline: `RUN_DIR/report.md` plus one PNG of curves per stage.
+
+    chatpipe report runs/tiny        # writes runs/tiny/report.md and runs/tiny/report/<stage>.png
+
+Everything comes from what the run already recorded: the manifest (status, timings, final
+metrics, output and lineage of each stage) and each stage's `RUN_DIR/<stage>/metrics.jsonl`.
+Nothing needs W&B or a network, and the report links its images by relative path, so the run
+folder can be copied anywhere and still read.
+
+Stages log different keys under different configs (a reward stage without evaluation has no
+`eval/accuracy`), so every curve is drawn only from the rows that hold its key, and a stage with
+nothing to draw gets no image and no link.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import on a headless node
+
+import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
+
+from pipeline.manifest import read_manifest  # noqa: E402
+from pipeline.registry import STAGES  # noqa: E402
+
+REPORT_NAME = "report.md"
+IMAGES_DIR = "report"
+METRICS_NAME = "metrics.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# What each stage's image shows
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One subplot: a curve per series; a series is a tuple of keys, the first one logged wins."""
+
+    title: str
+    ylabel: str
+    series: tuple[tuple[str, ...], ...]
+
+
+LOSS_PANEL = Panel("Loss", "loss", (("train/loss",), ("eval/loss",)))
+
+STAGE_PANELS: dict[str, tuple[Panel, ...]] = {
+    "pretrain": (LOSS_PANEL,),
+    "sft": (LOSS_PANEL,),
+    "reward": (
+        Panel("Loss", "loss", (("train/loss",),)),
+        # Accuracy lives in [0, 1] and would be flattened on the loss axis.
+        Panel("Eval accuracy", "accuracy", (("eval/accuracy",),)),
+    ),
+    "ppo": (
+        # objective/scores is what older runs logged before raw and normalised scores were split.
+        Panel("Rollout score", "reward model score", (("objective/raw_scores", "objective/scores"),)),
+        Panel("KL to reference", "KL", (("objective/kl",),)),
+        Panel("Eval score", "reward model score", (("eval/score",),)),
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `RUN_DIR/report.md` and its images under `RUN_DIR/report/`; returns the report's path.
+
+    Raises ManifestError when RUN_DIR has no readable manifest. Stages without metrics are listed
+    but not plotted. A second call replaces the report and removes images it no longer links.
+    """
+    run_dir = Path(run_dir)
+    manifest = read_manifest(run_dir)
+    images_dir = run_dir / IMAGES_DIR
+    stages = _ordered_stages(manifest["stages"])
+
+    sections: list[str] = []
+    written: set[Path] = set()
+    for name, entry in stages:
+        rows, torn_lines = read_metric_rows(run_dir / name)
+        image = plot_stage(name, rows, images_dir / f"{_file_stem(name)}.png")
+        if image is not None:
+            written.add(image)
+        sections.append(_stage_section(name, entry, image, run_dir, bool(rows), torn_lines))
+
+    # Images of an earlier report that this one no longer links (a stage since cleared or renamed).
+    if images_dir.is_dir():
+        for stale in images_dir.glob("*.png"):
+            if stale not in written:
+                stale.unlink()
+
+    text = "\n".join([_header(manifest), _stage_table(stages), *sections])
+    report = run_dir / REPORT_NAME
+    report.write_text(text)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metric_rows(stage_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """A stage's logged rows, sorted by step, and how many lines could not be read.
+
+    Unlike `tracking.read_metrics`, an unreadable line is skipped rather than fatal: a stage killed
+    mid-write leaves a torn last line, and a crashed run is exactly the one worth a report.
+    Rows without a numeric "step" are skipped too. A missing file gives no rows.
+    """
+    path = Path(stage_dir) / METRICS_NAME
+    if not path.is_file():
+        return [], 0
+    rows, unreadable = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        if isinstance(row, dict) and _is_number(row.get("step")):
+            rows.append(row)
+        else:
+            unreadable += 1
+    # A resumed stage appends after the first attempt's lines; by step, its curve reads in order.
+    rows.sort(key=lambda row: row["step"])
+    return rows, unreadable
+
+
+def _ordered_stages(stages: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The manifest's stages in pipeline order, then any the registry does not know."""
+    known = [spec.name for spec in STAGES if spec.name in stages]
+    others = [name for name in stages if name not in known]
+    return [(name, stages[name] or {}) for name in known + others]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plotting
+
+
+def plot_stage(stage: str, rows: list[dict[str, Any]], path: Path) -> Path | None:
+    """Draw a stage's curves into `path` (PNG); None, and no file, when it logged none of them."""
+    panels = [(title, ylabel, curves) for title, ylabel, curves in _panels_for(stage, rows) if curves]
+    if not panels:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 3.6), squeeze=False)
+    try:
+        for axis, (title, ylabel, curves) in zip(axes[0], panels):
+            for key, (steps, values) in curves:
+                # Sparse curves (evaluations every few hundred steps) need markers to be seen.
+                marker = "o" if len(steps) <= 30 else None
+                axis.plot(steps, values, marker=marker, markersize=3, linewidth=1.4, label=key)
+            axis.set_title(title)
+            axis.set_xlabel("step")
+            axis.set_ylabel(ylabel)
+            axis.grid(True, alpha=0.3)
+            axis.legend(fontsize="small")
+        figure.suptitle(f"{stage}")
+        figure.tight_layout()
+        figure.savefig(path, format="png", dpi=100)
+    finally:
+        plt.close(figure)
+    return path
+
+
+def _panels_for(stage: str, rows: list[dict[str, Any]]):
+    """(title, ylabel, [(key, (steps, values))]) for each panel of the stage, curves that exist only."""
+    panels = [_resolve(panel, rows) for panel in STAGE_PANELS.get(stage, ())]
+    if any(curves for _, _, curves in panels):
+        return panels
+    # Any other stage, or a known one that logged none of its usual keys: whatever it calls a loss.
+    loss_keys = list(dict.fromkeys(key for row in rows for key in row if "loss" in key))
+    return [_resolve(Panel("Loss", "loss", tuple((key,) for key in loss_keys)), rows)]
+
+
+def _resolve(panel: Panel, rows: list[dict[str, Any]]):
+    curves = []
+    for choices in panel.series:
+        for key in choices:
+            points = _curve(rows, key)
+            if points[0]:
+                curves.append((key, points))
+                break
+    return panel.title, panel.ylabel, curves
+
+
+def _curve(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """Steps and values of `key` over the rows that logged it as a finite number."""
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if _is_number(value) and math.isfinite(value):
+            steps.append(row["step"])
+            values.append(value)
+    return steps, values
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _file_stem(stage: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stage) or "stage"
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _header(manifest: dict[str, Any]) -> str:
+    return "\n".join([
+        f"# Run report: {manifest.get('run_name', '')}",
+        "",
+        f"- Config: `{manifest.get('config_source') or '-'}`",
+        f"- Created: {_timestamp(manifest.get('created_at'))}",
+        f"- Updated: {_timestamp(manifest.get('updated_at'))}",
+        "",
+    ])
+
+
+def _stage_table(stages: list[tuple[str, dict[str, Any]]]) -> str:
+    lines = [
+        "## Stages",
+        "",
+        "| Stage | Status | Duration | Processes | Final metrics | Output | Lineage |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, entry in stages:
+        cells = [
+            name,
+            entry.get("status") or "pending",
+            duration(entry.get("started_at"), entry.get("finished_at")),
+            str(entry.get("world_size") or "-"),
+            format_metrics(entry.get("metrics") or {}) or "-",
+            ((entry.get("output") or {}).get("path")) or "-",
+            lineage(name, entry.get("inputs") or {}),
+        ]
+        lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _stage_section(
+    name: str, entry: dict[str, Any], image: Path | None, run_dir: Path, logged: bool, torn_lines: int
+) -> str:
+    lines = [f"## {name}", ""]
+    started = entry.get("started_at")
+    lines.append(
+        f"Status: **{entry.get('status') or 'pending'}**"
+        + (f", started {_timestamp(started)}" if started else "")
+        + (f", took {duration(started, entry.get('finished_at'))}" if entry.get("finished_at") else "")
+    )
+    lines.append("")
+    if entry.get("error"):
+        lines += ["Error:", "", _fenced(str(entry["error"])), ""]
+    if torn_lines:
+        lines += [f"{torn_lines} unreadable line(s) in `{name}/{METRICS_NAME}` were skipped.", ""]
+    if image is not None:
+        relative = image.relative_to(run_dir).as_posix()
+        lines += [f"![{name} metrics]({relative})", ""]
+    elif logged:
+        lines += ["Nothing to plot: none of its logged metrics is a curve this report draws.", ""]
+    else:
+        lines += [f"No metrics logged (no `{name}/{METRICS_NAME}`).", ""]
+    return "\n".join(lines)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """`key=value, ...` for a stage's final metrics; floats to 4 significant digits, nulls left out."""
+    parts = []
+    for key, value in metrics.items():
+        text = format_value(value)
+        if text is not None:
+            parts.append(f"{key}={text}")
+    return ", ".join(parts)
+
+
+def format_value(value: Any) -> str | None:
+    """A metric as a short string, or None when there is nothing worth showing."""
+    if value is None or value == {} or value == []:
+        return None
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, separators=(",", ":"), default=str)
+        return text if len(text) <= 60 else text[:57] + "..."
+    return str(value)
+
+
+def lineage(stage: str, inputs: dict[str, Any]) -> str:
+    """`ppo <- sft@80edfb4b, reward@1c2d3e4f`: the checkpoints a stage consumed, with digests."""
+    if not inputs:
+        return "-"
+    upstream = []
+    for key, record in inputs.items():
+        record = record if isinstance(record, dict) else {}
+        digest = str(record.get("digest") or "")[:8]
+        upstream.append(f"{record.get('stage') or key}" + (f"@{digest}" if digest else ""))
+    return f"{stage} <- " + ", ".join(upstream)
+
+
+def duration(started: str | None, finished: str | None) -> str:
+    """`1h02m03s` / `4m05s` / `7s` between two ISO-8601 times; `-` when either is missing."""
+    start, end = _parse_time(started), _parse_time(finished)
+    if start is None or end is None:
+        return "-"
+    seconds = max(0, int((end - start).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    # A time without an offset is taken as UTC, so it can be subtracted from one with an offset.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def _timestamp(value: str | None) -> str:
+    parsed = _parse_time(value)
+    if parsed is None:
+        return value or "-"
+    return parsed.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _cell(text: str) -> str:
+    """Text that stays inside one Markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _fenced(text: str) -> str:
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
