@@ -13,6 +13,7 @@ the previous checkpoint as the latest. Loading never unpickles anything.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -98,6 +99,30 @@ def load_rng_state(folder: Path, process_index: int) -> None:
     random.setstate(_python_rng(json.loads((Path(folder) / f"rng-rank{process_index}.json").read_text())))
 
 
+@contextlib.contextmanager
+def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any], keep: int):
+    """Collective: yields a temporary folder to write into, then publishes it as `step-N`.
+
+    Every process writes its part into the yielded folder; once all are done, the main process
+    writes state.json (whose presence marks a complete checkpoint), renames the folder into place
+    and prunes old checkpoints. A crash before the rename leaves the previous checkpoint latest.
+    """
+    final = checkpoint_dir(root, step)
+    partial = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    yield partial
+    save_rng_state(partial, accelerator.process_index)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / "state.json").write_text(json.dumps({"step": step, **state}, default=_json_default))
+        partial.rename(final)
+        prune_checkpoints(root, keep)
+    accelerator.wait_for_everyone()
+
+
 def save_checkpoint(
     root: Path,
     step: int,
@@ -111,26 +136,14 @@ def save_checkpoint(
     keep: int = 2,
 ) -> Path:
     """Write a resumable checkpoint (collective: every process calls it) and prune old ones."""
-    final = checkpoint_dir(root, step)
-    partial = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(partial, state_dict=state_dict, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(partial)
-        save_optimizer_state(partial, optimizer, scheduler)
-    save_rng_state(partial, accelerator.process_index)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "state.json").write_text(json.dumps({"step": step, "extra": extra or {}}, default=_json_default))
-        partial.rename(final)
-        prune_checkpoints(root, keep)
-    accelerator.wait_for_everyone()
-    return final
+    with writing_checkpoint(root, step, accelerator, {"extra": extra or {}}, keep) as folder:
+        state_dict = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            save_optimizer_state(folder, optimizer, scheduler)
+    return checkpoint_dir(root, step)
 
 
 def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:

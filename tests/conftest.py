@@ -147,3 +147,17 @@ def tiny_token_scorer(tokenizer, seed: int = 1):
     config.num_labels = 1
     torch.manual_seed(seed)
     return TokenScorer(AutoModelForSequenceClassification.from_config(config))
+
+
+def decoded_spans(tokenizer, ids: list[int], mask: list[int], keep: int = 1) -> list[str]:
+    """Decoded runs of consecutive tokens whose mask bit equals `keep`."""
+    runs, current = [], []
+    for token, bit in zip(ids, mask):
+        if bit == keep:
+            current.append(token)
+        elif current:
+            runs.append(tokenizer.decode(current))
+            current = []
+    if current:
+        runs.append(tokenizer.decode(current))
+    return runs

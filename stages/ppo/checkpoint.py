@@ -11,7 +11,6 @@ Same pickle-free format and write-then-rename as pipeline/training_state.py.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,9 +21,8 @@ from pipeline.training_state import (
     load_model_weights,
     load_optimizer_state,
     load_rng_state,
-    prune_checkpoints,
     save_optimizer_state,
-    save_rng_state,
+    writing_checkpoint,
 )
 
 __all__ = ["latest_checkpoint", "load_ppo_checkpoint", "save_ppo_checkpoint"]
@@ -35,36 +33,20 @@ def split_state_dict(state_dict: dict, prefix: str) -> dict:
 
 
 def save_ppo_checkpoint(root: Path, rollout: int, trainer, keep: int, extra: dict | None = None) -> Path:
+    """Collective: every process calls it."""
     accelerator = trainer.accelerator
-    final = checkpoint_dir(root, rollout)
-    partial = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(trainer.model)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(trainer.model)
-        unwrapped.policy.save_pretrained(partial / "policy", state_dict=split_state_dict(state_dict, "policy."))
-        if unwrapped.value is not None:
-            unwrapped.value.save_pretrained(partial / "value", state_dict=split_state_dict(state_dict, "value."))
-        save_optimizer_state(partial, trainer.optimizer, trainer.scheduler)
-    save_rng_state(partial, accelerator.process_index)
-    generator_file = partial / f"generator-rank{accelerator.process_index}.json"
-    generator_file.write_text(json.dumps(trainer.generator.get_state().tolist()))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        state = {
-            "step": rollout,
-            "episode": trainer.episode,
-            "kl_controller": trainer.kl_controller.state_dict(),
-            "extra": extra or {},
-        }
-        (partial / "state.json").write_text(json.dumps(state))
-        partial.rename(final)
-        prune_checkpoints(root, keep)
-    accelerator.wait_for_everyone()
-    return final
+    state = {"episode": trainer.episode, "kl_controller": trainer.kl_controller.state_dict(), "extra": extra or {}}
+    with writing_checkpoint(root, rollout, accelerator, state, keep) as folder:
+        state_dict = accelerator.get_state_dict(trainer.model)
+        if accelerator.is_main_process:
+            unwrapped = accelerator.unwrap_model(trainer.model)
+            unwrapped.policy.save_pretrained(folder / "policy", state_dict=split_state_dict(state_dict, "policy."))
+            if unwrapped.value is not None:
+                unwrapped.value.save_pretrained(folder / "value", state_dict=split_state_dict(state_dict, "value."))
+            save_optimizer_state(folder, trainer.optimizer, trainer.scheduler)
+        generator_file = folder / f"generator-rank{accelerator.process_index}.json"
+        generator_file.write_text(json.dumps(trainer.generator.get_state().tolist()))
+    return checkpoint_dir(root, rollout)
 
 
 def load_ppo_checkpoint(path: Path, trainer) -> dict:

@@ -15,7 +15,7 @@ from pipeline.manifest import read_manifest, update_stage
 from pipeline.tracking import read_metrics
 from data.splits import held_out_split
 from stages.sft.dataset import load_conversations, tokenize_conversations
-from tests.conftest import SAMPLES, chatpipe, tiny_config, tiny_sft_section
+from tests.conftest import SAMPLES, chatpipe, decoded_spans, tiny_config, tiny_sft_section
 
 
 def hh_conversations(count: int) -> list[list[dict]]:
@@ -23,27 +23,13 @@ def hh_conversations(count: int) -> list[list[dict]]:
     return [parse_hh(json.loads(line)["chosen"]) for line in lines]
 
 
-def spans(ids: list[int], mask: list[int], tokenizer, keep: int) -> list[str]:
-    """Decoded runs of tokens whose mask bit equals `keep`."""
-    runs, current = [], []
-    for token, bit in zip(ids, mask):
-        if bit == keep:
-            current.append(token)
-        elif current:
-            runs.append(tokenizer.decode(current))
-            current = []
-    if current:
-        runs.append(tokenizer.decode(current))
-    return runs
-
-
 def test_only_assistant_replies_carry_loss(bpe_tokenizer):
     conversation = hh_conversations(1)[0]
     dataset, _ = tokenize_conversations([conversation], bpe_tokenizer, max_length=4096, overlong="truncate")
     ids, mask = dataset[0]["input_ids"], dataset[0]["assistant_masks"]
     replies = [m["content"] + "<|im_end|>" for m in conversation if m["role"] == "assistant"]
-    assert spans(ids, mask, bpe_tokenizer, keep=1) == replies
-    unmasked = "".join(spans(ids, mask, bpe_tokenizer, keep=0))
+    assert decoded_spans(bpe_tokenizer, ids, mask, keep=1) == replies
+    unmasked = "".join(decoded_spans(bpe_tokenizer, ids, mask, keep=0))
     for message in conversation:
         if message["role"] == "user":
             assert message["content"] in unmasked

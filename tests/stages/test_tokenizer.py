@@ -2,6 +2,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from stages.tokenizer.bpe import adopt_pretrained, train_bpe
 from stages.tokenizer.chat_format import PAD_TOKEN, TURN_END, TURN_START
+from tests.conftest import decoded_spans
 
 CONVERSATION = [
     {"role": "system", "content": "You are terse."},
@@ -41,15 +42,7 @@ def test_chat_template_masks_everything_but_assistant_replies(bpe_tokenizer):
         CONVERSATION, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = encoded["input_ids"], encoded["assistant_masks"]
-    spans, current = [], []
-    for token, trained in zip(ids, mask):
-        if trained:
-            current.append(token)
-        elif current:
-            spans.append(bpe_tokenizer.decode(current))
-            current = []
-    if current:
-        spans.append(bpe_tokenizer.decode(current))
+    spans = decoded_spans(bpe_tokenizer, ids, mask)
     # Each reply, ending in the end-of-turn token the model must learn to emit, and nothing else.
     assert spans == ["Shakespeare.<|im_end|>", "Around 1600.<|im_end|>"]
     masked = bpe_tokenizer.decode([t for t, trained in zip(ids, mask) if not trained])
