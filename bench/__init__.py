@@ -1,0 +1,1 @@
+"""Benchmarks of chatpipe's training loops; see bench/README.md."""

@@ -1,0 +1,194 @@
+"""What both PPO benchmark workers share: loading the prepared models, a seeded held-out score, memory.
+
+    from ppo_bench_common import load_models, held_out_score, peak_rss_mb
+
+Imported by bench/chatpipe_ppo_worker.py (main venv) and bench/trl_ppo_worker.py (the TRL 1.12
+venv), so it uses torch and transformers only, never chatpipe or TRL: the score before and after
+training is then measured by the same code on both sides, whatever each trainer logs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def read_config() -> dict:
+    """A worker's settings: the JSON file named by its one argument."""
+    if len(sys.argv) != 2:
+        raise SystemExit(f"usage: {sys.argv[0]} CONFIG.json")
+    return json.loads(Path(sys.argv[1]).read_text())
+
+
+def emit(result: dict) -> None:
+    """The worker's answer: one JSON object on the real stdout (trainers' prints go to stderr)."""
+    sys.__stdout__.write(json.dumps(result) + "\n")
+    sys.__stdout__.flush()
+
+
+def load_models(folder: str | Path, *, value: bool = True):
+    """(tokenizer, policy, reference, value or None, reward model), all fp32, from the prepared folder.
+
+    The value model starts from the reward model, as chatpipe's PPO stage and TRL's examples do.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = Path(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    policy = AutoModelForCausalLM.from_pretrained(folder / "policy", dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(folder / "policy", dtype=torch.float32)
+    value_model = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32) if value else None
+    reward_model = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32)
+    reward_model.eval().requires_grad_(False)
+    return tokenizer, policy, reference, value_model, reward_model
+
+
+def left_pad(prompts: list[list[int]], pad_token_id: int):
+    import torch
+
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
+def response_token_count(responses, eos_token_id: int) -> int:
+    """Response tokens up to and including the first EOS (all of them when there is none)."""
+    import torch
+
+    is_eos = responses == eos_token_id
+    length = responses.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((responses.shape[0],), length - 1))
+    return int((first + 1).sum())
+
+
+def held_out_score(policy, reward_model, tokenizer, prompts: list[list[int]], *, response_length: int,
+                   temperature: float, seed: int, samples_per_prompt: int = 1, batch_size: int = 16) -> dict:
+    """Mean reward-model score of seeded samples on held-out prompts, plus length and EOS rate.
+
+    Each prompt is sampled `samples_per_prompt` times: one sample of 64 prompts leaves a standard
+    error of about 0.1 on a score that spreads ~1, as large as the gains being measured.
+
+    Sampling as both trainers do (temperature, top_k=0, top_p=1), responses cut after the first
+    EOS, the reward read at the last real token with positions counted over real tokens only.
+    """
+    import torch
+    from transformers import GenerationConfig
+
+    was_training = policy.training
+    policy.eval()
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    config = GenerationConfig(max_new_tokens=response_length, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    prompts = [ids for ids in prompts for _ in range(samples_per_prompt)]
+    scores, lengths, eos = [], [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            query_ids, query_mask = left_pad(prompts[start:start + batch_size], tokenizer.pad_token_id)
+            sequences = policy.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=config)
+            responses = sequences[:, query_ids.shape[1]:]
+            is_eos = responses == tokenizer.eos_token_id
+            has_eos = is_eos.any(1)
+            first = torch.where(has_eos, is_eos.int().argmax(1), torch.full_like(has_eos, responses.shape[1] - 1, dtype=torch.long))
+            response_mask = (torch.arange(responses.shape[1]).expand_as(responses) <= first.unsqueeze(1)).long()
+            responses = torch.where(response_mask.bool(), responses, torch.full_like(responses, tokenizer.pad_token_id))
+            ids = torch.cat([query_ids, responses], 1)
+            mask = torch.cat([query_mask, response_mask], 1)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            backbone = getattr(reward_model, reward_model.base_model_prefix)
+            hidden = backbone(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+            per_token = reward_model.score(hidden).squeeze(-1).float()
+            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)
+            scores.append(per_token.gather(1, last.unsqueeze(1)).squeeze(1))
+            lengths.append(response_mask.sum(1).float())
+            eos.append(has_eos.float())
+    torch.set_rng_state(state)
+    policy.train(was_training)
+    scores = torch.cat(scores)
+    return {"score": float(scores.mean()), "score_standard_error": float(scores.std() / len(scores) ** 0.5),
+            "samples": len(prompts), "response_length": float(torch.cat(lengths).mean()),
+            "eos_fraction": float(torch.cat(eos).mean())}
+
+
+def first_and_last(per_rollout: list[float], count: int = 3) -> tuple[float, float]:
+    """Mean training score of the first and of the last `count` rollouts (one rollout is 16 episodes: noisy)."""
+    count = max(1, min(count, len(per_rollout) // 2 or 1))
+    return sum(per_rollout[:count]) / count, sum(per_rollout[-count:]) / count
+
+
+def profiled(path: str | None):
+    """A cProfile.Profile writing to `path` on exit, or a no-op context when path is None."""
+    import contextlib
+    import cProfile
+
+    if not path:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def run():
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            yield
+        finally:
+            profiler.disable()
+            profiler.dump_stats(path)
+
+    return run()
+
+
+class GarbageCollectionTimer:
+    """Seconds spent in Python's garbage collector (automatic and explicit `gc.collect()`), via gc.callbacks."""
+
+    def __init__(self):
+        import gc
+        import time
+
+        self.seconds, self.collections, self._clock, self._started = 0.0, 0, time.perf_counter, None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started = self._clock()
+        elif self._started is not None:
+            self.seconds += self._clock() - self._started
+            self.collections += 1
+            self._started = None
+
+
+def environment() -> dict:
+    import platform
+
+    import torch
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch_threads": torch.get_num_threads(), "pid": os.getpid()}
+    try:
+        import accelerate
+
+        info["accelerate"] = accelerate.__version__
+    except ImportError:
+        pass
+    return info
