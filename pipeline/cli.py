@@ -202,7 +202,7 @@ def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     code = run_logged(stage_command(spec.module, launch, run_dir), log)
     if code != 0:
         print(f"chatpipe: stage {spec.name!r} failed (exit code {code}); log: {log}", file=sys.stderr)
-        print(f"chatpipe: fix the cause and run again: completed stages are skipped, this one resumes", file=sys.stderr)
+        print("chatpipe: fix the cause and run again: completed stages are skipped, this one resumes", file=sys.stderr)
     return code
 
 

@@ -216,14 +216,19 @@ class LoraSettings(Section):
     )
 
 
-class SFTConfig(Section):
+class BadRowPolicy(Section):
+    """What a stage that reads rows does with unusable ones (shared by sft, reward, ppo and eval)."""
+
+    on_bad_row: Literal["drop", "error"] = Field("drop", description="drop: skip and count unusable rows; error: stop at the first.")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of rows is unusable.")
+
+
+class SFTConfig(BadRowPolicy):
     """The `sft` stage: supervised fine-tuning on conversations, loss on assistant tokens only (TRL SFTTrainer)."""
 
     data: ConversationData = Field(..., description="Training conversations.")
     validation_data: ConversationData | None = Field(None, description="Held-out conversations; default: a split of data.")
     validation_fraction: float = Field(0.05, gt=0, lt=1, description="Share held out when validation_data is unset.")
-    on_bad_row: Literal["drop", "error"] = Field("drop", description="drop: skip and count unusable rows; error: stop at the first.")
-    max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of rows is unusable.")
     max_length: int = Field(512, ge=8, description="Tokens per conversation.")
     overlong: Literal["truncate", "drop"] = Field("truncate", description="What to do with longer conversations.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training conversations.")
@@ -254,15 +259,13 @@ class PreferenceData(DataSource):
     )
 
 
-class RewardConfig(Section):
+class RewardConfig(BadRowPolicy):
     """The `reward` stage: a scalar-head reward model trained on ranked completions."""
 
     data: PreferenceData = Field(..., description="Preference rows.")
     validation_data: PreferenceData | None = Field(None, description="Held-out preferences; default: a split of data.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when validation_data is unset.")
     init_from: Literal["sft", "pretrain"] = Field("sft", description="Which stage's model the backbone starts from.")
-    on_bad_row: Literal["drop", "error"] = Field("drop", description="drop: skip and count unusable rows; error: stop at the first.")
-    max_bad_fraction: float = Field(0.1, ge=0, le=1)
     max_length: int = Field(512, ge=8, description="Tokens per scored conversation (oldest context cut first).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training prompts.")
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
@@ -285,7 +288,7 @@ class RewardConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
-class PPOConfig(Section):
+class PPOConfig(BadRowPolicy):
     """The `ppo` stage: RLHF against the reward model with a KL penalty to the SFT policy.
 
     `estimator` picks the algorithm on the same rollouts: ppo (clipped surrogate, value model,
@@ -295,8 +298,6 @@ class PPOConfig(Section):
 
     prompts: ConversationData = Field(..., description="Conversations; each is cut before its final assistant reply.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out for evaluation.")
-    on_bad_row: Literal["drop", "error"] = Field("drop")
-    max_bad_fraction: float = Field(0.1, ge=0, le=1)
     max_prompt_length: int = Field(256, ge=4, description="Longer prompts are dropped (and counted).")
     estimator: Literal["ppo", "rloo", "grpo"] = Field("ppo", description="ppo, rloo or grpo.")
     samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt; rloo and grpo need at least 2.")
@@ -347,7 +348,7 @@ class PPOConfig(Section):
         return self
 
 
-class EvalConfig(Section):
+class EvalConfig(BadRowPolicy):
     """The `eval` stage: does RLHF help? Policies compared on held-out prompts, judged by reward models."""
 
     prompts: ConversationData | None = Field(
@@ -362,8 +363,6 @@ class EvalConfig(Section):
         None, description="A second reward model (path or hub id), never trained on here, as an independent judge."
     )
     preferences: PreferenceData | None = Field(None, description="Held-out preference pairs to measure the reward model's accuracy on.")
-    on_bad_row: Literal["drop", "error"] = Field("drop")
-    max_bad_fraction: float = Field(0.1, ge=0, le=1)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 

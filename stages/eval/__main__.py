@@ -26,13 +26,12 @@ from data.sources import load_source
 from data.splits import held_out_split
 from data.preferences import normalize_preferences
 from pipeline.checkpoints import load_causal_lm
-from pipeline.manifest import read_manifest
 from pipeline.stage import StageContext, StageResult, run_stage
 from reward_model.model import TokenScorer, load_reward_model
 from reward_model.scoring import at_last_token, pad_batch
 from stages.eval.metrics import length_stats, win_rate
 from stages.ppo.losses import logprobs_from_logits, masked_sum
-from stages.ppo.rollout import ExperienceMaker, RolloutSettings, response_logits
+from stages.ppo.rollout import ExperienceMaker, RolloutSettings, response_logits, reward_model_function
 from stages.reward.batching import encode_groups
 from stages.reward.evaluation import evaluate_preferences
 from stages.sft.dataset import load_conversations, tokenize_conversations
@@ -126,7 +125,7 @@ def train(context: StageContext) -> StageResult:
     results, metrics = {}, {"prompts": len(prompts)}
     for name, folder in policies.items():
         policy = reference if folder == reference_dir else load_causal_lm(folder).eval().to(device)
-        out = answer(policy, reference, reward_function(judges["reward"]), tokenizer, prompts, section, accelerator, config.seed)
+        out = answer(policy, reference, reward_model_function(judges["reward"]), tokenizer, prompts, section, accelerator, config.seed)
         if "judge" in judges:
             out["judge_scores"] = rescore(judges["judge"], tokenizer, prompts, out["replies"], device)
         results[name] = out
@@ -163,14 +162,6 @@ def train(context: StageContext) -> StageResult:
         context.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=0)
         print_table(metrics, list(results))
     return StageResult(context.output_dir, metrics)
-
-
-def reward_function(scorer):
-    @torch.no_grad()
-    def score(sequence_ids, attention_mask):
-        return at_last_token(scorer(sequence_ids, attention_mask), attention_mask)
-
-    return score
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from data.conversations import RowReport, normalize_rows
 from data.sources import load_source
-from pipeline.config import ConversationData, SFTConfig
+from pipeline.config import BadRowPolicy, ConversationData
 from pipeline.errors import DataError
 
 
@@ -39,7 +39,7 @@ class LengthReport:
 
 
 def load_conversations(
-    source: ConversationData, section: SFTConfig, cache_dir: Path | None = None, config_section: str = "sft"
+    source: ConversationData, section: BadRowPolicy, cache_dir: Path | None = None, config_section: str = "sft"
 ) -> tuple[list[list[dict]], RowReport]:
     """Normalised conversations from a source, with the bad-row policy applied."""
     rows = load_source(source, cache_dir=cache_dir)
