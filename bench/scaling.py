@@ -158,12 +158,12 @@ def llama_scorer(tokenizer, args, seed: int):
     return TokenScorer(AutoModelForSequenceClassification.from_config(config))
 
 
-def target_fraction_reward(target_ids: torch.Tensor, query_length: int):
+def target_fraction_reward(target_ids: torch.Tensor):
     """Reward = fraction of response tokens in `target_ids` (tests/stages/test_ppo_learning.py)."""
 
-    def score(sequence_ids, attention_mask):
-        response, mask = sequence_ids[:, query_length:], attention_mask[:, query_length:].float()
-        hits = torch.isin(response, target_ids.to(response.device)).float() * mask
+    def score(query_ids, query_mask, response_ids, response_mask):
+        mask = response_mask.float()
+        hits = torch.isin(response_ids, target_ids.to(response_ids.device)).float() * mask
         return hits.sum(1) / mask.sum(1).clamp(min=1)
 
     return score
@@ -215,7 +215,7 @@ def ppo_scaling(args, tokenizer, reporter: Reporter) -> None:
         policy = llama_policy(tokenizer, args, args.seed)
         reference = copy.deepcopy(policy)
         value = llama_scorer(tokenizer, args, args.seed + 1)
-        reward = target_fraction_reward(target_ids, query_ids.shape[1])
+        reward = target_fraction_reward(target_ids)
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         trainers[length] = RLTrainer(policy, reference, value, reward, tokenizer, settings, accelerator,
                                      total_updates=1000, seed=args.seed)

@@ -31,20 +31,32 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature): the distribution the tokens were sampled from.
+def log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) in float32: the distribution the tokens were sampled from.
 
-    logits: (batch, len, vocab); tokens: (batch, len) -> (batch, len) float32
+    logits: (batch, len, vocab) -> (batch, len, vocab)
     """
-    logits = logits.float() / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+    return F.log_softmax(logits.float() / temperature, dim=-1)
+
+
+def token_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) from a log-softmax: (batch, len, vocab), (batch, len) -> (batch, len)."""
+    return torch.gather(log_probs, 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """Entropy per position from a log-softmax: (batch, len, vocab) -> (batch, len)."""
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log p(token) under softmax(logits / temperature): (batch, len, vocab), (batch, len) -> (batch, len) float32."""
+    return token_logprobs(log_softmax_at(logits, temperature), tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """Entropy of softmax(logits / temperature) per position: (batch, len, vocab) -> (batch, len)."""
-    logits = logits.float() / temperature
-    log_probs = F.log_softmax(logits, dim=-1)
-    return -(log_probs.exp() * log_probs).sum(-1)
+    return entropy_from_log_probs(log_softmax_at(logits, temperature))
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

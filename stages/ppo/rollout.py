@@ -6,17 +6,23 @@
 The implementation details that make RLHF PPO work (Huang et al., "The N Implementation
 Details of RLHF with PPO") live here:
 
-- queries are left-padded with a pad token that is not EOS; every forward pass gets explicit
-  position ids (cumulative sum of the attention mask), `generate` gets none and makes its own;
-- responses are sampled with the configured temperature, top_k=0 and top_p=1, and every logprob
-  (rollout, reference and, later, training) comes from a forward pass on logits divided by that
-  same temperature, never from `generate`'s processed scores;
+- queries are left-padded with a pad token that is not EOS; every forward pass, sampling
+  included, gets explicit position ids (cumulative sum of the attention mask);
+- responses are sampled at the configured temperature with no top-k, top-p or other processor
+  (stages/ppo/sampling.py), and every logprob (rollout, reference and, later, training) comes
+  from a separate forward pass on logits divided by that same temperature, never from the
+  sampling loop's own logits;
 - a response is cut after its first EOS (later tokens become pad); the reward model scores the
   cut (query, response) and the score lands on the EOS token itself; a response with no EOS gets
   the configured penalty;
 - the per-token reward is -beta * KL(policy || reference) plus the normalised score on the last
   token; advantages come from GAE (PPO) or a group baseline (RLOO, GRPO) and are whitened over
   the whole rollout across processes. Every statistic is masked to real response tokens.
+
+Speed: no forward pass computes a column that is padding in every row of its batch. Scoring
+passes run over the rollout sorted by length, so each micro-batch holds sequences of similar
+length, and each micro-batch is cut to its own widest prompt and longest response
+(`real_columns`); the results go back to their rows. The update does the same per micro-batch.
 """
 
 from __future__ import annotations
@@ -26,8 +32,6 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
-from transformers import GenerationConfig
-
 from reward_model.model import position_ids_from
 from reward_model.scoring import at_last_token
 from stages.ppo.advantages import (
@@ -38,9 +42,12 @@ from stages.ppo.advantages import (
     whiten,
 )
 from stages.ppo.losses import kl_estimate, logprobs_from_logits, masked_sum
+from stages.ppo.sampling import sample_responses
 
-# (query_response_ids, attention_mask) -> one raw score per sequence, read at its last real token.
-RewardFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (query_ids, query_mask, response_ids, response_mask) -> one raw score per sequence: (batch,).
+# Queries are left-padded, responses right-padded and cut after their EOS; a batch may be any
+# subset of a rollout's rows, in any order, cut to its own widest query and longest response.
+RewardFunction = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -72,6 +79,17 @@ class Experience:
             for f in fields(self)
         })
 
+    def without_padding_columns(self) -> "Experience":
+        """The same episodes, minus the query and response columns that are padding in every row."""
+        query_columns, response_columns = real_columns(self.query_mask, self.response_mask)
+
+        def cut(name: str, value: torch.Tensor | None) -> torch.Tensor | None:
+            if value is None or value.dim() < 2:
+                return value
+            return value[:, query_columns] if name.startswith("query") else value[:, response_columns]
+
+        return Experience(**{f.name: cut(f.name, getattr(self, f.name)) for f in fields(self)})
+
     @property
     def sequence_ids(self) -> torch.Tensor:
         return torch.cat([self.query_ids, self.response_ids], dim=1)
@@ -100,6 +118,24 @@ def truncate_after_eos(
     return truncated, mask, has_eos, first_eos
 
 
+def real_columns(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[slice, slice]:
+    """The query and response columns that hold a real token in at least one row.
+
+    query_mask: (batch, query_len), left-padded; response_mask: (batch, response_len), right-padded.
+    Dropping the other columns changes no real token's output: left padding is masked out of
+    attention and positions count real tokens only, and causal attention never looks right.
+    """
+    first_query = int(query_mask.any(0).int().argmax()) if query_mask.any() else query_mask.shape[1]
+    response_length = int(response_mask.sum(1).max()) if len(response_mask) else 0
+    return slice(first_query, None), slice(0, response_length)
+
+
+def length_sorted_micro_batches(query_mask: torch.Tensor, response_mask: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Row indices in micro-batches of `size`, longest sequences first, so each cuts away most padding."""
+    lengths = query_mask.sum(1) + response_mask.sum(1)
+    return list(torch.argsort(lengths, descending=True, stable=True).split(size))
+
+
 def response_logits(model, sequence_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> torch.Tensor:
     """Logits predicting each response token: (batch, response_len, vocab).
 
@@ -126,8 +162,9 @@ def reward_model_function(reward_model) -> RewardFunction:
     """A reward model (a TokenScorer) as a RewardFunction."""
 
     @torch.no_grad()
-    def score(sequence_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return at_last_token(reward_model(sequence_ids, attention_mask), attention_mask)
+    def score(query_ids, query_mask, response_ids, response_mask) -> torch.Tensor:
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        return at_last_token(reward_model(torch.cat([query_ids, response_ids], dim=1), attention_mask), attention_mask)
 
     return score
 
@@ -163,52 +200,40 @@ class ExperienceMaker:
         self.policy, self.reference, self.value = policy, reference, value
         self.reward_fn, self.tokenizer, self.settings, self.accelerator = reward_fn, tokenizer, settings, accelerator
         self.reference_context = reference_context
-        self.generation_config = GenerationConfig(
-            max_new_tokens=settings.response_length,
-            min_new_tokens=0,
-            do_sample=True,
-            temperature=settings.temperature,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=None,
+
+    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_model=None) -> torch.Tensor:
+        """Sampled responses, (batch, response_len), pad after the EOS."""
+        return sample_responses(
+            generation_model or self.policy, query_ids, query_mask, max_new_tokens=self.settings.response_length,
+            temperature=self.settings.temperature, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
         )
 
     @torch.no_grad()
-    def generate(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_model=None) -> torch.Tensor:
-        """Sampled responses, (batch, response_len), padded to full length."""
-        model = generation_model or self.policy
-        sequences = model.generate(input_ids=query_ids, attention_mask=query_mask, generation_config=self.generation_config)
-        responses = sequences[:, query_ids.shape[1] :]
-        missing = self.settings.response_length - responses.shape[1]
-        if missing > 0:
-            responses = torch.nn.functional.pad(responses, (0, missing), value=self.tokenizer.pad_token_id)
-        return responses
-
-    @torch.no_grad()
     def make(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_model=None) -> Experience:
-        settings, length = self.settings, self.settings.response_length
+        settings = self.settings
         raw_responses = self.generate(query_ids, query_mask, generation_model)
         response_ids, response_mask, has_eos, last_index = truncate_after_eos(
             raw_responses, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         )
-        sequence_ids = torch.cat([query_ids, response_ids], dim=1)
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)
-
-        logprobs, ref_logprobs, values, raw_scores = [], [], [], []
-        for start in range(0, len(sequence_ids), settings.micro_batch_size):
-            part = slice(start, start + settings.micro_batch_size)
-            ids, mask, tokens = sequence_ids[part], attention_mask[part], response_ids[part]
-            logprobs.append(logprobs_from_logits(response_logits(self.policy, ids, mask, length), tokens, settings.temperature))
+        # Filled micro-batch by micro-batch; columns past a micro-batch's longest response stay 0 (masked).
+        logprobs = torch.zeros_like(response_ids, dtype=torch.float32)
+        ref_logprobs = torch.zeros_like(logprobs)
+        values = torch.zeros_like(logprobs) if self.value is not None else None
+        raw_scores = logprobs.new_zeros(len(response_ids))
+        for rows in length_sorted_micro_batches(query_mask, response_mask, settings.micro_batch_size):
+            query_columns, response_columns = real_columns(query_mask[rows], response_mask[rows])
+            queries, query_masks = query_ids[rows, query_columns], query_mask[rows, query_columns]
+            tokens, token_masks = response_ids[rows, response_columns], response_mask[rows, response_columns]
+            ids, mask = torch.cat([queries, tokens], dim=1), torch.cat([query_masks, token_masks], dim=1)
+            width = tokens.shape[1]
+            logprobs[rows, :width] = logprobs_from_logits(response_logits(self.policy, ids, mask, width), tokens, settings.temperature)
             with (self.reference_context() if self.reference_context else contextlib.nullcontext()):
                 reference = self.reference if self.reference is not None else self.policy
-                ref_logprobs.append(logprobs_from_logits(response_logits(reference, ids, mask, length), tokens, settings.temperature))
-            if self.value is not None:
-                values.append(response_values(self.value, ids, mask, length))
-            raw_scores.append(self.reward_fn(ids, mask).float())
-        logprobs, ref_logprobs, raw_scores = torch.cat(logprobs), torch.cat(ref_logprobs), torch.cat(raw_scores)
-        values = torch.cat(values) if values else None
+                ref_logprobs[rows, :width] = logprobs_from_logits(response_logits(reference, ids, mask, width), tokens, settings.temperature)
+            if values is not None:
+                values[rows, :width] = response_values(self.value, ids, mask, width)
+            raw_scores[rows] = self.reward_fn(queries, query_masks, tokens, token_masks).float()
 
         scores = self.normalise(raw_scores, has_eos)
         kl = kl_estimate(logprobs, ref_logprobs, settings.kl_estimator) * response_mask

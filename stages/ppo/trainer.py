@@ -19,17 +19,27 @@ from torch import nn
 
 from pipeline.config import PPOConfig
 from pipeline.distributed import fit_deepspeed_batch
+from pipeline.optimization import fused_adamw_supported
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
 from stages.ppo.losses import (
     clipped_policy_loss,
     clipped_value_loss,
-    entropy_from_logits,
+    entropy_from_log_probs,
     kl_estimate,
-    logprobs_from_logits,
+    log_softmax_at,
     masked_mean,
     masked_sum,
+    token_logprobs,
 )
-from stages.ppo.rollout import Experience, ExperienceMaker, RewardFunction, RolloutSettings, response_logits, response_values
+from stages.ppo.rollout import (
+    Experience,
+    ExperienceMaker,
+    RewardFunction,
+    RolloutSettings,
+    length_sorted_micro_batches,
+    response_logits,
+    response_values,
+)
 
 
 class PolicyAndValue(nn.Module):
@@ -110,7 +120,8 @@ class RLTrainer:
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.policy_learning_rate}]
         if use_value:
             groups.append({"params": [p for p in value.parameters() if p.requires_grad], "lr": config.value_learning_rate})
-        optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
+        trainable = [p for group in groups for p in group["params"]]
+        optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0, fused=fused_adamw_supported(trainable))
         schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.lr_schedule == "linear" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         fit_deepspeed_batch(accelerator, config.micro_batch_size)
@@ -158,11 +169,15 @@ class RLTrainer:
             order = torch.randperm(local, generator=self.generator)
             for mini_start in range(0, mini_size * config.num_mini_batches, mini_size):
                 mini = order[mini_start : mini_start + mini_size]
-                micro_batches = list(mini.split(config.micro_batch_size))
+                # Gradients add up over the minibatch whatever its order: group similar lengths.
+                micro_batches = [mini[rows] for rows in length_sorted_micro_batches(
+                    experience.query_mask[mini], experience.response_mask[mini], config.micro_batch_size
+                )]
                 for index, micro in enumerate(micro_batches):
                     last = index == len(micro_batches) - 1
+                    batch = experience.select(micro.to(experience.response_ids.device)).without_padding_columns()
                     with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
-                        stats = self.micro_step(experience.select(micro.to(experience.response_ids.device)), len(micro) / len(mini))
+                        stats = self.micro_step(batch, len(micro) / len(mini))
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
                 self.clip_gradients(totals)
@@ -176,8 +191,9 @@ class RLTrainer:
 
     def micro_step(self, batch: Experience, weight: float) -> dict[str, torch.Tensor]:
         config, mask = self.config, batch.response_mask
-        logits, values = self.model(batch.sequence_ids, batch.attention_mask, config.response_length)
-        logprobs = logprobs_from_logits(logits, batch.response_ids, config.temperature)
+        logits, values = self.model(batch.sequence_ids, batch.attention_mask, batch.response_ids.shape[1])
+        log_probs = log_softmax_at(logits, config.temperature)
+        logprobs = token_logprobs(log_probs, batch.response_ids)
         policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
         loss = policy_loss
         stats = {
@@ -185,7 +201,7 @@ class RLTrainer:
             "policy/clipfrac": policy_stats["clipfrac"],
             "policy/approxkl": policy_stats["approxkl"],
             "val/ratio": policy_stats["ratio"],
-            "policy/entropy": masked_mean(entropy_from_logits(logits.detach(), config.temperature), mask),
+            "policy/entropy": masked_mean(entropy_from_log_probs(log_probs.detach()), mask),
         }
         if config.estimator == "grpo":
             kl_loss = masked_mean(kl_estimate(logprobs, batch.ref_logprobs, "k3"), mask)

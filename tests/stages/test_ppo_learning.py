@@ -12,12 +12,12 @@ from tests.conftest import tiny_causal_lm, tiny_token_scorer
 from tests.stages.test_ppo_rollout import ppo_settings
 
 
-def target_fraction_reward(target_ids: torch.Tensor, query_length: int):
+def target_fraction_reward(target_ids: torch.Tensor):
     """Reward = fraction of response tokens that are in `target_ids`, behind the RewardFunction interface."""
 
-    def score(sequence_ids, attention_mask):
-        response, mask = sequence_ids[:, query_length:], attention_mask[:, query_length:].float()
-        hits = torch.isin(response, target_ids).float() * mask
+    def score(query_ids, query_mask, response_ids, response_mask):
+        mask = response_mask.float()
+        hits = torch.isin(response_ids, target_ids).float() * mask
         return hits.sum(1) / mask.sum(1).clamp(min=1)
 
     return score
@@ -48,7 +48,7 @@ def test_rl_raises_a_known_reward_with_bounded_kl(bpe_tokenizer, estimator, over
     batch = [prompt for prompt in prompts for _ in range(k)] * (16 // (4 * k))
     query_ids, query_mask = pad_batch(batch, bpe_tokenizer.pad_token_id, side="left")
     target_ids = torch.arange(50, 90)  # 40 of 400 tokens: a 10% base rate for an untrained policy
-    reward = target_fraction_reward(target_ids, query_ids.shape[1])
+    reward = target_fraction_reward(target_ids)
     settings = ppo_settings(
         estimator=estimator, rollout_batch_size=16, num_mini_batches=2, micro_batch_size=8, ppo_epochs=4,
         response_length=12, temperature=1.0, missing_eos_penalty="none", normalize_scores=False,

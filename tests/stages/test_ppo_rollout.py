@@ -9,7 +9,8 @@ from accelerate import Accelerator
 from pipeline.config import PPOConfig
 from reward_model.scoring import pad_batch
 from stages.ppo.losses import logprobs_from_logits
-from stages.ppo.rollout import Experience, response_logits, truncate_after_eos
+from stages.ppo import rollout as rollout_module
+from stages.ppo.rollout import Experience, length_sorted_micro_batches, real_columns, response_logits, truncate_after_eos
 from stages.ppo.trainer import RLTrainer, disable_dropout
 from tests.conftest import tiny_causal_lm, tiny_token_scorer
 
@@ -35,14 +36,22 @@ def ppo_settings(**overrides) -> PPOConfig:
 
 
 class RecordingReward:
-    """A reward function that scores by length and remembers what it was given."""
+    """A reward function that scores by content and remembers, per scored row, what it was given."""
 
     def __init__(self):
-        self.calls = []
+        self.rows = []  # (real query tokens, real response tokens) of every row scored
 
-    def __call__(self, sequence_ids, attention_mask):
-        self.calls.append((sequence_ids.clone(), attention_mask.clone()))
-        return attention_mask.sum(1).float()
+    @staticmethod
+    def score_of(query: list[int], response: list[int]) -> float:
+        return float(len(query) + 10 * len(response) + sum(response) % 7)
+
+    def __call__(self, query_ids, query_mask, response_ids, response_mask):
+        scores = []
+        for ids, mask, tokens, token_mask in zip(query_ids, query_mask, response_ids, response_mask):
+            row = (ids[mask.bool()].tolist(), tokens[token_mask.bool()].tolist())
+            self.rows.append(row)
+            scores.append(self.score_of(*row))
+        return torch.tensor(scores)
 
 
 @pytest.fixture
@@ -73,33 +82,33 @@ def test_left_padding_with_position_ids_changes_nothing(bpe_tokenizer):
         torch.testing.assert_close(batched[row], alone[0], atol=1e-5, rtol=1e-4)
 
 
-def test_rollout_samples_as_configured_and_logprobs_match_the_training_pass(bpe_tokenizer, trainer_parts):
+def test_rollout_samples_as_configured_and_logprobs_match_the_training_pass(bpe_tokenizer, trainer_parts, monkeypatch):
     policy, reference, value, reward, query_ids, query_mask = trainer_parts
     trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward)
     assert bpe_tokenizer.pad_token_id != bpe_tokenizer.eos_token_id
     recorded = {}
-    original_generate = policy.generate
+    sample = rollout_module.sample_responses
 
-    def recording_generate(**kwargs):
-        recorded.update(kwargs)
-        return original_generate(**kwargs)
+    def recording_sample(model, ids, mask, **kwargs):
+        recorded.update(kwargs, query_ids=ids)
+        return sample(model, ids, mask, **kwargs)
 
-    policy.generate = recording_generate
+    monkeypatch.setattr(rollout_module, "sample_responses", recording_sample)
     torch.manual_seed(0)
     experience = trainer.rollout(query_ids, query_mask)
-    config = recorded["generation_config"]
-    assert "position_ids" not in recorded
-    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 1.0)
-    assert recorded["input_ids"][:, 0].eq(bpe_tokenizer.pad_token_id).any()  # queries are left-padded
-    # The training forward (through the prepared model, temperature-scaled logits) reproduces the
-    # rollout's logprobs: the first PPO ratio is exactly 1, and the reference agrees before any update.
+    assert recorded["temperature"] == 0.7 and recorded["max_new_tokens"] == 6
+    assert recorded["query_ids"][:, 0].eq(bpe_tokenizer.pad_token_id).any()  # queries are left-padded
+    # The training forward (through the prepared model, temperature-scaled logits, the whole
+    # padded batch at once) reproduces the rollout's logprobs, which were computed in
+    # length-sorted micro-batches cut to their own width: the first PPO ratio is exactly 1, and
+    # the reference agrees before any update.
     logits, values = trainer.model(experience.sequence_ids, experience.attention_mask, 6)
     recomputed = logprobs_from_logits(logits, experience.response_ids, 0.7)
     mask = experience.response_mask.bool()
     torch.testing.assert_close(recomputed[mask], experience.logprobs[mask], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(experience.ref_logprobs[mask], experience.logprobs[mask], atol=1e-5, rtol=1e-5)
     assert experience.kl[mask].abs().max() < 1e-5
-    torch.testing.assert_close(values[mask], experience.values[mask])
+    torch.testing.assert_close(values[mask], experience.values[mask], atol=1e-5, rtol=1e-5)
 
 
 def test_the_reward_scores_the_truncated_response_and_lands_on_eos(bpe_tokenizer, trainer_parts):
@@ -110,22 +119,62 @@ def test_the_reward_scores_the_truncated_response_and_lands_on_eos(bpe_tokenizer
         policy.lm_head.bias = None
     trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward, kl_coef=0.0, normalize_scores=False,
                            missing_eos_penalty="none", whiten_advantages=False)
-    torch.manual_seed(3)
-    experience = trainer.rollout(query_ids, query_mask)
-    scored_ids = torch.cat([ids for ids, _ in reward.calls])
-    scored_mask = torch.cat([mask for _, mask in reward.calls])
+    for seed in range(20):  # the first seeded rollout with responses both with and without an EOS
+        torch.manual_seed(seed)
+        reward.rows.clear()
+        experience = trainer.rollout(query_ids, query_mask)
+        if experience.has_eos.any() and not experience.has_eos.all():
+            break
     assert experience.has_eos.any() and not experience.has_eos.all()
+    assert len(reward.rows) == len(experience)
     for row in range(len(experience)):
-        real = scored_ids[row][scored_mask[row].bool()]
+        query = experience.query_ids[row][experience.query_mask[row].bool()].tolist()
+        response = experience.response_ids[row][experience.response_mask[row].bool()].tolist()
+        # Scored in a length-sorted micro-batch, but the score came back to its own row.
+        assert (query, response) in reward.rows
         if experience.has_eos[row]:
-            assert real[-1].item() == bpe_tokenizer.eos_token_id  # scored up to and including the EOS
+            assert response[-1] == bpe_tokenizer.eos_token_id  # scored up to and including the EOS
             eos_position = experience.last_index[row].item()
             assert experience.response_ids[row, eos_position] == bpe_tokenizer.eos_token_id
             assert (experience.response_ids[row, eos_position + 1 :] == bpe_tokenizer.pad_token_id).all()
-        # The score (here: the number of real tokens) sits on the last real response token, nowhere else.
+        # The score sits on the last real response token, nowhere else.
         expected = torch.zeros(6)
-        expected[experience.last_index[row]] = scored_mask[row].sum()
+        expected[experience.last_index[row]] = RecordingReward.score_of(query, response)
         torch.testing.assert_close(experience.rewards[row], expected)
+
+
+def test_micro_batches_drop_only_columns_that_are_padding_in_every_row(bpe_tokenizer, trainer_parts):
+    *_, query_ids, query_mask = trainer_parts
+    response_mask = torch.tensor([[1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+    rows = torch.tensor([0, 2])
+    query_columns, response_columns = real_columns(query_mask[rows], response_mask[rows])
+    kept = query_mask[rows, query_columns]
+    assert kept.any(0).all() and kept.sum() == query_mask[rows].sum()  # every real token kept, no all-pad column
+    assert response_columns == slice(0, 2)
+    # Longest sequences first, every row exactly once.
+    batches = length_sorted_micro_batches(query_mask, response_mask, 3)
+    lengths = (query_mask.sum(1) + response_mask.sum(1)).tolist()
+    order = torch.cat(batches).tolist()
+    assert sorted(order) == [0, 1, 2, 3] and [len(b) for b in batches] == [3, 1]
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+
+
+def test_the_update_on_cut_micro_batches_matches_the_update_on_the_whole_padded_batch(bpe_tokenizer, trainer_parts):
+    """Cutting padding columns is an optimisation only: the same gradients as the full-width pass."""
+    policy, reference, value, reward, query_ids, query_mask = trainer_parts
+    trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward)
+    torch.manual_seed(0)
+    short = trainer.rollout(query_ids, query_mask).select(torch.tensor([0, 2, 3]))  # without the longest prompt
+    cut = short.without_padding_columns()
+    assert cut.sequence_ids.shape[1] < short.sequence_ids.shape[1]  # the micro-batch had columns to drop
+    gradients = []
+    for batch in (short, cut):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.micro_step(batch, 1.0)
+        gradients.append({name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None})
+        assert len(gradients[-1]) > 0
+    for name, gradient in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], gradient, atol=1e-6, rtol=1e-4)
 
 
 def test_missing_eos_is_penalised_as_configured(bpe_tokenizer, trainer_parts):
