@@ -132,6 +132,8 @@ def train(context: StageContext) -> StageResult:
             context.tracker.log(metrics, step=done)
             progress.set_postfix(loss=f"{train_loss:.3f}")
             window_started, window_steps = time.perf_counter(), 0
+        # Evaluation and checkpoints are not training: their time is left out of the throughput window.
+        paused = time.perf_counter()
         if done % section.eval_every == 0 or done == section.max_steps:
             last_eval = evaluate()
             context.tracker.log(last_eval, step=done)
@@ -147,6 +149,7 @@ def train(context: StageContext) -> StageResult:
                 extra={"first_eval": first_eval},
                 keep=section.keep_checkpoints,
             )
+        window_started += time.perf_counter() - paused
     progress.close()
 
     # ----------------------------------------------------------------------------------- save
