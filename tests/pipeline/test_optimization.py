@@ -1,0 +1,39 @@
+"""The optimiser and schedule of the hand-written loops (pipeline/optimization.py)."""
+
+import pytest
+import torch
+
+from pipeline.optimization import adamw, fused_adamw_supported, warmup_cosine
+
+
+def test_warmup_then_cosine_down_to_the_floor():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = warmup_cosine(optimizer, warmup_steps=10, total_steps=110, min_lr_ratio=0.1)
+    rates = []
+    for _ in range(111):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(1.0) and rates[10] == pytest.approx(2.0)
+    assert rates[60] == pytest.approx(2.0 * (0.1 + 0.9 * 0.5))  # halfway down the cosine
+    assert rates[110] == pytest.approx(0.2)  # the floor at the last step
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+
+
+def test_adamw_decays_matrices_only_with_the_fused_kernel_on_cpu():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    optimizer = adamw(model, learning_rate=1e-3, weight_decay=0.1)
+    decayed, plain = optimizer.param_groups
+    assert [p.dim() for p in decayed["params"]] == [2] and decayed["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0.0
+    assert optimizer.defaults["fused"] is True
+    model(torch.randn(2, 4)).sum().backward()
+    before = model[0].weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(before, model[0].weight)
+
+
+def test_fused_only_where_the_kernel_exists():
+    assert fused_adamw_supported([torch.nn.Parameter(torch.zeros(2))])
+    assert not fused_adamw_supported([torch.nn.Parameter(torch.zeros(2, device="meta"))])
+    assert not fused_adamw_supported([])
