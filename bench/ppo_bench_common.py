@@ -43,10 +43,13 @@ def emit(result: dict) -> None:
 
 
 def load_models(folder: str | Path, *, value: bool = True):
-    """(tokenizer, policy, reference, value or None, reward model), all fp32, from the prepared folder.
+    """(tokenizer, policy, reference, value or None, reward), all fp32, from the prepared folder.
 
     The value model starts from the reward model, as chatpipe's PPO stage and TRL's examples do.
+    The reward is the known one (`target_count_reward`), computed alongside the reward model.
     """
+    import json
+
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -56,8 +59,51 @@ def load_models(folder: str | Path, *, value: bool = True):
     reference = AutoModelForCausalLM.from_pretrained(folder / "policy", dtype=torch.float32)
     value_model = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32) if value else None
     reward_model = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1, dtype=torch.float32)
-    reward_model.eval().requires_grad_(False)
-    return tokenizer, policy, reference, value_model, reward_model
+    reward = target_count_reward(reward_model, json.loads((folder / "reward_targets.json").read_text()))
+    return tokenizer, policy, reference, value_model, reward
+
+
+def target_count_reward(reward_model, target_ids: list[int]):
+    """The known synthetic reward, as a module both trainers call like a reward model.
+
+    Its score at every position is the number of tokens so far that are in `target_ids`, tokens
+    that no prompt contains. Read at the last real token, as both trainers read a reward model,
+    it is the number of target tokens in the response: a known quantity, which the held-out
+    evaluation measures to ~0.1 token, and which RL with a working gradient raises within a few
+    hundred episodes.
+
+    The module has the shape TRL's `get_reward` and chatpipe's `per_token_scores` expect from
+    AutoModelForSequenceClassification: a backbone under `base_model_prefix` whose output has
+    `last_hidden_state` / `hidden_states`, and a `score` head. Its backbone also runs the real
+    reward model's transformer on the same tokens, so the reward costs what a reward model costs
+    and the throughput comparison is unchanged; that output enters the score multiplied by 0.
+    """
+    import torch
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    class Backbone(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer = getattr(reward_model, reward_model.base_model_prefix)
+            indicator = torch.zeros(reward_model.config.vocab_size)
+            indicator[torch.tensor(target_ids)] = 1.0
+            self.register_buffer("indicator", indicator)
+
+        def forward(self, input_ids, attention_mask, position_ids=None, **_):
+            hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                      use_cache=False).last_hidden_state
+            count = (self.indicator[input_ids] * attention_mask.float()).cumsum(1)
+            state = count.unsqueeze(-1) + 0.0 * hidden[..., :1]
+            return BaseModelOutputWithPast(last_hidden_state=state, hidden_states=(state,))
+
+    class TargetCountReward(torch.nn.Module):
+        base_model_prefix = "backbone"
+
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.score, self.config = Backbone(), torch.nn.Identity(), reward_model.config
+
+    return TargetCountReward().eval().requires_grad_(False)
 
 
 def left_pad(prompts: list[list[int]], pad_token_id: int):

@@ -18,9 +18,13 @@ Built once per run in a temp folder that both sides load from:
 - a byte-level BPE tokenizer (stages.tokenizer.bpe.train_bpe, vocab 2048) on Tiny Shakespeare;
 - a Llama policy (hidden 64, 2 layers, 2 heads, 213k parameters, fp32) and a reward model of the
   same shape (AutoModelForSequenceClassification, one label), random-init from configs, saved
-  with save_pretrained. The reward head is re-drawn with std 1/sqrt(hidden) so that scores
-  spread ~1 and there is something to climb. The reference is a second load of the policy, the
-  value model a second load of the reward model, on both sides;
+  with save_pretrained. The reference is a second load of the policy, the value model a second
+  load of the reward model, on both sides;
+- the reward both sides optimise is a known one: the number of target tokens in the response,
+  the targets 10% of the vocabulary (205 tokens) drawn among tokens no prompt contains
+  (bench/ppo_bench_common.py `target_count_reward`). It is served as a reward-model-shaped
+  module that also runs the reward model's transformer on the same tokens, so each side pays
+  for a reward-model forward pass exactly as it would with a trained one;
 - prompts: HH-harmless conversations (data/samples/hh_harmless_1000.jsonl) cut before the final
   reply (data.conversations.parse_hh + prompt_of), rendered with the chat template and its
   generation prompt, at most 128 tokens, shuffled once: 256 train prompts (PPO sees each once;
@@ -50,57 +54,74 @@ default (2) chatpipe's PPO ran ~10x slower under load (1.9 vs 17.5 episodes/s), 
 measure the neighbours, not the trainers.
 
 Differences that remain because the trainers differ, not the settings:
-- TRL 1.12 takes rollout logprobs from `generate`'s scores; chatpipe recomputes them with one more
-  policy forward pass (rollout and training logprobs then come from the same kind of pass).
+- TRL 1.12 samples with `generate` and takes rollout logprobs from its scores; chatpipe samples
+  with its own loop (stages/ppo/sampling.py) and recomputes the logprobs with one more policy
+  forward pass (rollout and training logprobs then come from the same kind of pass).
+- chatpipe's scoring and training passes skip columns that are padding in every row of their
+  micro-batch (the rollout is scored sorted by length); TRL's run over the rollout's full width.
 - TRL calls optimizer.step() per micro-batch inside `accelerator.accumulate` with
   gradient_accumulation_steps = micro-batches per rollout, so the optimizer steps once per PPO
   epoch, not per minibatch, except on the last batch of each pass over the DataLoader, where
   accelerate syncs every micro-batch: 68 steps for 256 episodes against chatpipe's 128.
 - TRL's PPO loop never clips gradients (chatpipe clips policy and value each to 1.0,
-  --chatpipe-max-grad-norm); TRL's AdamW is the fused one with eps 1e-8, chatpipe's the
-  single-tensor one with eps 1e-5.
+  --chatpipe-max-grad-norm). Both use torch's fused AdamW, TRL with eps 1e-8, chatpipe 1e-5.
 - TRL runs the LM head over every position in training; chatpipe over the response only.
 - TRL calls gc.collect() twice per rollout (after the scoring passes and after the update).
 
-Reward gain: both sides optimise the same random reward model, the known synthetic reward. Each
-worker scores seeded samples (temperature 0.7, 4 per prompt) on the 64 held-out prompts before
-and after training with the same code (bench/ppo_bench_common.py), so the score before is the
-same number for every run; also the mean training score of the first and last 3 rollouts.
+Reward gain: each worker samples the 64 held-out prompts 4 times each (seeded, temperature 0.7,
+HF generate on both sides) before and after training and scores them with the known reward
+through the same code (bench/ppo_bench_common.py), so the score before is the same number for
+every run; also the mean training score of the first and last 3 rollouts. (Until 2026-11-24 the
+reward was the random reward model itself: its scores moved by a few hundredths in 256
+episodes, below the 0.057 standard error of the held-out score, so gains could not be told
+apart, in either direction.)
 
 # -------------------------------------------------------------------------------- results
-2-core shared AMD EPYC VM (load 2.4-4.3 from other jobs), torch 2.13.0+cpu, transformers 5.23.0
-on both sides, accelerate 1.15.0, medians of 3 rounds, 256 episodes each:
+2-core shared AMD EPYC VM (load 0.6 at start), torch 2.13.0+cpu, transformers 5.23.0 on both
+sides, accelerate 1.15.0, medians of 3 rounds, 256 episodes each (2026-11-24):
 
     side      estimator  episodes/s  tokens/s  rollout s (generate s)  update s  wall s  gc s  opt steps  peak RSS MB  RSS@start MB  held-out gain
-    trl       ppo        12.91       1184      6.9 (1.6)               8.7       19.8    8.6   68         575          468           +0.045 (sd 0.004)
-    chatpipe  ppo        23.15       2643      3.1 (1.8)               8.0       11.1    0.0   128        440          378           +0.109 (sd 0.048)
-    chatpipe  rloo k=4   41.11       3747      2.2 (1.4)               4.0       6.2     0.0   128        421          380           +0.095 (sd 0.077)
-    chatpipe  grpo k=4   35.41       2852      2.9 (2.0)               4.4       7.2     0.0   128        421          383           +0.129 (sd 0.051)
+    trl       ppo        19.69       1912      4.3 (0.9)               6.1       13.0    5.3   68         576          467           +0.42 (sd 0.08)
+    chatpipe  ppo        43.58       7266      1.1 (0.5)               4.7       5.9     0.0   128        445          387           +2.07 (sd 0.72)
+    chatpipe  rloo k=4   76.93       9422      0.9 (0.5)               2.4       3.3     0.0   128        427          393           +0.89 (sd 0.41)
+    chatpipe  grpo k=4   78.65       9500      0.9 (0.5)               2.4       3.3     0.0   128        426          386           +0.99 (sd 0.62)
 
-chatpipe PPO / TRL PPO: episodes/s x1.79, generated tokens/s x2.23 (tokens over the rollout
-phase), rollout time x0.45, update time x0.92, CPU time x0.56, peak RSS x0.76 (RSS growth during
-training x0.58). Held-out score before training +0.206 (standard error 0.057).
+chatpipe PPO / TRL PPO: episodes/s x2.21, generated tokens/s x3.80 (tokens over the rollout
+phase), rollout time x0.26, update time x0.78, CPU time x0.45, peak RSS x0.77 (RSS growth during
+training x0.53). Held-out score before training 3.14 target tokens per response (standard error
+0.10); training score over the first -> last 3 rollouts 3.26 -> 4.96 (chatpipe PPO) and
+3.38 -> 3.43 (TRL).
 
-Where the time goes (cProfile of round 1, and the gc timer):
-- TRL: gc.collect() is 43% of its wall time (8.6 of 19.8 s: 32 full collections at ~0.27 s
-  each; both processes hold ~400k Python objects after importing transformers, so a full
-  collection costs the same in either, but chatpipe never forces one). Without it TRL would be
-  about as fast as chatpipe here (~11 s). Its rollout is 1.6 s of generation, ~1 s of scoring
-  passes and one collection per rollout.
-- chatpipe PPO (shares of the profiled loop): generation 16-20%, rollout scoring passes (policy
-  logprobs, reference, value, reward; 2 micro-batches each) ~11%, training forward (policy +
-  value) ~23%, backward ~32%, AdamW steps + two gradient-norm clips ~6.5% (128 steps at ~4 ms with
-  the single-tensor AdamW; TRL's fused AdamW takes ~2 ms a step), entropy over the full softmax,
-  for the metrics only, ~3%, losses and bookkeeping the rest.
-  The value model is half of the update: RLOO and GRPO, which drop it, update in about half the
-  time (4.0-4.4 s against 8.0 s).
-- Memory: TRL starts 90 MB higher (it imports pandas, pyarrow, datasets, rich) and grows 107 MB in
-  training against chatpipe's 62 MB (full-vocabulary logits over every position in training,
+The same code before this round of work (commit 0b93483, same day, same machine, quiet): x1.96
+(TRL 19.37, chatpipe 38.05 episodes/s), and x1.79 the day before under load.
+
+Where the time goes:
+- TRL: gc.collect() is ~41% of its wall time (5.3 of 13.0 s: two full collections per rollout;
+  both processes hold ~400k Python objects after importing transformers, so a full collection
+  costs the same in either, but chatpipe never forces one). Its rollout is 0.9 s of generation,
+  ~1 s of scoring passes over the full padded width, and one collection per rollout.
+- chatpipe PPO (cProfile of one run, shares of the loop): rollout 20% (sampling 10.5%, scoring
+  passes 10%), update 79%: backward 41%, forward passes of policy and value ~28%, gradient
+  clipping 3.3%, fused AdamW 2%, the entropy metric 2.4%. The models' own forward and backward
+  are what is left: at this size packing sequences into one row costs more than the padding it
+  saves (CPU attention computes the whole block-diagonal mask: 22 ms against 17 ms for a padded
+  micro-batch), so the update cuts all-padding columns instead.
+  What moved it from x1.96 (cProfile and torch.profiler, then the fixes): 41% of the scoring
+  and training positions were padding (now cut per micro-batch, the rollout scored sorted by
+  length: rollout 1.6 -> 1.1 s); `torch.multinomial` was 30% of generate's time and its per-token
+  bookkeeping another ~15% (own sampler: generation 0.9 -> 0.5 s); the entropy metric's second
+  log-softmax; the single-tensor AdamW (fused: 0.62 -> 0.18 ms a step).
+  The value model is half of the update: RLOO and GRPO, which drop it, update in half the time.
+- Memory: TRL starts 80 MB higher (it imports pandas, pyarrow, datasets, rich) and grows 109 MB in
+  training against chatpipe's 58 MB (full-vocabulary logits over every position in training,
   generate's scores kept for the rollout).
-- Learning: with the same learning rate chatpipe's PPO raised the held-out score more (+0.109 vs
-  +0.045), as expected from twice the optimizer steps; the spread across seeds (sd up to 0.08) and
-  the score's standard error (0.057) make this indicative only. At this size per-step overheads
-  dominate; the ratios say nothing about GPU-sized models.
+- Learning: on the known reward chatpipe's PPO raised the held-out count by 2.07 target tokens
+  per response against TRL's 0.42 (means of 3 rounds). Round by round chatpipe gained 1.51 /
+  1.82 / 2.88 and TRL 0.51 / 0.41 / 0.34: 1.0-2.5 tokens apart, 6 to 15 standard errors of the
+  difference (each held-out score has a standard error of 0.10-0.14). chatpipe takes twice
+  the optimizer steps at the same learning rate (see above), so read this as "learns at least as
+  much", not as a property of the PPO math. At this size per-step overheads dominate; the
+  ratios say nothing about GPU-sized models.
 
 Output: machine, versions and settings, the table, the chatpipe/TRL ratios, and JSON lines
 appended to bench/results/ppo_vs_trl.jsonl: one per run ("kind": "run"), one per side
@@ -143,6 +164,8 @@ def parse_args() -> argparse.Namespace:
                         help="policy and value (high: random-init models and 16 rollouts; the score must move)")
     parser.add_argument("--chatpipe-max-grad-norm", type=float, default=1.0)
     parser.add_argument("--trl-rollout-forward-batch-size", type=int, default=None, help="default: the rollout batch size")
+    parser.add_argument("--target-share", type=float, default=0.1,
+                        help="the known reward counts target tokens: this share of the vocabulary, drawn among tokens no prompt has")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--vocab-size", type=int, default=2048)
@@ -235,9 +258,15 @@ def prepare(folder: Path, args: argparse.Namespace) -> dict:
         raise SystemExit(f"only {len(prompts)} prompts fit in --max-prompt-length {args.max_prompt_length}; {needed} needed")
     train, held_out = prompts[: args.episodes], prompts[args.episodes : needed]
     (folder / "prompts.json").write_text(json.dumps({"train": train, "eval": held_out}))
+    # The known reward's targets: a share of the vocabulary that no prompt contains (and no special token).
+    seen = {token for ids in train + held_out for token in ids} | set(tokenizer.all_special_ids)
+    unseen = [token for token in range(len(tokenizer)) if token not in seen]
+    targets = sorted(random.Random(args.seed).sample(unseen, min(len(unseen), round(args.target_share * len(tokenizer)))))
+    (folder / "reward_targets.json").write_text(json.dumps(targets))
     parameters = sum(p.numel() for p in policy.parameters())
     return {"vocab_size": len(tokenizer), "policy_parameters": parameters, "prompts_too_long": too_long,
-            "mean_prompt_tokens": sum(map(len, train)) / len(train), "max_prompt_tokens": max(map(len, train))}
+            "mean_prompt_tokens": sum(map(len, train)) / len(train), "max_prompt_tokens": max(map(len, train)),
+            "target_tokens": len(targets)}
 
 
 # ------------------------------------------------------------------------------------- runs
@@ -339,6 +368,7 @@ def main() -> None:
         "missing_eos_penalty": args.missing_eos_penalty, "learning_rate": args.learning_rate,
         "chatpipe_max_grad_norm": args.chatpipe_max_grad_norm,
         "trl_rollout_forward_batch_size": args.trl_rollout_forward_batch_size or args.rollout_batch_size,
+        "target_share": args.target_share,
         "hidden_size": args.hidden_size, "layers": args.layers, "vocab_size": args.vocab_size,
         "max_prompt_length": args.max_prompt_length, "eval_prompts": args.eval_prompts,
         "eval_samples_per_prompt": args.eval_samples_per_prompt, "seed": args.seed, "repeats": args.repeats,
@@ -356,6 +386,8 @@ def main() -> None:
               f"{args.threads or 'default'} torch thread(s) per process")
         print(f"prompts: HH-harmless, <= {args.max_prompt_length} tokens (mean {data['mean_prompt_tokens']:.0f}, "
               f"max {data['max_prompt_tokens']}), left-padded; {args.eval_prompts} held out x {args.eval_samples_per_prompt} samples")
+        print(f"reward: the number of target tokens in the response ({data['target_tokens']} targets, tokens no prompt "
+              f"contains), computed alongside the reward model's forward pass")
         print(f"settings: {json.dumps(settings)}")
         sys.stdout.flush()
 
