@@ -32,6 +32,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+
 from reward_model.model import position_ids_from
 from reward_model.scoring import at_last_token
 from stages.ppo.advantages import (

@@ -29,10 +29,10 @@ def sample_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor
     """One token per row from softmax(logits / temperature), by inverse-CDF sampling.
 
     logits: (batch, vocab) -> (batch,) token ids. A uniform u in (0, total] picks the first token
-    whose cumulative probability reaches u, so a token of probability 0 is never picked (its
-    cumulative probability equals its predecessor's, which is already >= u or < u for both).
-    Uses torch's global generator on the logits' device, so seeding and checkpointed RNG state
-    make it reproducible.
+    whose cumulative probability reaches u. A token of probability 0 is never picked: it has the
+    same cumulative value as the token before it, so the search stops at that token or passes
+    both (and u > 0 rules out a first token of probability 0). Uses torch's global generator on
+    the logits' device, so seeding and checkpointed RNG state make it reproducible.
     """
     probabilities = torch.softmax(logits.float() / temperature, dim=-1)
     cumulative = probabilities.cumsum(dim=-1)
