@@ -18,8 +18,8 @@ Built once per run in a temp folder that both sides load from:
 - a byte-level BPE tokenizer (stages.tokenizer.bpe.train_bpe, vocab 2048) on Tiny Shakespeare;
 - a Llama policy (hidden 64, 2 layers, 2 heads, 213k parameters, fp32) and a reward model of the
   same shape (AutoModelForSequenceClassification, one label), random-init from configs, saved
-  with save_pretrained. The reference is a second load of the policy, the value model a second
-  load of the reward model, on both sides;
+  with save_pretrained, the reward head re-drawn with std 1/sqrt(hidden). The reference is a
+  second load of the policy, the value model a second load of the reward model, on both sides;
 - the reward both sides optimise is a known one: the number of target tokens in the response,
   the targets 10% of the vocabulary (205 tokens) drawn among tokens no prompt contains
   (bench/ppo_bench_common.py `target_count_reward`). It is served as a reward-model-shaped
