@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from reward_model.model import position_ids_from
+
 
 def sample_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """One token per row from softmax(logits / temperature), by inverse-CDF sampling.
@@ -54,7 +56,7 @@ def sample_responses(
     responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=query_ids.device)
     finished = torch.zeros(batch, dtype=torch.bool, device=query_ids.device)
     attention_mask = query_mask.long()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    position_ids = position_ids_from(attention_mask)
     cache = DynamicCache(config=model.config)
     input_ids = query_ids
     for step in range(max_new_tokens):
