@@ -7,7 +7,7 @@ Two loops train the same freshly initialised Llama on the same Tiny Shakespeare 
 
 - chatpipe: documents tokenized, joined with EOS and cut into blocks (`data.packing.pack_documents`),
   batches drawn by `data.packing.batch_indices`, the model built by
-  `stages.pretrain.model.model_from_config`, AdamW and its schedule from `pipeline.optimization`,
+  `stages.pretrain.model.model_from_config`, AdamW and its schedule from `pipeline.training.optimization`,
   everything wrapped by accelerate as in the stage. The timed step is the body of the `loop`
   section of `stages/pretrain/__main__.py::train` (micro-batches, autocast, backward, clip,
   optimizer and scheduler step); it is inline there, so it is mirrored in `ChatpipeLoop.step`
@@ -156,7 +156,7 @@ class ChatpipeLoop:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from pipeline.optimization import adamw, warmup_cosine
+        from pipeline.training.optimization import adamw, warmup_cosine
         from pipeline.stage import resolve_mixed_precision
         from stages.pretrain.model import model_from_config
 

@@ -25,12 +25,13 @@ from transformers import AutoTokenizer
 
 from data.packing import batch_indices
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
-from pipeline.distributed import replicas_in_sync
 from pipeline.errors import ConfigError
 from pipeline.manifest import read_manifest
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from pipeline.training.distributed import replicas_in_sync
+from pipeline.training.loop import Cadence, micro_batch_position, save_final_model
+from pipeline.training.state import Checkpointer
 from reward_model.model import TokenScorer, load_reward_model
-from stages.ppo.checkpoint import latest_checkpoint, load_ppo_checkpoint, save_ppo_checkpoint
 from stages.ppo.prompts import left_padded, load_prompts
 from stages.ppo.rollout import reward_model_function
 from stages.ppo.trainer import RLTrainer, decode_samples, evaluate_policy
@@ -54,7 +55,7 @@ def train(context: StageContext) -> StageResult:
     local_episodes = section.rollout_batch_size // world
     local_prompts = local_episodes // section.samples_per_prompt
     rollouts = max(1, section.total_episodes // section.rollout_batch_size)
-    checkpoints = context.stage_dir / "checkpoints"
+    cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
 
     # ----------------------------------------------------------------------------------- data
     train_prompts, held_out, counts = load_prompts(section, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
@@ -64,7 +65,7 @@ def train(context: StageContext) -> StageResult:
 
     def queries_for(rollout: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's prompts for a rollout, each repeated samples_per_prompt times in a row."""
-        position = (rollout * world + accelerator.process_index) * local_prompts
+        position = micro_batch_position(rollout, 0, accumulation=1, world=world, rank=accelerator.process_index, size=local_prompts)
         indices = batch_indices(position, local_prompts, len(train_prompts), config.seed)
         chosen = [train_prompts[i] for i in indices for _ in range(section.samples_per_prompt)]
         return left_padded(chosen, tokenizer.pad_token_id)
@@ -91,12 +92,19 @@ def train(context: StageContext) -> StageResult:
         seed=config.seed, reference_context=reference_context,
     )
 
+    # The policy and value model travel in one prepared module; each keeps its own folder.
+    checkpointer = Checkpointer(
+        context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints,
+        parts={"policy": "policy", "value": "value.pretrained_model"}, generators={"generator": trainer.generator},
+    )
     start, resumed_from, initial_eval = 0, None, None
-    latest = latest_checkpoint(checkpoints)
-    if latest is not None:
-        state = load_ppo_checkpoint(latest, trainer)
-        start, resumed_from, initial_eval = state["step"], state["step"], state["extra"].get("initial_eval")
-        accelerator.print(f"ppo: resuming from {latest} (rollout {start} of {rollouts}, episode {trainer.episode})")
+    restored = checkpointer.restore(trainer.model, trainer.optimizer, trainer.scheduler)
+    if restored is not None:
+        start = resumed_from = restored.step
+        initial_eval = restored.extra.get("initial_eval")
+        trainer.episode = restored.state["episode"]
+        trainer.kl_controller.load_state_dict(restored.state["kl_controller"])
+        accelerator.print(f"ppo: resuming from {restored.path} (rollout {start} of {rollouts}, episode {trainer.episode})")
 
     def log_eval(step: int) -> dict[str, float]:
         metrics, _ = evaluate_policy(trainer, eval_batches, config.seed)
@@ -116,23 +124,20 @@ def train(context: StageContext) -> StageResult:
         progress.set_postfix(score=f"{metrics['objective/raw_scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if done % section.sample_table_every == 0 or done == rollouts:
             log_samples(context, decode_samples(tokenizer, experience)[:8], done)
-        if done % section.eval_every == 0 or done == rollouts:
+        if cadence.evaluate(done):
             last_eval = log_eval(done)
-        if done % section.save_every == 0 and done < rollouts:
-            save_ppo_checkpoint(checkpoints, done, trainer, section.keep_checkpoints, extra={"initial_eval": initial_eval})
+        if cadence.save(done):
+            checkpointer.save(done, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler, state={
+                "episode": trainer.episode, "kl_controller": trainer.kl_controller.state_dict(),
+                "extra": {"initial_eval": initial_eval},
+            })
     progress.close()
 
     # ----------------------------------------------------------------------------------- save
-    accelerator.wait_for_everyone()
-    trained = accelerator.unwrap_model(trainer.model).policy
-    keep_adapter = section.lora is not None and section.lora.save == "adapter"
-    if section.lora is not None and not keep_adapter:
-        trained = trained.merge_and_unload()
-    if accelerator.is_main_process:
-        trained.save_pretrained(context.output_dir, safe_serialization=True)
-        tokenizer.save_pretrained(context.output_dir)
-        if keep_adapter:
-            write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
+    lora_save = section.lora.save if section.lora is not None else None
+    save_final_model(accelerator, trainer.model, context.output_dir, tokenizer, part="policy", lora_save=lora_save)
+    if accelerator.is_main_process and lora_save == "adapter":
+        write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
     return StageResult(context.output_dir, {
         "estimator": section.estimator,
         "world_size": world,

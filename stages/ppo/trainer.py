@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from pipeline.config import PPOConfig
-from pipeline.distributed import fit_deepspeed_batch
-from pipeline.optimization import fused_adamw_supported
+from pipeline.training.distributed import fit_deepspeed_batch
+from pipeline.training.loop import OptimizerStep
+from pipeline.training.optimization import fused_adamw_supported
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
 from stages.ppo.losses import (
     clipped_policy_loss,
@@ -126,6 +127,11 @@ class RLTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         fit_deepspeed_batch(accelerator, config.micro_batch_size)
         self.model, self.optimizer = accelerator.prepare(wrapper, optimizer)
+        # Policy and value gradients are clipped apart: their scales differ.
+        self.optimizer_step = OptimizerStep(
+            accelerator, self.model, self.optimizer, self.scheduler, config.max_grad_norm,
+            clip_groups=lambda: {"policy": accelerator.unwrap_model(self.model).policy, "value": accelerator.unwrap_model(self.model).value},
+        )
         self.kl_controller = (
             AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
             if config.adaptive_kl
@@ -173,23 +179,23 @@ class RLTrainer:
                 micro_batches = [mini[rows] for rows in length_sorted_micro_batches(
                     experience.query_mask[mini], experience.response_mask[mini], config.micro_batch_size
                 )]
-                for index, micro in enumerate(micro_batches):
-                    last = index == len(micro_batches) - 1
-                    batch = experience.select(micro.to(experience.response_ids.device)).without_padding_columns()
-                    with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
-                        stats = self.micro_step(batch, len(micro) / len(mini))
+                output = self.optimizer_step(
+                    [experience.select(micro.to(experience.response_ids.device)).without_padding_columns() for micro in micro_batches],
+                    self.micro_loss,
+                    weights=[len(micro) / len(mini) for micro in micro_batches],
+                )
+                for stats in output.micro_stats:
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
-                self.clip_gradients(totals)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                for name, norm in output.grad_norms.items():
+                    if norm is not None:  # DeepSpeed clips inside its engine and reports nothing here
+                        totals.setdefault(f"{name}/grad_norm", []).append(torch.as_tensor(float(norm), device=accelerator.device))
         means = {key: torch.stack(values).mean() for key, values in totals.items()}
         keys = sorted(means)
         reduced = accelerator.reduce(torch.stack([means[k] for k in keys]), "mean").tolist()
         return dict(zip(keys, reduced))
 
-    def micro_step(self, batch: Experience, weight: float) -> dict[str, torch.Tensor]:
+    def micro_loss(self, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config, mask = self.config, batch.response_mask
         logits, values = self.model(batch.sequence_ids, batch.attention_mask, batch.response_ids.shape[1])
         log_probs = log_softmax_at(logits, config.temperature)
@@ -212,20 +218,7 @@ class RLTrainer:
             loss = loss + config.vf_coef * value_loss
             stats["loss/value"] = value_loss.detach()
             stats["val/clipfrac"] = value_stats["clipfrac"]
-        self.accelerator.backward(loss * weight)
-        return stats
-
-    def clip_gradients(self, totals: dict[str, list[torch.Tensor]]) -> None:
-        """Clip the policy's and the value model's gradients each to max_grad_norm."""
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        for name, module in (("policy", unwrapped.policy), ("value", unwrapped.value)):
-            if module is None:
-                continue
-            parameters = [p for p in module.parameters() if p.grad is not None]
-            if parameters:
-                norm = self.accelerator.clip_grad_norm_(parameters, self.config.max_grad_norm)
-                if norm is not None:  # DeepSpeed clips inside its engine and reports nothing here
-                    totals.setdefault(f"{name}/grad_norm", []).append(torch.as_tensor(float(norm), device=self.accelerator.device))
+        return loss, stats
 
     # --------------------------------------------------------------------------------- step
     def step(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> tuple[dict[str, float], Experience]:

@@ -12,21 +12,18 @@ Output: RUN_DIR/pretrain/final, a Hugging Face model folder with the tokenizer.
 
 from __future__ import annotations
 
-import contextlib
-import math
-import time
-
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from data.packing import batch_indices
-from pipeline.optimization import adamw, warmup_cosine
-from pipeline.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
+from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
+from pipeline.training.metrics import perplexity
+from pipeline.training.optimization import adamw, warmup_cosine
+from pipeline.training.state import Checkpointer
 from stages.pretrain.corpus import prepare_blocks
 from stages.pretrain.model import adopt_base_model, count_parameters, model_from_config
 
@@ -41,14 +38,12 @@ def train(context: StageContext) -> StageResult:
     # ---------------------------------------------------------------------------------- setup
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)  # the same initial weights on every process
-    checkpoints = context.stage_dir / "checkpoints"
 
     # ----------------------------------------------------------------------------------- data
     with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
         train_blocks, validation_blocks = prepare_blocks(section, tokenizer, tokenizer_dir, context.run_dir / "cache" / "pretrain")
     micro_batch = section.per_device_batch_size
-    global_batch = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps
-    tokens_per_step = global_batch * section.block_size
+    tokens_per_step = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps * section.block_size
 
     # ---------------------------------------------------------------------------------- model
     model = model_from_config(config.model, tokenizer)
@@ -58,20 +53,20 @@ def train(context: StageContext) -> StageResult:
     fit_deepspeed_batch(accelerator, section.per_device_batch_size)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    start_step, resumed_from, first_eval = 0, None, None
-    latest = latest_checkpoint(checkpoints)
-    if latest is not None:
-        state = load_checkpoint(latest, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler)
-        start_step, resumed_from = state["step"], state["step"]
-        first_eval = state["extra"].get("first_eval")
-        accelerator.print(f"pretrain: resuming from {latest} (step {start_step} of {section.max_steps})")
+    def micro_batches(step: int) -> list[torch.Tensor]:
+        """This process's blocks for each micro-step of optimiser step `step` (0-based)."""
+        batches = []
+        for micro in range(section.gradient_accumulation_steps):
+            position = micro_batch_position(
+                step, micro, accumulation=section.gradient_accumulation_steps,
+                world=accelerator.num_processes, rank=accelerator.process_index, size=micro_batch,
+            )
+            indices = batch_indices(position, micro_batch, len(train_blocks), config.seed)
+            batches.append(torch.from_numpy(train_blocks[indices]).long().to(accelerator.device))
+        return batches
 
-    def micro_batch_at(step: int, micro: int) -> torch.Tensor:
-        """This process's blocks for micro-step `micro` of optimiser step `step` (0-based)."""
-        micro_index = step * section.gradient_accumulation_steps + micro
-        position = (micro_index * accelerator.num_processes + accelerator.process_index) * micro_batch
-        indices = batch_indices(position, micro_batch, len(train_blocks), config.seed)
-        return torch.from_numpy(train_blocks[indices]).long().to(accelerator.device)
+    def loss(blocks: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        return model(input_ids=blocks, labels=blocks).loss, {}
 
     @torch.no_grad()
     def evaluate() -> dict[str, float]:
@@ -82,85 +77,27 @@ def train(context: StageContext) -> StageResult:
         for start in range(0, len(mine), micro_batch):
             blocks = torch.from_numpy(mine[start : start + micro_batch]).long().to(accelerator.device)
             with accelerator.autocast():
-                loss = model(input_ids=blocks, labels=blocks).loss
-            loss_sum += loss.float() * len(blocks)
+                batch_loss = model(input_ids=blocks, labels=blocks).loss
+            loss_sum += batch_loss.float() * len(blocks)
             count += len(blocks)
         loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
         model.train()
         mean = (loss_sum / count.clamp(min=1)).item()
-        return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
+        return {"loss": mean, "perplexity": perplexity(mean)}
 
     # ----------------------------------------------------------------------------------- loop
-    model.train()
-    if start_step == 0:
-        first_eval = evaluate()
-        context.tracker.log(first_eval, step=0)
-    progress = tqdm(
-        total=section.max_steps, initial=start_step, desc="pretrain", disable=not accelerator.is_main_process
+    result = fit(
+        "pretrain", accelerator,
+        OptimizerStep(accelerator, model, optimizer, scheduler, section.max_grad_norm),
+        Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
+        context.tracker,
+        Cadence(section.max_steps, section.log_every, section.eval_every, section.save_every),
+        micro_batches=micro_batches, loss=loss, evaluate=evaluate,
+        units_per_step=tokens_per_step, unit="token", tokenizer=tokenizer,
     )
-    last_eval, train_loss = first_eval, float("nan")
-    window_started, window_steps = time.perf_counter(), 0
-    for step in range(start_step, section.max_steps):
-        loss_total = torch.zeros((), device=accelerator.device)
-        for micro in range(section.gradient_accumulation_steps):
-            blocks = micro_batch_at(step, micro)
-            last_micro = micro == section.gradient_accumulation_steps - 1
-            # Gradients are all-reduced once per optimiser step, on its last micro-step.
-            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = model(input_ids=blocks, labels=blocks).loss / section.gradient_accumulation_steps
-                accelerator.backward(loss)
-            loss_total += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), section.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        progress.update(1)
-        window_steps += 1
-
-        if done % section.log_every == 0 or done == section.max_steps:
-            train_loss = accelerator.reduce(loss_total, "mean").item()
-            elapsed = time.perf_counter() - window_started
-            metrics = {
-                "train/loss": train_loss,
-                "train/grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
-                "tokens": done * tokens_per_step,
-                "throughput/tokens_per_second": window_steps * tokens_per_step / max(elapsed, 1e-9),
-            }
-            context.tracker.log(metrics, step=done)
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-            window_started, window_steps = time.perf_counter(), 0
-        # Evaluation and checkpoints are not training: their time is left out of the throughput window.
-        paused = time.perf_counter()
-        if done % section.eval_every == 0 or done == section.max_steps:
-            last_eval = evaluate()
-            context.tracker.log(last_eval, step=done)
-        if done % section.save_every == 0 and done < section.max_steps:
-            save_checkpoint(
-                checkpoints,
-                done,
-                accelerator=accelerator,
-                model=model,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                tokenizer=tokenizer,
-                extra={"first_eval": first_eval},
-                keep=section.keep_checkpoints,
-            )
-        window_started += time.perf_counter() - paused
-    progress.close()
 
     # ----------------------------------------------------------------------------------- save
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        final_model = accelerator.unwrap_model(model)
-        final_model.generation_config.pad_token_id = tokenizer.pad_token_id
-        final_model.generation_config.eos_token_id = tokenizer.eos_token_id
-        final_model.save_pretrained(context.output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(context.output_dir)
+    save_final_model(accelerator, model, context.output_dir, tokenizer, generation_tokens=True)
     metrics = {
         "world_size": accelerator.num_processes,
         "replicas_in_sync": replicas_in_sync(model, accelerator.device),
@@ -169,14 +106,14 @@ def train(context: StageContext) -> StageResult:
         "tokens": section.max_steps * tokens_per_step,
         "train_blocks": len(train_blocks),
         "validation_blocks": len(validation_blocks),
-        "train_loss": train_loss,
-        "resumed_from_step": resumed_from,
+        "train_loss": result.train_loss,
+        "resumed_from_step": result.resumed_from,
     }
-    if first_eval is not None:
-        metrics["initial_eval_loss"] = first_eval["eval/loss"]
-    if last_eval is not None:
-        metrics["eval_loss"] = last_eval["eval/loss"]
-        metrics["eval_perplexity"] = last_eval["eval/perplexity"]
+    if result.first_eval is not None:
+        metrics["initial_eval_loss"] = result.first_eval["loss"]
+    if result.last_eval is not None:
+        metrics["eval_loss"] = result.last_eval["loss"]
+        metrics["eval_perplexity"] = result.last_eval["perplexity"]
     return StageResult(context.output_dir, metrics)
 
 

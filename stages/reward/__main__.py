@@ -14,24 +14,22 @@ into the manifest. Output: RUN_DIR/reward/final, a plain `AutoModelForSequenceCl
 
 from __future__ import annotations
 
-import contextlib
 import math
-import time
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from data.packing import batch_indices
 from data.preferences import normalize_preferences
 from data.sources import load_source
 from data.splits import held_out_split
-from pipeline.optimization import adamw, warmup_cosine
-from pipeline.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training_state import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
+from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
+from pipeline.training.optimization import adamw, warmup_cosine
+from pipeline.training.state import Checkpointer
 from reward_model.model import TokenScorer, build_reward_model
 from reward_model.scoring import at_last_token
 from stages.reward.batching import collate_groups, encode_groups
@@ -58,7 +56,6 @@ def train(context: StageContext) -> StageResult:
     # ---------------------------------------------------------------------------------- setup
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)
-    checkpoints = context.stage_dir / "checkpoints"
 
     # ----------------------------------------------------------------------------------- data
     cache = context.run_dir / "cache" / "datasets"
@@ -85,86 +82,46 @@ def train(context: StageContext) -> StageResult:
     scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
     fit_deepspeed_batch(accelerator, section.prompts_per_batch)
     scorer, optimizer = accelerator.prepare(TokenScorer(model), optimizer)
-    evaluate = lambda: evaluate_preferences(  # noqa: E731
-        scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator
-    )
 
-    start_step, resumed_from, first_eval = 0, None, None
-    latest = latest_checkpoint(checkpoints)
-    if latest is not None:
-        state = load_checkpoint(latest, accelerator=accelerator, model=scorer, optimizer=optimizer, scheduler=scheduler)
-        start_step, resumed_from, first_eval = state["step"], state["step"], state["extra"].get("first_eval")
-        accelerator.print(f"reward: resuming from {latest} (step {start_step} of {total_steps})")
+    def micro_batches(step: int) -> list[dict]:
+        """Whole prompts with all their completions, for each micro-step of optimiser step `step`."""
+        batches = []
+        for micro in range(section.gradient_accumulation_steps):
+            position = micro_batch_position(
+                step, micro, accumulation=section.gradient_accumulation_steps,
+                world=accelerator.num_processes, rank=accelerator.process_index, size=section.prompts_per_batch,
+            )
+            indices = batch_indices(position, section.prompts_per_batch, len(train_encoded), config.seed)
+            batch = collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, section.margin)
+            batches.append({k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        return batches
 
-    def micro_batch_at(step: int, micro: int) -> dict:
-        micro_index = step * section.gradient_accumulation_steps + micro
-        position = (micro_index * accelerator.num_processes + accelerator.process_index) * section.prompts_per_batch
-        indices = batch_indices(position, section.prompts_per_batch, len(train_encoded), config.seed)
-        return collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, section.margin)
+    def loss(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scores = at_last_token(scorer(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        value = grouped_pairwise_loss(
+            scores, batch["better"], batch["worse"], batch["pair_group"], batch["margins"], batch["n_groups"]
+        ) + section.center_rewards_coefficient * centering_penalty(scores)
+        gap = scores.detach()[batch["better"]] - scores.detach()[batch["worse"]]
+        return value, {"accuracy": (gap > 0).float().mean()}
+
+    def evaluate() -> dict[str, float]:
+        return evaluate_preferences(scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator)
 
     # ----------------------------------------------------------------------------------- loop
-    scorer.train()
-    if start_step == 0:
-        first_eval = evaluate()
-        context.tracker.log({f"eval/{k}": v for k, v in first_eval.items()}, step=0)
-    progress = tqdm(total=total_steps, initial=start_step, desc="reward", disable=not accelerator.is_main_process)
-    last_eval, window_started, window_steps = first_eval, time.perf_counter(), 0
-    for step in range(start_step, total_steps):
-        loss_total = torch.zeros((), device=accelerator.device)
-        accuracy_total = torch.zeros((), device=accelerator.device)
-        for micro in range(section.gradient_accumulation_steps):
-            batch = {k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in micro_batch_at(step, micro).items()}
-            last_micro = micro == section.gradient_accumulation_steps - 1
-            with (contextlib.nullcontext() if last_micro else accelerator.no_sync(scorer)), accelerator.autocast():
-                scores = at_last_token(scorer(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
-                loss = grouped_pairwise_loss(
-                    scores, batch["better"], batch["worse"], batch["pair_group"], batch["margins"], batch["n_groups"]
-                ) + section.center_rewards_coefficient * centering_penalty(scores)
-                accelerator.backward(loss / section.gradient_accumulation_steps)
-            loss_total += loss.detach() / section.gradient_accumulation_steps
-            gap = scores.detach()[batch["better"]] - scores.detach()[batch["worse"]]
-            accuracy_total += (gap > 0).float().mean() / section.gradient_accumulation_steps
-        grad_norm = accelerator.clip_grad_norm_(scorer.parameters(), section.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        progress.update(1)
-        window_steps += 1
-
-        if done % section.log_every == 0 or done == total_steps:
-            elapsed = time.perf_counter() - window_started
-            train_loss = accelerator.reduce(loss_total, "mean").item()
-            context.tracker.log({
-                "train/loss": train_loss,
-                "train/accuracy": accelerator.reduce(accuracy_total, "mean").item(),
-                "train/grad_norm": float(grad_norm),
-                "lr": scheduler.get_last_lr()[0],
-                "throughput/prompts_per_second": window_steps * groups_per_step / max(elapsed, 1e-9),
-            }, step=done)
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-            window_started, window_steps = time.perf_counter(), 0
-        if done % section.eval_every == 0 or done == total_steps:
-            last_eval = evaluate()
-            context.tracker.log({f"eval/{k}": v for k, v in last_eval.items()}, step=done)
-        if done % section.save_every == 0 and done < total_steps:
-            save_checkpoint(
-                checkpoints, done, accelerator=accelerator, model=scorer, optimizer=optimizer,
-                scheduler=scheduler, tokenizer=tokenizer, extra={"first_eval": first_eval}, keep=section.keep_checkpoints,
-            )
-    progress.close()
+    result = fit(
+        "reward", accelerator,
+        OptimizerStep(accelerator, scorer, optimizer, scheduler, section.max_grad_norm),
+        Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints, parts={"": "pretrained_model"}),
+        context.tracker,
+        Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
+        micro_batches=micro_batches, loss=loss, evaluate=evaluate,
+        units_per_step=groups_per_step, unit="prompt", tokenizer=tokenizer,
+    )
+    first_eval, last_eval = result.first_eval, result.last_eval
 
     # ----------------------------------------------------------------------------------- save
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(scorer)
-    final_model = accelerator.unwrap_model(scorer).pretrained_model
-    if section.lora is not None:
-        final_model, state_dict = final_model.merge_and_unload(), None
-    if accelerator.is_main_process:
-        if state_dict is not None:
-            state_dict = {key.removeprefix("pretrained_model."): value for key, value in state_dict.items()}
-        final_model.save_pretrained(context.output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(context.output_dir)
+    lora_save = "merged" if section.lora is not None else None
+    save_final_model(accelerator, scorer, context.output_dir, tokenizer, part="pretrained_model", lora_save=lora_save)
     metrics = {
         "world_size": accelerator.num_processes,
         "replicas_in_sync": replicas_in_sync(scorer, accelerator.device),
@@ -181,7 +138,7 @@ def train(context: StageContext) -> StageResult:
         "rows_dropped": rows.dropped,
         "dropped_reasons": dict(rows.reasons),
         "initial_accuracy": first_eval["accuracy"] if first_eval else None,
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": result.resumed_from,
     }
     return StageResult(context.output_dir, metrics)
 

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig as TRLSFTConfig
 
-from pipeline.distributed import replicas_in_sync
+from pipeline.training.distributed import replicas_in_sync
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.tracking import read_metrics
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage

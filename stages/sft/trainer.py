@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from pipeline.tracking import Tracker
-from pipeline.training_state import load_optimizer_state, load_rng_state, save_optimizer_state, save_rng_state
+from pipeline.training.state import load_optimizer_state, load_rng_state, save_optimizer_state, save_rng_state
 
 
 class SafetensorsStateMixin:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pipeline.optimization import adamw, fused_adamw_supported, warmup_cosine
+from pipeline.training.optimization import adamw, fused_adamw_supported, warmup_cosine
 
 
 def test_warmup_then_cosine_down_to_the_floor():

@@ -1,14 +1,17 @@
 """Resumable checkpoints without pickle: model, optimiser, scheduler and RNG in safetensors + JSON.
 
     RUN_DIR/<stage>/checkpoints/step-000200/
-        model.safetensors, config.json, ...   the model (save_pretrained: loads with from_pretrained)
+        model.safetensors, config.json, ...   the model (save_pretrained: loads with from_pretrained);
+                                               PPO keeps two, in policy/ and value/
         optimizer.safetensors                  optimiser tensors (AdamW moments, step counts)
         optimizer.json                         optimiser param groups and scalars, scheduler state
         rng-rank0.safetensors, rng-rank0.json  each process's torch and Python RNG state
         state.json                             step and extras; written last, so its presence marks a complete checkpoint
 
-A checkpoint is written to `step-N.tmp/` and renamed when complete, so a `kill -9` mid-save leaves
-the previous checkpoint as the latest. Loading never unpickles anything.
+Every stage writes and reads these through one `Checkpointer`. A checkpoint is written to
+`step-N.tmp/` and renamed when complete, so a `kill -9` mid-save leaves the previous checkpoint as
+the latest; a complete checkpoint that fails to load (a file deleted or damaged since) is skipped
+for the next newest, with a message. Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -19,10 +22,14 @@ import random
 import re
 import shutil
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from pipeline.errors import ChatpipeError
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -31,14 +38,19 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return Path(root) / f"step-{step:06d}"
 
 
-def latest_checkpoint(root: Path) -> Path | None:
-    """The completed checkpoint with the highest step under `root`, if any."""
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The completed checkpoints under `root`, newest first."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    complete = [(step, path) for step, path in found if (path / "state.json").exists()]
-    return max(complete)[1] if complete else None
+    return [path for step, path in sorted(found, reverse=True) if (path / "state.json").exists()]
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The completed checkpoint with the highest step under `root`, if any."""
+    complete = complete_checkpoints(root)
+    return complete[0] if complete else None
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -123,37 +135,97 @@ def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any]
     accelerator.wait_for_everyone()
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    *,
-    accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    tokenizer=None,
-    extra: dict[str, Any] | None = None,
-    keep: int = 2,
-) -> Path:
-    """Write a resumable checkpoint (collective: every process calls it) and prune old ones."""
-    with writing_checkpoint(root, step, accelerator, {"extra": extra or {}}, keep) as folder:
-        state_dict = accelerator.get_state_dict(model)
-        if accelerator.is_main_process:
-            accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
-            save_optimizer_state(folder, optimizer, scheduler)
-    return checkpoint_dir(root, step)
+@dataclass
+class Restored:
+    path: Path
+    step: int
+    state: dict[str, Any]  # state.json: step, extra and whatever the stage stored
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return self.state.get("extra", {})
 
 
-def load_checkpoint(path: Path, *, accelerator, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore model, optimiser, scheduler and this process's RNG; returns state.json's contents."""
-    path = Path(path)
-    unwrapped = accelerator.unwrap_model(model)
-    load_model_weights(path, getattr(unwrapped, "pretrained_model", unwrapped))  # a TokenScorer holds the HF model
-    load_optimizer_state(path, optimizer, scheduler)
-    load_rng_state(path, accelerator.process_index)
-    return json.loads((path / "state.json").read_text())
+class Checkpointer:
+    """Writes and restores one stage's resumable checkpoints under `root` (collective calls).
+
+    `parts` maps a sub-folder of the checkpoint to the Hugging Face model inside the prepared
+    module that goes there: {"": ""} (the default) saves the module itself at the top;
+    {"": "pretrained_model"} the model inside a TokenScorer; PPO keeps {"policy": "policy",
+    "value": "value.pretrained_model"}. `generators` are extra per-process torch generators
+    (PPO's minibatch shuffling) saved beside the RNG state.
+    """
+
+    def __init__(self, root: Path, accelerator, keep: int, parts: dict[str, str] | None = None,
+                 generators: dict[str, torch.Generator] | None = None):
+        self.root, self.accelerator, self.keep = Path(root), accelerator, keep
+        self.parts = parts or {"": ""}
+        self.generators = generators or {}
+
+    def modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+        """{sub-folder: Hugging Face model} of the parts present (PPO's value model may be absent)."""
+        found = {}
+        for folder, path in self.parts.items():
+            module = self.accelerator.unwrap_model(model)
+            for attribute in filter(None, path.split(".")):
+                module = getattr(module, attribute, None)
+            if module is not None:
+                found[folder] = module
+        return found
+
+    def save(self, step: int, *, model, optimizer, scheduler, tokenizer=None, state: dict[str, Any] | None = None) -> Path:
+        accelerator = self.accelerator
+        with writing_checkpoint(self.root, step, accelerator, state or {"extra": {}}, self.keep) as folder:
+            state_dict = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                for sub, module in self.modules(model).items():
+                    prefix = self.parts[sub] + "." if self.parts[sub] else ""
+                    part_state = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+                    module.save_pretrained(folder / sub, state_dict=part_state, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(folder)
+                save_optimizer_state(folder, optimizer, scheduler)
+            for name, generator in self.generators.items():
+                generator_file = folder / f"{name}-rank{accelerator.process_index}.json"
+                generator_file.write_text(json.dumps(generator.get_state().tolist()))
+        return checkpoint_dir(self.root, step)
+
+    def restore(self, model, optimizer, scheduler) -> Restored | None:
+        """Load the newest complete checkpoint that loads; None when there is none.
+
+        A checkpoint damaged after it was written (a file deleted, a truncated tensor file) is
+        reported and skipped for the next newest one. If every one is damaged, that is an error
+        naming them: starting over silently would throw the run's progress away.
+        """
+        damaged = []
+        for path in complete_checkpoints(self.root):
+            try:
+                return Restored(path, *self.load(path, model, optimizer, scheduler))
+            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
+                damaged.append(path)
+                self.accelerator.print(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one")
+        if damaged:
+            raise CheckpointError(
+                f"no checkpoint under {self.root} can be loaded ({', '.join(p.name for p in damaged)} are damaged); "
+                f"delete them to start the stage over"
+            )
+        return None
+
+    def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
+        state = json.loads((path / "state.json").read_text())
+        for sub, module in self.modules(model).items():
+            load_model_weights(path / sub, module)
+        load_optimizer_state(path, optimizer, scheduler)
+        load_rng_state(path, self.accelerator.process_index)
+        for name, generator in self.generators.items():
+            generator_file = path / f"{name}-rank{self.accelerator.process_index}.json"
+            if generator_file.exists():  # resumed with more processes than saved: a fresh stream
+                generator.set_state(torch.tensor(json.loads(generator_file.read_text()), dtype=torch.uint8))
+        return state["step"], state
+
+
+class CheckpointError(ChatpipeError):
+    """No resumable checkpoint of a stage can be loaded."""
 
 
 def load_model_weights(folder: Path, model: torch.nn.Module) -> None:

@@ -1,0 +1,254 @@
+"""The training core every stage shares: one optimiser step, one cadence, one loop, one final save.
+
+    step = OptimizerStep(accelerator, model, optimizer, scheduler, max_grad_norm)
+    result = fit(
+        "reward", accelerator, step, checkpointer, tracker, cadence,
+        micro_batches=lambda step: [...],      # this process's micro-batches of optimiser step `step`
+        loss=lambda batch: (loss, {"accuracy": ...}),
+        evaluate=lambda: {"loss": ..., ...},   # logged as eval/<key>
+    )
+    save_final_model(accelerator, model, output_dir, tokenizer)
+
+Pretraining and the reward model run `fit`; SFT runs it with masked labels; PPO, whose unit of
+work is a rollout, drives `OptimizerStep`, `Cadence` and the `Checkpointer` itself. The
+benchmark in bench/pretrain_throughput.py times this same `OptimizerStep`.
+
+Where the distributed engines differ (DDP's no_sync, FSDP's and ZeRO-3's sharded weights, what
+clipping returns under DeepSpeed), the difference is handled here and in pipeline/training/state.py,
+not in the stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.training.state import Checkpointer
+
+
+def micro_batch_position(step: int, micro: int, *, accumulation: int, world: int, rank: int, size: int) -> int:
+    """Where this process's micro-batch `micro` of optimiser step `step` starts in the data order.
+
+    Every process reads its own slice of each global batch from one shared order of examples
+    (data.packing.batch_indices), so the data a run sees does not depend on where it resumed.
+    """
+    micro_index = step * accumulation + micro
+    return (micro_index * world + rank) * size
+
+
+@dataclass
+class StepOutput:
+    """What one optimiser step did on this process."""
+
+    loss: torch.Tensor  # the weighted sum of the micro-batches' losses: their mean with uniform weights
+    stats: dict[str, torch.Tensor]  # each statistic weighted like the loss
+    micro_stats: list[dict[str, torch.Tensor]]  # the statistics of each micro-batch, as returned
+    grad_norms: dict[str, torch.Tensor | None]  # per clipping group; None where the engine clips itself
+
+
+class OptimizerStep:
+    """One optimiser step over micro-batches: accumulate, synchronise once, clip, step, schedule.
+
+    Every micro-batch's backward runs under autocast (a no-op in full precision); all but the last
+    skip the gradient all-reduce (`no_sync`), so data-parallel engines communicate once per
+    optimiser step. Losses are divided by the number of micro-batches, or multiplied by explicit
+    weights (PPO weighs micro-batches by their share of the minibatch). Gradients are clipped to
+    `max_grad_norm` per group: the whole model, or named parts (PPO clips policy and value apart).
+    """
+
+    def __init__(
+        self,
+        accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        max_grad_norm: float,
+        clip_groups: Callable[[], dict[str, torch.nn.Module | None]] | None = None,
+    ):
+        self.accelerator, self.model, self.optimizer, self.scheduler = accelerator, model, optimizer, scheduler
+        self.max_grad_norm = max_grad_norm
+        self.clip_groups = clip_groups
+
+    def __call__(
+        self,
+        micro_batches: Sequence[Any],
+        loss_fn: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        weights: Sequence[float] | None = None,
+    ) -> StepOutput:
+        accelerator = self.accelerator
+        count = len(micro_batches)
+        loss_total = torch.zeros((), device=accelerator.device)
+        stats_total: dict[str, torch.Tensor] = {}
+        micro_stats = []
+        for index, batch in enumerate(micro_batches):
+            last = index == count - 1
+            # Gradients are all-reduced once per optimiser step, on its last micro-batch.
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model), accelerator.autocast():
+                loss, stats = loss_fn(batch)
+                weigh = (lambda value: value / count) if weights is None else (lambda value, w=weights[index]: value * w)
+                accelerator.backward(weigh(loss))
+            loss_total += weigh(loss.detach())
+            for key, value in stats.items():
+                stats_total[key] = stats_total.get(key, torch.zeros((), device=accelerator.device)) + weigh(value.detach())
+            micro_stats.append(stats)
+        grad_norms = self.clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepOutput(loss_total, stats_total, micro_stats, grad_norms)
+
+    def clip(self) -> dict[str, torch.Tensor | None]:
+        if self.clip_groups is None:
+            return {"": self.accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)}
+        norms = {}
+        for name, module in self.clip_groups().items():
+            parameters = [p for p in module.parameters() if p.grad is not None] if module is not None else []
+            if parameters:
+                norms[name] = self.accelerator.clip_grad_norm_(parameters, self.max_grad_norm)
+        return norms
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When to log, evaluate and save, in optimiser steps (or rollouts) done, out of `total`."""
+
+    total: int
+    log_every: int
+    eval_every: int
+    save_every: int
+
+    def log(self, done: int) -> bool:
+        return done % self.log_every == 0 or done == self.total
+
+    def evaluate(self, done: int) -> bool:
+        return done % self.eval_every == 0 or done == self.total
+
+    def save(self, done: int) -> bool:
+        """A resumable checkpoint; none at the end, where the final model is written instead."""
+        return done % self.save_every == 0 and done < self.total
+
+
+@dataclass
+class FitResult:
+    steps: int
+    first_eval: dict[str, float] | None
+    last_eval: dict[str, float] | None
+    train_loss: float
+    resumed_from: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def fit(
+    name: str,
+    accelerator,
+    step: OptimizerStep,
+    checkpointer: Checkpointer,
+    tracker,
+    cadence: Cadence,
+    *,
+    micro_batches: Callable[[int], Sequence[Any]],
+    loss: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    evaluate: Callable[[], dict[str, float]],
+    units_per_step: int,
+    unit: str,
+    tokenizer=None,
+) -> FitResult:
+    """The supervised loop: resume, evaluate at step 0, train `cadence.total` optimiser steps.
+
+    Logs train/loss (and each statistic `loss` returns, as train/<key>), train/grad_norm, lr and
+    `throughput/<unit>s_per_second`, which leaves evaluation and checkpoint time out. A crashed
+    run resumes from the newest complete checkpoint at the same step with the same data ahead.
+    """
+    model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
+    start, resumed_from, first_eval = 0, None, None
+    restored = checkpointer.restore(model, optimizer, scheduler)
+    if restored is not None:
+        start = resumed_from = restored.step
+        first_eval = restored.extra.get("first_eval")
+        if first_eval is not None:  # checkpoints before this loop kept the eval/ prefix
+            first_eval = {key.removeprefix("eval/"): value for key, value in first_eval.items()}
+        accelerator.print(f"{name}: resuming from {restored.path} (step {start} of {cadence.total})")
+
+    def log_eval(done: int) -> dict[str, float]:
+        metrics = evaluate()
+        tracker.log({f"eval/{key}": value for key, value in metrics.items()}, step=done)
+        return metrics
+
+    model.train()
+    if start == 0:
+        first_eval = log_eval(0)
+    last_eval, train_loss = first_eval, float("nan")
+    progress = tqdm(total=cadence.total, initial=start, desc=name, disable=not accelerator.is_main_process)
+    window_started, window_steps = time.perf_counter(), 0
+    for index in range(start, cadence.total):
+        output = step(micro_batches(index), loss)
+        done = index + 1
+        progress.update(1)
+        window_steps += 1
+        if cadence.log(done):
+            elapsed = time.perf_counter() - window_started
+            train_loss = accelerator.reduce(output.loss, "mean").item()
+            metrics = {"train/loss": train_loss}
+            metrics.update({f"train/{key}": accelerator.reduce(value, "mean").item() for key, value in output.stats.items()})
+            if output.grad_norms.get("") is not None:
+                metrics["train/grad_norm"] = float(output.grad_norms[""])
+            metrics["lr"] = scheduler.get_last_lr()[0]
+            metrics[f"{unit}s"] = done * units_per_step
+            metrics[f"throughput/{unit}s_per_second"] = window_steps * units_per_step / max(elapsed, 1e-9)
+            tracker.log(metrics, step=done)
+            progress.set_postfix(loss=f"{train_loss:.3f}")
+            window_started, window_steps = time.perf_counter(), 0
+        # Evaluation and checkpoints are not training: their time is left out of the throughput window.
+        paused = time.perf_counter()
+        if cadence.evaluate(done):
+            last_eval = log_eval(done)
+        if cadence.save(done):
+            checkpointer.save(done, model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer,
+                              state={"extra": {"first_eval": first_eval}})
+        window_started += time.perf_counter() - paused
+    progress.close()
+    return FitResult(cadence.total, first_eval, last_eval, train_loss, resumed_from)
+
+
+def save_final_model(
+    accelerator,
+    model: torch.nn.Module,
+    output_dir: Path,
+    tokenizer,
+    *,
+    part: str = "",
+    lora_save: str | None = None,
+    generation_tokens: bool = False,
+):
+    """Collective: write the trained model as a plain Hugging Face folder with its tokenizer.
+
+    `part` names the Hugging Face model inside the prepared module ("pretrained_model" for a
+    TokenScorer, "policy" for PPO's policy-and-value). Full weights are gathered from every
+    process first (`get_state_dict`: whole tensors also under FSDP and ZeRO-3). With LoRA,
+    `lora_save="merged"` folds the adapter into the weights and "adapter" keeps the adapter alone.
+    `generation_tokens` records the pad and EOS ids in the generation config, so `generate` stops
+    at EOS. Returns the saved (unwrapped) model.
+    """
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model) if lora_save is None else None
+    final = accelerator.unwrap_model(model)
+    for attribute in filter(None, part.split(".")):
+        final = getattr(final, attribute)
+    if lora_save == "merged":
+        final = final.merge_and_unload()
+    if accelerator.is_main_process:
+        if state_dict is not None and part:
+            prefix = part + "."
+            state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+        if generation_tokens:
+            final.generation_config.pad_token_id = tokenizer.pad_token_id
+            final.generation_config.eos_token_id = tokenizer.eos_token_id
+        final.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(output_dir)
+    return final
