@@ -8,10 +8,9 @@ Two loops train the same freshly initialised Llama on the same Tiny Shakespeare 
 - chatpipe: documents tokenized, joined with EOS and cut into blocks (`data.packing.pack_documents`),
   batches drawn by `data.packing.batch_indices`, the model built by
   `stages.pretrain.model.model_from_config`, AdamW and its schedule from `pipeline.training.optimization`,
-  everything wrapped by accelerate as in the stage. The timed step is the body of the `loop`
-  section of `stages/pretrain/__main__.py::train` (micro-batches, autocast, backward, clip,
-  optimizer and scheduler step); it is inline there, so it is mirrored in `ChatpipeLoop.step`
-  below, and `stage_loop_drift()` checks at start that the stage still has those lines.
+  everything wrapped by accelerate as in the stage. The timed step is the stage's own
+  `pipeline.training.loop.OptimizerStep` (micro-batches, no_sync, autocast, backward, clip,
+  optimizer and scheduler step), called with the stage's micro-batches and loss.
 - baseline: the same HF model and initial weights, each document its own row, batches padded to
   their longest row (cut at the block size) with an attention mask and labels -100 on padding,
   plain `torch.optim.AdamW`, gradient clipping, no accelerate, no scheduler, no packing.
@@ -27,7 +26,6 @@ baseline, then the other way round), so a slow patch on a shared machine hits bo
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from dataclasses import dataclass
@@ -125,28 +123,6 @@ class StepStats:
 
 
 # ---------------------------------------------------------------------------- chatpipe loop
-# The lines of stages/pretrain/__main__.py that ChatpipeLoop.step mirrors: if one changes there,
-# the benchmark says so rather than timing a step the stage no longer runs.
-STAGE_LINES = (
-    "indices = batch_indices(position, micro_batch, len(train_blocks), config.seed)",
-    "with sync, accelerator.autocast():",
-    "loss = model(input_ids=blocks, labels=blocks).loss / section.gradient_accumulation_steps",
-    "accelerator.backward(loss)",
-    "grad_norm = accelerator.clip_grad_norm_(model.parameters(), section.max_grad_norm)",
-    "optimizer.step()",
-    "scheduler.step()",
-    "optimizer.zero_grad(set_to_none=True)",
-)
-
-
-def stage_loop_drift() -> list[str]:
-    """The mirrored lines no longer found in the pretrain stage (empty when in sync)."""
-    import stages.pretrain.__main__ as stage
-
-    source = inspect.getsource(stage)
-    return [line for line in STAGE_LINES if line not in source]
-
-
 class ChatpipeLoop:
     """The pretrain stage's setup and step, on packed blocks, in this process."""
 
@@ -156,8 +132,9 @@ class ChatpipeLoop:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from pipeline.training.optimization import adamw, warmup_cosine
         from pipeline.stage import resolve_mixed_precision
+        from pipeline.training.loop import OptimizerStep
+        from pipeline.training.optimization import adamw, warmup_cosine
         from stages.pretrain.model import model_from_config
 
         # As in the stage's `setup` and `model` sections.
@@ -168,40 +145,32 @@ class ChatpipeLoop:
         optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
         self.scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        self.optimizer_step = OptimizerStep(self.accelerator, self.model, self.optimizer, self.scheduler, section.max_grad_norm)
         self.model.train()
         self.step_index = 0
 
     def micro_batch_at(self, step: int, micro: int) -> torch.Tensor:
         from data.packing import batch_indices
 
+        from pipeline.training.loop import micro_batch_position
+
         section, accelerator = self.section, self.accelerator
         micro_batch = section.per_device_batch_size
-        micro_index = step * section.gradient_accumulation_steps + micro
-        position = (micro_index * accelerator.num_processes + accelerator.process_index) * micro_batch
+        position = micro_batch_position(
+            step, micro, accumulation=section.gradient_accumulation_steps,
+            world=accelerator.num_processes, rank=accelerator.process_index, size=micro_batch,
+        )
         indices = batch_indices(position, micro_batch, len(self.blocks), self.seed)
         return torch.from_numpy(self.blocks[indices]).long().to(accelerator.device)
 
     def step(self) -> StepStats:
-        import contextlib
-
-        section, accelerator, model = self.section, self.accelerator, self.model
+        section, model = self.section, self.model
         synchronize()
         started = time.perf_counter()
-        # ---- from stages/pretrain/__main__.py, `for step in range(start_step, section.max_steps):`
-        loss_total = torch.zeros((), device=accelerator.device)
-        for micro in range(section.gradient_accumulation_steps):
-            blocks = self.micro_batch_at(self.step_index, micro)
-            last_micro = micro == section.gradient_accumulation_steps - 1
-            sync = contextlib.nullcontext() if last_micro else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = model(input_ids=blocks, labels=blocks).loss / section.gradient_accumulation_steps
-                accelerator.backward(loss)
-            loss_total += loss.detach()
-        accelerator.clip_grad_norm_(model.parameters(), section.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        # ---- end of the mirrored step (logging, eval and checkpoints are not timed)
+        # The stage's own optimiser step (pipeline/training/loop.py), over the stage's micro-batches.
+        micro_batches = [self.micro_batch_at(self.step_index, micro) for micro in range(section.gradient_accumulation_steps)]
+        self.optimizer_step(micro_batches, lambda blocks: (model(input_ids=blocks, labels=blocks).loss, {}))
+        # Logging, eval and checkpoints are not timed.
         synchronize()
         seconds = time.perf_counter() - started
         self.step_index += 1
@@ -367,11 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(NAME, args.out, settings)
     reporter.header()
 
-    drift = stage_loop_drift()
-    if drift:
-        print("WARNING: stages/pretrain/__main__.py no longer contains these mirrored lines; the chatpipe step "
-              "below may not match the stage:\n  " + "\n  ".join(drift))
-
     # ---- data: the same documents for both loops
     started = time.perf_counter()
     tokenizer = train_tokenizer(args.vocab)
@@ -409,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     common = {"parameters": n_total, "baseline_epoch_padding_fraction": epoch_padding, "matmul_parameters": n_matmul, "attention": attention,
               "flops_per_token_at_seq": flops_per_token(n_matmul, args.layers, args.hidden, args.seq)}
     for name, summary in summaries.items():
-        reporter.emit(name, **summary, **common, stage_loop_in_sync=not drift if name == "chatpipe" else None)
+        reporter.emit(name, **summary, **common)
     reporter.emit("ratio", chatpipe_over_baseline_tokens_per_second=ratio,
                   per_round=round_ratios, mfu_chatpipe=summaries["chatpipe"]["mfu"], mfu_baseline=summaries["baseline"]["mfu"])
 

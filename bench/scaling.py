@@ -4,7 +4,7 @@
     .venv/bin/python bench/scaling.py --only ppo --response-lengths 16,32,64,128
 
 Pretraining: chatpipe's pretraining step (`bench/pretrain_throughput.py::ChatpipeLoop`, which
-mirrors the step of `stages/pretrain/__main__.py`) at several block sizes with the tokens per
+runs the stage's own `OptimizerStep`) at several block sizes with the tokens per
 batch held fixed (4096 = 32 x 128 = 16 x 256 = 8 x 512), so the only thing that grows is the
 attention span. Each point's step time is divided by the smallest point's, next to the ratio the
 FLOPs model predicts (PaLM: 6N + 12 * layers * hidden * seq per token).

@@ -1,0 +1,127 @@
+"""The shared training core: the optimiser step, the cadence and the checkpointer's fallback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.training.loop import Cadence, OptimizerStep, micro_batch_position
+from pipeline.training.optimization import adamw, warmup_cosine
+from pipeline.training.state import CheckpointError, Checkpointer
+
+
+def tiny_model(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def training_parts(seed: int = 0):
+    accelerator = Accelerator(cpu=True)
+    model = tiny_model(seed)
+    optimizer = adamw(model, 1e-2, 0.1)
+    scheduler = warmup_cosine(optimizer, 1, 10, 0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer, scheduler
+
+
+def test_optimizer_step_matches_a_hand_written_accumulation_loop():
+    """Same weights, loss and grad norm as the loop pretraining wrote by hand before the core."""
+    torch.manual_seed(1)
+    batches = [torch.randint(0, 64, (2, 8)) for _ in range(3)]
+    accelerator, model, optimizer, scheduler = training_parts()
+    output = OptimizerStep(accelerator, model, optimizer, scheduler, 0.5)(
+        batches, lambda ids: (model(input_ids=ids, labels=ids).loss, {"tokens": torch.tensor(float(ids.numel()))})
+    )
+
+    _, reference, ref_optimizer, ref_scheduler = training_parts()
+    total = torch.zeros(())
+    for ids in batches:
+        loss = reference(input_ids=ids, labels=ids).loss / len(batches)
+        loss.backward()
+        total += loss.detach()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    ref_optimizer.step()
+    ref_scheduler.step()
+
+    assert torch.equal(output.loss, total)
+    assert torch.equal(output.grad_norms[""], norm)
+    assert output.stats["tokens"].item() == pytest.approx(16.0)  # the mean over micro-batches
+    assert len(output.micro_stats) == 3
+    for (name, value), ref_value in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(value, ref_value), name
+    assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+
+
+def test_explicit_weights_and_clip_groups():
+    accelerator, model, optimizer, scheduler = training_parts()
+    ids = torch.randint(0, 64, (2, 8))
+    step = OptimizerStep(accelerator, model, optimizer, scheduler, 1.0,
+                         clip_groups=lambda: {"body": model.model, "absent": None})
+    with torch.no_grad():
+        before = model(input_ids=ids, labels=ids).loss
+    output = step([ids, ids], lambda batch: (model(input_ids=batch, labels=batch).loss, {}), weights=[0.25, 0.75])
+    assert set(output.grad_norms) == {"body"}  # one norm per group present; an absent part is skipped
+    assert output.loss.item() == pytest.approx(before.item(), rel=1e-6)  # 0.25 l + 0.75 l
+
+
+def test_cadence_and_positions():
+    cadence = Cadence(total=10, log_every=3, eval_every=5, save_every=4)
+    assert [d for d in range(1, 11) if cadence.log(d)] == [3, 6, 9, 10]
+    assert [d for d in range(1, 11) if cadence.evaluate(d)] == [5, 10]
+    assert [d for d in range(1, 11) if cadence.save(d)] == [4, 8]  # never at the end: the final model is written then
+    # Two processes, two micro-steps of 4: every example position is read once, in order.
+    positions = sorted(
+        micro_batch_position(step, micro, accumulation=2, world=2, rank=rank, size=4)
+        for step in range(3) for micro in range(2) for rank in range(2)
+    )
+    assert positions == list(range(0, 48, 4))
+
+
+def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    accelerator, model, optimizer, scheduler = training_parts()
+    checkpointer = Checkpointer(tmp_path, accelerator, keep=3)
+    checkpointer.save(1, model=model, optimizer=optimizer, scheduler=scheduler, state={"extra": {"first_eval": {"loss": 1.0}}})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    checkpointer.save(2, model=model, optimizer=optimizer, scheduler=scheduler)
+    (tmp_path / "step-000002" / "optimizer.json").unlink()  # damaged after it was written
+
+    _, fresh, fresh_optimizer, fresh_scheduler = training_parts(seed=5)
+    restored = checkpointer.restore(fresh, fresh_optimizer, fresh_scheduler)
+    assert restored.step == 1 and restored.path.name == "step-000001"
+    assert restored.extra == {"first_eval": {"loss": 1.0}}
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+
+    (tmp_path / "step-000001" / "model.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(CheckpointError, match="step-000001, step-000002 are damaged|step-000002, step-000001 are damaged"):
+        checkpointer.restore(fresh, fresh_optimizer, fresh_scheduler)
+
+
+def test_parts_and_generators_round_trip(tmp_path):
+    """PPO's layout: named model parts in sub-folders and a per-process generator."""
+    accelerator = Accelerator(cpu=True)
+    holder = torch.nn.Module()
+    holder.policy = tiny_model(0)
+    optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(3)
+    checkpointer = Checkpointer(tmp_path, accelerator, keep=1, parts={"policy": "policy"}, generators={"generator": generator})
+    checkpointer.save(4, model=holder, optimizer=optimizer, scheduler=scheduler, state={"episode": 12, "extra": {}})
+    expected = torch.randperm(10, generator=generator)
+    assert LlamaForCausalLM.from_pretrained(tmp_path / "step-000004" / "policy") is not None
+    assert json.loads((tmp_path / "step-000004" / "state.json").read_text())["episode"] == 12
+
+    other = torch.Generator().manual_seed(99)
+    restored = Checkpointer(tmp_path, accelerator, keep=1, parts={"policy": "policy"}, generators={"generator": other}).restore(
+        holder, optimizer, scheduler
+    )
+    assert restored.state["episode"] == 12
+    assert torch.equal(torch.randperm(10, generator=other), expected)
