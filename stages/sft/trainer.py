@@ -1,7 +1,7 @@
 """TRL's SFTTrainer, with pickle-free resumable state and chatpipe's tracker.
 
 Trainer checkpoints normally keep optimiser, scheduler and RNG state as `torch.save` pickles.
-Here they are safetensors + JSON (pipeline/training_state.py), the same format pretraining
+Here they are safetensors + JSON (pipeline/training/state.py), the same format pretraining
 writes, so resuming never unpickles. FSDP and DeepSpeed keep their engines' own formats.
 """
 
