@@ -224,7 +224,7 @@ class BadRowPolicy(Section):
 
 
 class SFTConfig(BadRowPolicy):
-    """The `sft` stage: supervised fine-tuning on conversations, loss on assistant tokens only (TRL SFTTrainer)."""
+    """The `sft` stage: supervised fine-tuning on conversations, loss on assistant tokens only."""
 
     data: ConversationData = Field(..., description="Training conversations.")
     validation_data: ConversationData | None = Field(None, description="Held-out conversations; default: a split of data.")

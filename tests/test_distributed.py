@@ -56,6 +56,6 @@ def test_ppo_episodes_come_from_both_processes(two_process_run):
 
 
 def test_sft_checkpoints_carry_each_process_rng(two_process_run):
-    checkpoint = two_process_run / "sft" / "checkpoints" / "checkpoint-10"
+    checkpoint = two_process_run / "sft" / "checkpoints" / "step-000005"
     assert (checkpoint / "rng-rank0.safetensors").exists() and (checkpoint / "rng-rank1.safetensors").exists()
     assert len(list(checkpoint.glob("model*.safetensors"))) == 1

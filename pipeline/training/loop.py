@@ -158,11 +158,13 @@ def fit(
     units_per_step: int,
     unit: str,
     tokenizer=None,
+    weights: Callable[[Sequence[Any]], Sequence[float]] | None = None,
 ) -> FitResult:
     """The supervised loop: resume, evaluate at step 0, train `cadence.total` optimiser steps.
 
     Logs train/loss (and each statistic `loss` returns, as train/<key>), train/grad_norm, lr and
-    `throughput/<unit>s_per_second`, which leaves evaluation and checkpoint time out. A crashed
+    `throughput/<unit>s_per_second`, which leaves evaluation and checkpoint time out. `weights`
+    gives each micro-batch's loss weight (default: their mean; SFT weighs by loss tokens). A crashed
     run resumes from the newest complete checkpoint at the same step with the same data ahead.
     """
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
@@ -187,7 +189,8 @@ def fit(
     progress = tqdm(total=cadence.total, initial=start, desc=name, disable=not accelerator.is_main_process)
     window_started, window_steps = time.perf_counter(), 0
     for index in range(start, cadence.total):
-        output = step(micro_batches(index), loss)
+        batches = micro_batches(index)
+        output = step(batches, loss, weights(batches) if weights is not None else None)
         done = index + 1
         progress.update(1)
         window_steps += 1

@@ -4,11 +4,19 @@
     accelerate launch --num_processes 8 -m stages.sft --run-dir runs/big
 
 Reads the pretrain stage's checkpoint (trained here, or an adopted base model) from the manifest,
-fine-tunes it with TRL's SFTTrainer on conversations normalised from any accepted format, and
-writes RUN_DIR/sft/final: full weights, LoRA merged into them, or a LoRA adapter with a note of
-its base (`sft.lora.save`). Evaluates loss/perplexity on held-out assistant tokens before, during
-and after training, and answers a few held-out prompts at the end (RUN_DIR/sft/samples.jsonl).
-Re-running after a crash resumes from the last Trainer checkpoint in RUN_DIR/sft/checkpoints.
+fine-tunes it on conversations normalised from any accepted format, and writes
+RUN_DIR/sft/final: full weights, LoRA merged into them, or a LoRA adapter with a note of its base
+(`sft.lora.save`). Evaluates loss/perplexity on held-out assistant tokens before, during and
+after training, and answers a few held-out prompts at the end (RUN_DIR/sft/samples.jsonl).
+Re-running after a crash resumes from the last checkpoint in RUN_DIR/sft/checkpoints.
+
+Why the shared training core (pipeline/training/loop.py) and not TRL's SFTTrainer: the
+Trainer keeps optimiser, scheduler and RNG state as pickles and writes checkpoints in place, so
+keeping them pickle-free meant overriding its private methods, and a `kill -9` mid-save left a
+half-written `checkpoint-N` that broke every later run. On the core, SFT checkpoints are the
+same atomic, pickle-free `step-N` folders as every other stage's, the engine differences live in
+one place, and the loss is the one the Trainer computed: the mean over every assistant token of
+the optimiser step (`num_items_in_batch`), not a mean of micro-batch means.
 """
 
 from __future__ import annotations
@@ -17,25 +25,32 @@ import json
 import math
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from transformers import AutoTokenizer, get_scheduler
 
-from transformers import AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig as TRLSFTConfig
-
-from pipeline.training.distributed import replicas_in_sync
-from pipeline.checkpoints import load_causal_lm, write_adapter_note
-from pipeline.tracking import read_metrics
-from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from data.packing import batch_indices
 from data.splits import held_out_split
+from pipeline.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
+from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
+from pipeline.training.metrics import perplexity
+from pipeline.training.optimization import adamw
+from pipeline.training.state import Checkpointer
+from stages.sft.batching import collate_conversations
 from stages.sft.dataset import load_conversations, tokenize_conversations
 from stages.sft.samples import generate_replies, sample_rows
-from stages.sft.trainer import ChatpipeSFTTrainer, TrackerCallback
 
 
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.sft
     base_dir = context.inputs["pretrain"]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
+
+    # ---------------------------------------------------------------------------------- setup
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
+    set_seed(config.seed)
 
     # ----------------------------------------------------------------------------------- data
     cache = context.run_dir / "cache" / "datasets"
@@ -47,97 +62,107 @@ def train(context: StageContext) -> StageResult:
         train_conversations, validation_conversations = held_out_split(
             conversations, section.validation_fraction, config.seed, what="conversations"
         )
-    train_dataset, train_lengths = tokenize_conversations(
-        train_conversations, tokenizer, section.max_length, section.overlong
-    )
+    train_dataset, train_lengths = tokenize_conversations(train_conversations, tokenizer, section.max_length, section.overlong)
     validation_dataset, validation_lengths = tokenize_conversations(
         validation_conversations, tokenizer, section.max_length, section.overlong
     )
+    train_rows, validation_rows = train_dataset.to_list(), validation_dataset.to_list()
+    micro_batch = section.per_device_batch_size
+    conversations_per_step = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps
+    # As the Trainer counted: whole micro-batches per epoch, then optimiser steps.
+    steps_per_epoch = max(1, math.ceil(len(train_rows) / (micro_batch * accelerator.num_processes)) // section.gradient_accumulation_steps)
+    total_steps = section.max_steps or math.ceil(section.epochs * steps_per_epoch)
 
     # ---------------------------------------------------------------------------------- model
     model = load_causal_lm(base_dir)
-    peft_config = None
+    if section.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if section.lora is not None:
-        from peft import LoraConfig
+        from peft import LoraConfig, get_peft_model
 
-        peft_config = LoraConfig(
-            r=section.lora.r,
-            lora_alpha=section.lora.alpha,
-            lora_dropout=section.lora.dropout,
-            target_modules=section.lora.target_modules,
-            task_type="CAUSAL_LM",
+        model = get_peft_model(model, LoraConfig(
+            r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
+            target_modules=section.lora.target_modules, task_type="CAUSAL_LM",
+        ))
+    optimizer = adamw(model, section.learning_rate, section.weight_decay)
+    scheduler = get_scheduler(
+        section.lr_scheduler, optimizer, num_warmup_steps=math.ceil(section.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    fit_deepspeed_batch(accelerator, micro_batch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def micro_batches(step: int) -> list[dict]:
+        batches = []
+        for micro in range(section.gradient_accumulation_steps):
+            position = micro_batch_position(
+                step, micro, accumulation=section.gradient_accumulation_steps,
+                world=accelerator.num_processes, rank=accelerator.process_index, size=micro_batch,
+            )
+            indices = batch_indices(position, micro_batch, len(train_rows), config.seed)
+            batches.append(collate_conversations([train_rows[i] for i in indices], tokenizer.pad_token_id))
+        step_tokens = max(1, sum(batch["loss_tokens"] for batch in batches))
+        return [{**batch, "step_tokens": step_tokens} for batch in batches]
+
+    def loss(batch: dict) -> tuple[torch.Tensor, dict]:
+        # Summed over the micro-batch's assistant tokens, divided by the whole step's: the step's
+        # loss is the mean over all its assistant tokens however they fall into micro-batches.
+        output = model(
+            input_ids=batch["input_ids"].to(accelerator.device),
+            attention_mask=batch["attention_mask"].to(accelerator.device),
+            labels=batch["labels"].to(accelerator.device),
+            num_items_in_batch=batch["step_tokens"],
         )
-    precision = resolve_mixed_precision(section.launch.mixed_precision)
-    checkpoints = context.stage_dir / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
-    arguments = TRLSFTConfig(
-        output_dir=str(checkpoints),
-        per_device_train_batch_size=section.per_device_batch_size,
-        per_device_eval_batch_size=section.per_device_batch_size,
-        gradient_accumulation_steps=section.gradient_accumulation_steps,
-        num_train_epochs=section.epochs,
-        max_steps=section.max_steps or -1,
-        learning_rate=section.learning_rate,
-        lr_scheduler_type=section.lr_scheduler,
-        warmup_steps=section.warmup_ratio,  # a float below 1 is a ratio of all steps
-        weight_decay=section.weight_decay,
-        max_grad_norm=section.max_grad_norm,
-        logging_steps=section.log_every,
-        eval_strategy="steps",
-        eval_steps=section.eval_every,
-        eval_on_start=resume_from is None,
-        save_strategy="steps",
-        save_steps=section.save_every,
-        save_total_limit=section.keep_checkpoints,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        seed=config.seed,
-        max_length=section.max_length,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        activation_checkpointing=section.activation_checkpointing,
-        dataloader_num_workers=0,
-    )
-    trainer = ChatpipeSFTTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=train_dataset,
-        eval_dataset=validation_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=[TrackerCallback(context.tracker)],
-    )
+        return output.loss, {}
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        """Mean over held-out batches of each batch's mean loss on assistant tokens, weighted by rows."""
+        model.eval()
+        mine = validation_rows[accelerator.process_index :: accelerator.num_processes]
+        loss_sum = torch.zeros((), device=accelerator.device)
+        count = torch.zeros((), device=accelerator.device)
+        for start in range(0, len(mine), micro_batch):
+            batch = collate_conversations(mine[start : start + micro_batch], tokenizer.pad_token_id)
+            with accelerator.autocast():
+                batch_loss = model(
+                    input_ids=batch["input_ids"].to(accelerator.device),
+                    attention_mask=batch["attention_mask"].to(accelerator.device),
+                    labels=batch["labels"].to(accelerator.device),
+                ).loss
+            rows_in_batch = batch["input_ids"].shape[0]
+            loss_sum += batch_loss.float() * rows_in_batch
+            count += rows_in_batch
+        loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
+        model.train()
+        mean = (loss_sum / count.clamp(min=1)).item()
+        return {"loss": mean, "perplexity": perplexity(mean)}
 
     # ----------------------------------------------------------------------------------- loop
-    # The step-0 baseline comes from eval_on_start, inside train(): calling trainer.evaluate()
-    # before train() makes the Trainer skip its DDP wrapping, and replicas silently diverge.
-    trainer.train(resume_from_checkpoint=resume_from)
-    step = trainer.state.global_step
-    final = next((row for row in trainer.state.log_history if row.get("step") == step and "eval_loss" in row), None)
-    final = final or trainer.evaluate()
+    result = fit(
+        "sft", accelerator,
+        OptimizerStep(accelerator, model, optimizer, scheduler, section.max_grad_norm),
+        Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
+        context.tracker,
+        Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
+        micro_batches=micro_batches, loss=loss, evaluate=evaluate,
+        units_per_step=conversations_per_step, unit="conversation", tokenizer=tokenizer,
+        weights=lambda batches: [1.0] * len(batches),
+    )
 
     # ----------------------------------------------------------------------------------- save
-    output = context.output_dir
-    trained = trainer.model
-    if section.lora is not None and section.lora.save == "merged":
-        trained = trainer.accelerator.unwrap_model(trained).merge_and_unload()
-    if context.is_main:
-        trained.generation_config.pad_token_id = tokenizer.pad_token_id
-        trained.generation_config.eos_token_id = tokenizer.eos_token_id
-        trainer.accelerator.unwrap_model(trained).save_pretrained(output, safe_serialization=True)
-        tokenizer.save_pretrained(output)
-        if section.lora is not None and section.lora.save == "adapter":
-            write_adapter_note(output, base_dir, context.input_digests["pretrain"])
+    lora_save = section.lora.save if section.lora is not None else None
+    trained = save_final_model(accelerator, model, context.output_dir, tokenizer, lora_save=lora_save, generation_tokens=True)
+    if accelerator.is_main_process and lora_save == "adapter":
+        write_adapter_note(context.output_dir, base_dir, context.input_digests["pretrain"])
 
     # -------------------------------------------------------------------------------- samples
-    samples = []
     if context.is_main and section.sample_prompts:
         prompts = sample_rows(
             validation_conversations, section.sample_prompts, tokenizer, section.max_length - section.sample_max_new_tokens
         )
         replies = generate_replies(
-            trainer.accelerator.unwrap_model(trained), tokenizer, [prompt for prompt, _ in prompts],
-            section.sample_max_new_tokens, seed=config.seed,
+            trained, tokenizer, [prompt for prompt, _ in prompts], section.sample_max_new_tokens, seed=config.seed,
         )
         samples = [
             {"prompt": prompt, "reference": reference, "reply": reply}
@@ -147,31 +172,28 @@ def train(context: StageContext) -> StageResult:
             for sample in samples:
                 handle.write(json.dumps(sample) + "\n")
         context.tracker.log_table(
-            "samples",
-            ["prompt", "reference", "reply"],
-            [[s["prompt"][-1]["content"], s["reference"], s["reply"]] for s in samples],
-            step=trainer.state.global_step,
+            "samples", ["prompt", "reference", "reply"],
+            [[s["prompt"][-1]["content"], s["reference"], s["reply"]] for s in samples], step=total_steps,
         )
 
     metrics = {
-        "world_size": trainer.accelerator.num_processes,
-        "replicas_in_sync": replicas_in_sync(trainer.model, trainer.accelerator.device),
-        "steps": trainer.state.global_step,
-        "eval_loss": final["eval_loss"],
-        "eval_perplexity": math.exp(min(final["eval_loss"], 50.0)),
+        "world_size": accelerator.num_processes,
+        "replicas_in_sync": replicas_in_sync(model, accelerator.device),
+        "steps": total_steps,
+        "eval_loss": result.last_eval["loss"],
+        "eval_perplexity": result.last_eval["perplexity"],
         "rows_read": rows.total,
         "rows_dropped": rows.dropped,
         "dropped_reasons": dict(rows.reasons),
         **train_lengths.as_metrics("train"),
         **validation_lengths.as_metrics("validation"),
-        "checkpoint_kind": "adapter" if section.lora is not None and section.lora.save == "adapter" else "full",
-        "resumed_from_step": int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
+        "checkpoint_kind": "adapter" if lora_save == "adapter" else "full",
+        "resumed_from_step": result.resumed_from,
     }
-    baseline = [row["eval/loss"] for row in read_metrics(context.stage_dir) if row["step"] == 0 and "eval/loss" in row]
-    if baseline:
-        metrics["initial_eval_loss"] = baseline[0]
-    context.tracker.log({"data/" + key: value for key, value in metrics.items() if key.startswith(("train_", "validation_", "rows_"))}, step=trainer.state.global_step)
-    return StageResult(output, metrics)
+    if result.first_eval is not None:
+        metrics["initial_eval_loss"] = result.first_eval["loss"]
+    context.tracker.log({"data/" + key: value for key, value in metrics.items() if key.startswith(("train_", "validation_", "rows_"))}, step=total_steps)
+    return StageResult(context.output_dir, metrics)
 
 
 if __name__ == "__main__":

@@ -36,25 +36,24 @@ def test_only_assistant_replies_carry_loss(bpe_tokenizer):
     assert "<|im_start|>assistant\n" in unmasked
 
 
-def test_sft_trainer_turns_the_mask_into_labels(bpe_tokenizer, tmp_path):
-    """What TRL trains on: labels are the token ids on assistant tokens and -100 elsewhere."""
-    from transformers import AutoConfig
-    from trl import SFTConfig as TRLSFTConfig
-
-    from stages.sft.trainer import ChatpipeSFTTrainer
+def test_micro_batches_put_labels_on_assistant_tokens_only(bpe_tokenizer):
+    """What SFT trains on: labels are the token ids on assistant tokens and -100 elsewhere, padding included."""
+    from stages.sft.batching import IGNORE_INDEX, collate_conversations
 
     dataset, _ = tokenize_conversations(hh_conversations(4), bpe_tokenizer, max_length=96, overlong="truncate")
-    config = AutoConfig.for_model(
-        "llama", vocab_size=len(bpe_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=2, pad_token_id=bpe_tokenizer.pad_token_id,
-    )
-    model = AutoModelForCausalLM.from_config(config)
-    arguments = TRLSFTConfig(output_dir=str(tmp_path), report_to="none", bf16=False, activation_checkpointing=False, max_length=96, per_device_train_batch_size=2)
-    trainer = ChatpipeSFTTrainer(model=model, args=arguments, train_dataset=dataset, processing_class=bpe_tokenizer)
-    for prepared, original in zip(trainer.train_dataset, dataset):
-        expected = [t if m else -100 for t, m in zip(original["input_ids"], original["assistant_masks"])]
-        assert prepared["labels"] == expected
-        assert any(label != -100 for label in prepared["labels"])
+    rows = dataset.to_list()
+    batch = collate_conversations(rows, bpe_tokenizer.pad_token_id)
+    longest = max(len(row["input_ids"]) for row in rows)
+    assert batch["input_ids"].shape == batch["labels"].shape == (4, longest)
+    for index, row in enumerate(rows):
+        length = len(row["input_ids"])
+        expected = [t if m else IGNORE_INDEX for t, m in zip(row["input_ids"], row["assistant_masks"])]
+        assert batch["labels"][index, :length].tolist() == expected
+        assert any(label != IGNORE_INDEX for label in expected)
+        assert (batch["labels"][index, length:] == IGNORE_INDEX).all()
+        assert batch["attention_mask"][index].tolist() == [1] * length + [0] * (longest - length)
+        assert (batch["input_ids"][index, length:] == bpe_tokenizer.pad_token_id).all()
+    assert batch["loss_tokens"] == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_overlong_conversations_are_truncated_or_dropped_and_counted(bpe_tokenizer):
@@ -141,7 +140,7 @@ def test_full_sft_checkpoint_loads_with_plain_transformers(sft_run):
     )
     output = model.generate(**prompt, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > prompt["input_ids"].shape[1]
-    checkpoints = list((run_dir / "sft" / "checkpoints").glob("checkpoint-*"))
+    checkpoints = list((run_dir / "sft" / "checkpoints").glob("step-*"))
     assert checkpoints and all((c / "optimizer.safetensors").exists() for c in checkpoints)
     assert not [p for c in checkpoints for p in c.iterdir() if p.suffix in (".pt", ".pth", ".bin")]
 
@@ -173,19 +172,19 @@ def test_lora_checkpoints_of_either_kind_load_for_the_next_stage(sft_run, tmp_pa
     assert changed
 
 
-def test_crashed_sft_resumes_from_its_last_trainer_checkpoint(sft_run, tmp_path):
+def test_crashed_sft_resumes_from_its_last_checkpoint(sft_run, tmp_path):
     config, run_dir = sft_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     checkpoints = copy / "sft" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("checkpoint-*")) == ["checkpoint-20", "checkpoint-30"]
-    shutil.rmtree(checkpoints / "checkpoint-30")
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000010", "step-000020"]
+    shutil.rmtree(checkpoints / "step-000020")
     shutil.rmtree(copy / "sft" / "final")
     update_stage(copy, "sft", status="running", output=None)
     output = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
     assert "sft: running, resuming; running" in output
     metrics = read_manifest(copy)["stages"]["sft"]["metrics"]
-    assert metrics["resumed_from_step"] == 20 and metrics["steps"] == 30
+    assert metrics["resumed_from_step"] == 10 and metrics["steps"] == 30
     original = read_manifest(run_dir)["stages"]["sft"]["metrics"]
     assert metrics["eval_loss"] == pytest.approx(original["eval_loss"], abs=1e-4)
 
