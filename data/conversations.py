@@ -29,10 +29,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from pipeline.config import CONVERSATION_FIELDS
 from pipeline.errors import DataError
 
 FORMATS = ("messages", "prompt_response", "instruction", "hh")
-FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "text", "system")
+FIELDS = CONVERSATION_FIELDS
 ROLES = ("system", "user", "assistant")
 # Only the aliases of formats people actually use (ShareGPT's human/gpt, Gemini's model); a role
 # outside these is more likely a mapping mistake than something to guess at.

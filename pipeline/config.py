@@ -181,6 +181,10 @@ class PretrainConfig(Section):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
+# The fields a conversation row can have; `columns` maps them to a dataset's own column names.
+CONVERSATION_FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "text", "system")
+
+
 class ConversationData(DataSource):
     """Conversations: a DataSource plus how its rows map to chat messages (see data/conversations.py)."""
 
@@ -194,11 +198,11 @@ class ConversationData(DataSource):
     @field_validator("columns")
     @classmethod
     def _known_fields(cls, columns: dict[str, str]) -> dict[str, str]:
-        from data.conversations import FIELDS
-
-        unknown = sorted(set(columns) - set(FIELDS))
+        unknown = sorted(set(columns) - set(CONVERSATION_FIELDS))
         if unknown:
-            raise ValueError(f"unknown field(s) {unknown}; the fields are {', '.join(FIELDS)} (mapped to your column names)")
+            raise ValueError(
+                f"unknown field(s) {unknown}; the fields are {', '.join(CONVERSATION_FIELDS)} (mapped to your column names)"
+            )
         return columns
 
 

@@ -30,10 +30,10 @@ from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer
+from reward_model.batching import collate_groups, encode_groups
+from reward_model.evaluation import evaluate_preferences
 from reward_model.model import TokenScorer, build_reward_model
 from reward_model.scoring import at_last_token
-from stages.reward.batching import collate_groups, encode_groups
-from stages.reward.evaluation import evaluate_preferences
 from stages.reward.losses import centering_penalty, grouped_pairwise_loss
 
 

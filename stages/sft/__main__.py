@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, get_scheduler
 
+from data.chat_tokens import load_conversations, tokenize_conversations
 from data.packing import batch_indices
 from data.splits import held_out_split
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
@@ -39,7 +40,6 @@ from pipeline.training.metrics import perplexity
 from pipeline.training.optimization import adamw
 from pipeline.training.state import Checkpointer
 from stages.sft.batching import collate_conversations
-from stages.sft.dataset import load_conversations, tokenize_conversations
 from stages.sft.samples import generate_replies, sample_rows
 
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stages.reward.batching import EncodedGroup, collate_groups
+from reward_model.batching import EncodedGroup, collate_groups
 from stages.reward.losses import centering_penalty, grouped_pairwise_loss
 
 

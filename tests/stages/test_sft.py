@@ -7,14 +7,14 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from data.chat_tokens import load_conversations, tokenize_conversations
 from data.conversations import parse_hh
+from data.splits import held_out_split
 from pipeline.checkpoints import is_adapter, load_causal_lm
 from pipeline.config import SFTConfig
 from pipeline.errors import DataError
 from pipeline.manifest import read_manifest, update_stage
 from pipeline.tracking import read_metrics
-from data.splits import held_out_split
-from stages.sft.dataset import load_conversations, tokenize_conversations
 from tests.conftest import SAMPLES, chatpipe, decoded_spans, tiny_config, tiny_sft_section
 
 

@@ -97,7 +97,7 @@ def test_sft_refuses_a_template_that_masks_everything(bpe_tokenizer):
     import pytest
 
     from pipeline.errors import DataError
-    from stages.sft.dataset import tokenize_conversations
+    from data.chat_tokens import tokenize_conversations
 
     plain = copy.deepcopy(bpe_tokenizer)
     plain.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"

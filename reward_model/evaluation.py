@@ -6,8 +6,8 @@ import math
 
 import torch
 
+from reward_model.batching import EncodedGroup, collate_groups
 from reward_model.scoring import at_last_token
-from stages.reward.batching import EncodedGroup, collate_groups
 
 
 @torch.no_grad()

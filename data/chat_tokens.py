@@ -1,9 +1,9 @@
-"""SFT data: conversations -> token ids with an assistant mask, split into train and validation.
+"""Chat data as tokens: conversations -> token ids with an assistant mask, split into train and validation.
 
-We tokenize here rather than inside TRL so that the mask is exactly the chat template's
-`{% generation %}` span (`return_assistant_tokens_mask`), overlong conversations follow the
-configured policy with counts, and TRL gets `input_ids` + `assistant_masks`, from which it builds
-labels that are -100 everywhere but the assistant's tokens.
+The mask is exactly the chat template's `{% generation %}` span (`return_assistant_tokens_mask`),
+and overlong conversations follow the configured policy with counts. SFT trains on it (labels
+are -100 everywhere but the assistant's tokens, stages/sft/batching.py); eval measures
+perplexity on it; PPO reads its prompts through `load_conversations`.
 """
 
 from __future__ import annotations
