@@ -32,7 +32,7 @@ def main() -> None:
 
     from pipeline.config import PPOConfig
     from reward_model.model import TokenScorer
-    from stages.ppo.rollout import reward_model_function
+    from reward_model.functions import reward_model_function
     from stages.ppo.trainer import RLTrainer
 
     folder, settings, estimator = Path(config["folder"]), config["settings"], config["estimator"]

@@ -3,10 +3,11 @@
     chatpipe chat RUN_DIR [--stage ppo|sft|pretrain] [--prompt TEXT] [--temperature 0.7] ...
 
 The policy is the latest completed of ppo, sft, pretrain (or the stage named), found through the
-manifest like any later stage would. Replies are streamed token by token: `generate` runs in a
-background thread and feeds transformers' `TextIteratorStreamer`, which the caller iterates. The
-same `start_reply` drives `chatpipe serve` (pipeline/serve.py), so the terminal and the HTTP API
-sample identically for the same settings and seed.
+manifest like any later stage would. Replies are streamed token by token: the generation engine
+(pipeline/models/generation.py) runs in a background thread and feeds transformers'
+`TextIteratorStreamer`, which the caller iterates. The same `start_reply` drives `chatpipe serve`
+(pipeline/serve.py), so the terminal and the HTTP API sample identically for the same settings
+and seed; a seed draws from a private generator and never moves the global RNG.
 """
 
 from __future__ import annotations
@@ -18,19 +19,12 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
-    TextIteratorStreamer,
-)
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from pipeline.checkpoints import adapter_base, is_adapter, load_causal_lm
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest import manifest_path, read_manifest, resolve_input
+from pipeline.models.generation import Sampling, generate, seeded_generator
 
 # The stages whose output is a policy one can talk to, best first: PPO refines SFT refines pretrain.
 POLICY_STAGES = ("ppo", "sft", "pretrain")
@@ -96,9 +90,9 @@ def load_chat_model(folder: str | Path, device: str | None = None) -> tuple[PreT
 # Sampling
 
 
-@dataclass
-class SamplingSettings:
-    """How replies are sampled."""
+@dataclass(frozen=True)
+class SamplingSettings(Sampling):
+    """How replies are sampled: chat's defaults on top of the generation engine's settings."""
 
     temperature: float = 0.7  # 0 = greedy: always the likeliest token, so replies are reproducible
     top_p: float = 0.9  # nucleus sampling: keep the likeliest tokens covering this much probability
@@ -106,24 +100,9 @@ class SamplingSettings:
     max_new_tokens: int = 256  # reply length at most, in tokens
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ConfigError(f"temperature {self.temperature} is negative; use 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p {self.top_p} is outside (0, 1]; use 1 to turn nucleus sampling off")
-        if self.top_k < 0:
-            raise ConfigError(f"top_k {self.top_k} is negative; use 0 to turn it off")
+        super().__post_init__()
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens {self.max_new_tokens} must be at least 1")
-
-    def generation_config(self, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
-        """A fresh config, so nothing sampled follows defaults saved with the checkpoint."""
-        sampling = {"do_sample": False}
-        if self.temperature > 0:
-            sampling = {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return GenerationConfig(
-            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, **sampling
-        )
 
 
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_tokens: int | None) -> list[int]:
@@ -149,16 +128,6 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], max_tok
         rest = rest[1:]
         ids = render(system + rest)
     return ids[-max_tokens:]
-
-
-class _StopWhenSet(StoppingCriteria):
-    """Ends generation early once the reader has gone (closed stream, client disconnected, Ctrl-C)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class ReplyStream:
@@ -190,7 +159,7 @@ class ReplyStream:
         self.finish_reason: str | None = None
         self._stop = threading.Event()
         self._error: BaseException | None = None
-        self._streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._streamer = TextIteratorStreamer(tokenizer, skip_special_tokens=True)  # gets generated tokens only
         self._pieces = self._read()
 
     def __iter__(self) -> Iterator[str]:
@@ -215,24 +184,26 @@ class ReplyStream:
     def _generate(self) -> None:
         device = self.model.device
         input_ids = torch.tensor([self.input_ids], dtype=torch.long, device=device)
+        generated: list[int] = []
+
+        def on_tokens(tokens: torch.Tensor) -> bool:
+            generated.append(int(tokens[0]))
+            self._streamer.put(tokens.cpu())
+            return self._stop.is_set()  # the reader has gone: closed stream, client disconnected, Ctrl-C
+
         try:
-            forked = [device.index or 0] if device.type == "cuda" else []
-            with torch.random.fork_rng(devices=forked, enabled=self.seed is not None), torch.no_grad():
-                if self.seed is not None:
-                    torch.manual_seed(self.seed)
-                output = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    generation_config=self.settings.generation_config(self.tokenizer, self.max_new_tokens),
-                    streamer=self._streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopWhenSet(self._stop)]),
-                )
-            generated = output[0, input_ids.shape[1]:].tolist()
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+            generate(
+                self.model, input_ids, torch.ones_like(input_ids), max_new_tokens=self.max_new_tokens,
+                sampling=self.settings, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad,
+                generator=seeded_generator(self.seed, device) if self.seed is not None else None, on_tokens=on_tokens,
+            )
             self.completion_tokens = len(generated)
             self.finish_reason = "stop" if self.tokenizer.eos_token_id in generated else "length"
         except BaseException as error:  # handed to the reading thread, which raises it
             self._error = error
-            self._streamer.end()  # unblock the reader
+        finally:
+            self._streamer.end()  # flush the last text and unblock the reader
 
 
 def start_reply(

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "chat":
             from pipeline.chat import SamplingSettings, chat_command
 
-            settings = SamplingSettings(args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+            settings = SamplingSettings(
+                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
+            )
             return chat_command(args.run_dir, args.stage, args.prompt, settings, args.seed)
         if args.command == "serve":
             from pipeline.serve import serve_command

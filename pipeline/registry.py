@@ -62,8 +62,8 @@ def _ppo_slice(config: RunConfig) -> dict[str, Any]:
 
 
 def _eval_slice(config: RunConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "eval": config.eval.model_dump(), "ppo_prompts": config.ppo.model_dump(
-        include={"prompts", "validation_fraction", "max_prompt_length"}) if config.ppo else None}
+    # The PPO held-out prompts eval uses arrive with PPO's output (held_out.jsonl), covered by its digest.
+    return {"seed": config.seed, "eval": config.eval.model_dump()}
 
 
 def _eval_inputs(config: RunConfig) -> tuple[str, ...]:

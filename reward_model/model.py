@@ -17,6 +17,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
 from pipeline.checkpoints import load_causal_lm
+from pipeline.models.logprobs import position_ids_from
 
 
 def build_reward_model(backbone: str | Path, pad_token_id: int | None = None, **kwargs) -> PreTrainedModel:
@@ -48,11 +49,6 @@ def score_head(model: PreTrainedModel) -> torch.nn.Linear:
     if head is None:
         raise TypeError(f"{type(model).__name__} has no `score` head; use an architecture with a sequence-classification score layer")
     return head
-
-
-def position_ids_from(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions counting real tokens only: left padding does not shift where a sequence starts."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def per_token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -14,72 +14,70 @@ preference file. Samples side by side go to RUN_DIR/eval/final/samples.jsonl.
 from __future__ import annotations
 
 import json
-import math
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
+from data.chat_tokens import load_conversations, tokenize_conversations
 from data.conversations import prompt_of
-from data.sources import load_source
-from data.splits import held_out_split
+from data.held_out import read_held_out
 from data.preferences import normalize_preferences
+from data.sources import load_source
 from pipeline.checkpoints import load_causal_lm
+from pipeline.errors import ConfigError
+from pipeline.models.generation import Sampling, seeded_generator
+from pipeline.models.logprobs import logprobs_from_logits, masked_sum, response_logits
+from pipeline.models.responses import response_logprobs, sample_responses, score_in_micro_batches
 from pipeline.stage import StageContext, StageResult, run_stage
+from pipeline.training.metrics import perplexity
+from reward_model.batching import encode_groups
+from reward_model.evaluation import evaluate_preferences
+from reward_model.functions import reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
 from reward_model.scoring import at_last_token, pad_batch
 from stages.eval.metrics import length_stats, win_rate
-from stages.ppo.losses import logprobs_from_logits, masked_sum
-from stages.ppo.rollout import ExperienceMaker, RolloutSettings, response_logits, reward_model_function
-from stages.reward.batching import encode_groups
-from stages.reward.evaluation import evaluate_preferences
-from stages.sft.dataset import load_conversations, tokenize_conversations
 
 
 def held_out_conversations(context: StageContext) -> list[list[dict]]:
-    """Conversations never trained on: eval.prompts, or the PPO stage's held-out split (same seed)."""
-    config, section = context.config, context.config.eval
-    cache = context.run_dir / "cache" / "datasets"
+    """Conversations never trained on: eval.prompts, or the held-out prompts the PPO stage saved with its output."""
+    section = context.config.eval
     if section.prompts is not None:
-        conversations, _ = load_conversations(section.prompts, section, cache, config_section="eval")
+        conversations, _ = load_conversations(section.prompts, section, context.run_dir / "cache" / "datasets", config_section="eval")
         return conversations
-    ppo = config.ppo
-    conversations, _ = load_conversations(ppo.prompts, ppo, cache, config_section="ppo")
-    tokenizer = AutoTokenizer.from_pretrained(context.inputs[config.policy_stage])
-    fitting = [
-        c for c in conversations
-        if len(tokenizer.apply_chat_template(prompt_of(c), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
-        <= ppo.max_prompt_length
-    ]
-    _, held_out = held_out_split(fitting, ppo.validation_fraction, config.seed, what="prompts")
-    return held_out
+    if "ppo" not in context.inputs:
+        raise ConfigError(
+            "eval.prompts is not set and the run has no ppo stage whose held-out prompts eval could use; "
+            "set eval.prompts to a conversation file the policies were not trained on"
+        )
+    return read_held_out(context.inputs["ppo"])
 
 
 @torch.no_grad()
 def answer(policy, reference, reward_fn, tokenizer, prompts, section, accelerator, seed) -> dict[str, torch.Tensor | list]:
     """Sampled replies with their scores, KL to the reference and lengths; the same seed for every policy."""
-    settings = RolloutSettings(
-        estimator="ppo", samples_per_prompt=1, response_length=section.response_length, temperature=section.temperature,
-        micro_batch_size=section.batch_size, kl_estimator="k1", missing_eos_penalty="none", missing_eos_value=0.0,
-        score_mean=0.0, score_std=1.0, score_clip=None, gamma=1.0, lam=1.0, whiten_advantages=False,
-    )
-    maker = ExperienceMaker(policy, reference, None, reward_fn, tokenizer, settings, accelerator)
-    torch.manual_seed(seed)
+    generator = seeded_generator(seed, accelerator.device)
+    sampling = Sampling(temperature=section.temperature)
     scores, kls, lengths, replies = [], [], [], []
     for start in range(0, len(prompts), section.batch_size):
         query_ids, query_mask = pad_batch(prompts[start : start + section.batch_size], tokenizer.pad_token_id, side="left")
-        experience = maker.make(query_ids.to(accelerator.device), query_mask.to(accelerator.device))
-        mask = experience.response_mask
-        scores.append(experience.raw_scores.cpu())
-        kls.append(masked_sum(experience.logprobs - experience.ref_logprobs, mask, dim=1).cpu())
+        responses = sample_responses(
+            policy, query_ids.to(accelerator.device), query_mask.to(accelerator.device), max_new_tokens=section.response_length,
+            sampling=sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
+        )
+        logprobs = response_logprobs(policy, responses, section.temperature, section.batch_size)
+        ref_logprobs = response_logprobs(reference, responses, section.temperature, section.batch_size)
+        mask = responses.response_mask
+        scores.append(score_in_micro_batches(responses, section.batch_size, reward_fn, per_token=False).cpu())
+        kls.append(masked_sum(logprobs - ref_logprobs, mask, dim=1).cpu())
         lengths.append(mask.sum(1).cpu())
-        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(experience.response_ids, mask)]
+        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses.response_ids, mask)]
     return {"scores": torch.cat(scores), "kl": torch.cat(kls), "lengths": torch.cat(lengths), "replies": replies}
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, conversations, max_length: int, batch_size: int, device) -> float:
+def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_size: int, device) -> float:
     """exp(mean NLL) over the assistant tokens of held-out conversations."""
     dataset, _ = tokenize_conversations(conversations, tokenizer, max_length, "truncate")
     total, count = 0.0, 0
@@ -93,7 +91,7 @@ def perplexity(model, tokenizer, conversations, max_length: int, batch_size: int
         weights = loss_mask[:, 1:].float()
         total += -(logprobs * weights).sum().item()
         count += int(weights.sum().item())
-    return math.exp(total / max(count, 1))
+    return perplexity(total / max(count, 1))
 
 
 def train(context: StageContext) -> StageResult:
@@ -132,7 +130,7 @@ def train(context: StageContext) -> StageResult:
         metrics[f"{name}/score"] = out["scores"].mean().item()
         metrics[f"{name}/kl"] = out["kl"].mean().item()
         metrics.update({f"{name}/{k}": v for k, v in length_stats(out["lengths"]).items()})
-        metrics[f"{name}/perplexity"] = perplexity(policy, tokenizer, conversations, section.max_prompt_length + section.response_length, section.batch_size, device)
+        metrics[f"{name}/perplexity"] = held_out_perplexity(policy, tokenizer, conversations, section.max_prompt_length + section.response_length, section.batch_size, device)
         if "judge_scores" in out:
             metrics[f"{name}/judge_score"] = out["judge_scores"].mean().item()
     if "ppo" in results:

@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
+from data.held_out import write_held_out
 from data.packing import batch_indices
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.errors import ConfigError
@@ -31,9 +32,9 @@ from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, r
 from pipeline.training.distributed import replicas_in_sync
 from pipeline.training.loop import Cadence, micro_batch_position, save_final_model
 from pipeline.training.state import Checkpointer
+from reward_model.functions import reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
 from stages.ppo.prompts import left_padded, load_prompts
-from stages.ppo.rollout import reward_model_function
 from stages.ppo.trainer import RLTrainer, decode_samples, evaluate_policy
 
 
@@ -58,8 +59,8 @@ def train(context: StageContext) -> StageResult:
     cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
 
     # ----------------------------------------------------------------------------------- data
-    train_prompts, held_out, counts = load_prompts(section, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
-    held_out = held_out[: section.eval_prompts]
+    prompts = load_prompts(section, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
+    train_prompts, held_out = prompts.train, prompts.held_out[: section.eval_prompts]
     mine = held_out[accelerator.process_index :: world]
     eval_batches = [left_padded(mine[i : i + local_episodes], tokenizer.pad_token_id) for i in range(0, len(mine), local_episodes)]
 
@@ -123,7 +124,7 @@ def train(context: StageContext) -> StageResult:
         progress.update(1)
         progress.set_postfix(score=f"{metrics['objective/raw_scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
         if done % section.sample_table_every == 0 or done == rollouts:
-            log_samples(context, decode_samples(tokenizer, experience)[:8], done)
+            log_samples(context, decode_samples(tokenizer, experience, experience.raw_scores)[:8], done)
         if cadence.evaluate(done):
             last_eval = log_eval(done)
         if cadence.save(done):
@@ -136,6 +137,8 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- save
     lora_save = section.lora.save if section.lora is not None else None
     save_final_model(accelerator, trainer.model, context.output_dir, tokenizer, part="policy", lora_save=lora_save)
+    if accelerator.is_main_process:
+        write_held_out(context.output_dir, prompts.held_out_conversations)  # eval's prompts, never trained on
     if accelerator.is_main_process and lora_save == "adapter":
         write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
     return StageResult(context.output_dir, {
@@ -152,7 +155,7 @@ def train(context: StageContext) -> StageResult:
         "response_length": last_eval["response_length"],
         "kl_coef": trainer.kl_controller.value,
         "eval_prompts": len(held_out),
-        **counts,
+        **prompts.counts,
         "resumed_from_step": resumed_from,
     })
 

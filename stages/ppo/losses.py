@@ -8,18 +8,8 @@ the EOS) and 0 on padding, so no padding leaks into a loss or a metric. Shapes u
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-
-def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    return (values * mask).sum() if dim is None else (values * mask).sum(dim)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean over the positions where mask is 1 (all of them, or along `dim`)."""
-    if dim is None:
-        return masked_sum(values, mask) / mask.sum().clamp(min=1)
-    return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
+from pipeline.models.logprobs import log_softmax_at, masked_mean
 
 
 def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
@@ -31,27 +21,9 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return variance
 
 
-def log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(logits / temperature) in float32: the distribution the tokens were sampled from.
-
-    logits: (batch, len, vocab) -> (batch, len, vocab)
-    """
-    return F.log_softmax(logits.float() / temperature, dim=-1)
-
-
-def token_logprobs(log_probs: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) from a log-softmax: (batch, len, vocab), (batch, len) -> (batch, len)."""
-    return torch.gather(log_probs, 2, tokens.unsqueeze(-1)).squeeze(-1)
-
-
 def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     """Entropy per position from a log-softmax: (batch, len, vocab) -> (batch, len)."""
     return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log p(token) under softmax(logits / temperature): (batch, len, vocab), (batch, len) -> (batch, len) float32."""
-    return token_logprobs(log_softmax_at(logits, temperature), tokens)
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:

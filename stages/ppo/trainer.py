@@ -18,29 +18,16 @@ import torch
 from torch import nn
 
 from pipeline.config import PPOConfig
+from pipeline.models.generation import seeded_generator
+from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, response_logits, token_logprobs
+from pipeline.models.responses import Responses, length_sorted_micro_batches
 from pipeline.training.distributed import fit_deepspeed_batch
 from pipeline.training.loop import OptimizerStep
 from pipeline.training.optimization import fused_adamw_supported
+from reward_model.functions import RewardFunction
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
-from stages.ppo.losses import (
-    clipped_policy_loss,
-    clipped_value_loss,
-    entropy_from_log_probs,
-    kl_estimate,
-    log_softmax_at,
-    masked_mean,
-    masked_sum,
-    token_logprobs,
-)
-from stages.ppo.rollout import (
-    Experience,
-    ExperienceMaker,
-    RewardFunction,
-    RolloutSettings,
-    length_sorted_micro_batches,
-    response_logits,
-    response_values,
-)
+from stages.ppo.losses import clipped_policy_loss, clipped_value_loss, entropy_from_log_probs, kl_estimate
+from stages.ppo.rollout import Experience, ExperienceMaker, response_values
 
 
 class PolicyAndValue(nn.Module):
@@ -137,20 +124,10 @@ class RLTrainer:
             if config.adaptive_kl
             else FixedKLController(config.kl_coef)
         )
-        settings = RolloutSettings(
-            estimator=config.estimator, samples_per_prompt=config.samples_per_prompt,
-            response_length=config.response_length, temperature=config.temperature,
-            micro_batch_size=config.micro_batch_size, kl_estimator=config.kl_estimator,
-            missing_eos_penalty=config.missing_eos_penalty, missing_eos_value=config.missing_eos_value,
-            score_mean=score_mean if config.normalize_scores else 0.0,
-            score_std=score_std if config.normalize_scores and score_std > 0 else 1.0,
-            score_clip=config.score_clip, gamma=config.gamma, lam=config.lam,
-            whiten_advantages=config.whiten_advantages,
-        )
         unwrapped = accelerator.unwrap_model(self.model)
         self.maker = ExperienceMaker(
-            unwrapped.policy, reference, unwrapped.value, reward_fn, tokenizer, settings, accelerator,
-            reference_context=reference_context,
+            unwrapped.policy, reference, unwrapped.value, reward_fn, tokenizer, config, accelerator,
+            score_mean=score_mean, score_std=score_std, reference_context=reference_context,
         )
         self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
         self.episode = 0
@@ -159,9 +136,8 @@ class RLTrainer:
     def rollout(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Experience:
         self.model.eval()
         with unwrapped_for_generation(self.accelerator, self.model) as generation_model:
-            experience = self.maker.make(query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device), generation_model)
-        self.maker.assign_advantages(experience, self.kl_controller.value)
-        return experience
+            scored = self.maker.score(query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device), generation_model)
+        return self.maker.experience(scored, self.kl_controller.value)
 
     # ------------------------------------------------------------------------------- update
     def update(self, experience: Experience) -> dict[str, float]:
@@ -281,42 +257,39 @@ def evaluate_policy(trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor,
     """
     accelerator = trainer.accelerator
     trainer.model.eval()
-    rng_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
-    torch.manual_seed(seed + accelerator.process_index)
+    # A private stream: the training RNG (checkpointed for exact resume) is left where it was.
+    generator = seeded_generator(seed + accelerator.process_index, accelerator.device)
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # n, score, kl, length, eos
     samples = []
     for query_ids, query_mask in prompt_batches:
         with unwrapped_for_generation(accelerator, trainer.model) as generation_model:
-            experience = trainer.maker.make(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generation_model)
-        mask = experience.response_mask
-        sequence_kl = masked_sum(experience.logprobs - experience.ref_logprobs, mask, dim=1)
+            scored = trainer.maker.score(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generation_model, generator)
+        responses, mask = scored.responses, scored.responses.response_mask
+        sequence_kl = masked_sum(scored.logprobs - scored.ref_logprobs, mask, dim=1)
         totals += torch.stack([
-            torch.tensor(float(len(experience)), device=accelerator.device, dtype=torch.float64),
-            experience.raw_scores.double().sum(),
+            torch.tensor(float(len(responses)), device=accelerator.device, dtype=torch.float64),
+            scored.raw_scores.double().sum(),
             sequence_kl.double().sum(),
             mask.sum().double(),
-            experience.has_eos.double().sum(),
+            responses.has_eos.double().sum(),
         ])
-        samples.extend(decode_samples(trainer.tokenizer, experience))
-    torch.set_rng_state(rng_state)
-    if cuda_state is not None:
-        torch.cuda.set_rng_state(cuda_state)
+        samples.extend(decode_samples(trainer.tokenizer, responses, scored.raw_scores))
     count, score, kl, length, eos = accelerator.reduce(totals, "sum").tolist()
     count = max(count, 1)
     metrics = {"score": score / count, "kl": kl / count, "response_length": length / count, "eos_fraction": eos / count}
     return metrics, samples
 
 
-def decode_samples(tokenizer, experience: Experience) -> list[dict]:
+def decode_samples(tokenizer, responses: Responses | Experience, raw_scores: torch.Tensor) -> list[dict]:
+    """(query, response, score, has_eos) rows as text, for sample tables."""
     rows = []
-    for index in range(len(experience)):
-        query = experience.query_ids[index][experience.query_mask[index].bool()]
-        response = experience.response_ids[index][experience.response_mask[index].bool()]
+    for index in range(len(responses)):
+        query = responses.query_ids[index][responses.query_mask[index].bool()]
+        response = responses.response_ids[index][responses.response_mask[index].bool()]
         rows.append({
             "query": tokenizer.decode(query, skip_special_tokens=False),
             "response": tokenizer.decode(response, skip_special_tokens=True),
-            "score": float(experience.raw_scores[index]),
-            "has_eos": bool(experience.has_eos[index]),
+            "score": float(raw_scores[index]),
+            "has_eos": bool(responses.has_eos[index]),
         })
     return rows

@@ -6,6 +6,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.conversations import prompt_of
+from pipeline.models.generation import Sampling, generate, seeded_generator
 
 
 @torch.no_grad()
@@ -17,27 +18,22 @@ def generate_replies(
     seed: int,
     temperature: float = 0.7,
 ) -> list[str]:
-    """One sampled reply per prompt (messages ending in a user turn), seeded so reruns agree."""
+    """One sampled reply per prompt (messages ending in a user turn), seeded so reruns agree.
+
+    The draws come from a private generator: training's RNG state is not touched.
+    """
     model.eval()
-    generator_state = torch.get_rng_state()
-    torch.manual_seed(seed)
+    generator = seeded_generator(seed, model.device)
     replies = []
     for messages in prompts:
-        encoded = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        ).to(model.device)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+        input_ids = torch.tensor([list(ids)], dtype=torch.long, device=model.device)
+        response = generate(
+            model, input_ids, torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+            sampling=Sampling(temperature=temperature), eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, generator=generator,
         )
-        replies.append(tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True))
-    torch.set_rng_state(generator_state)
+        replies.append(tokenizer.decode(response[0], skip_special_tokens=True))
     return replies
 
 

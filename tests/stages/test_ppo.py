@@ -8,9 +8,13 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from data.conversations import prompt_of
+from data.held_out import read_held_out
 from pipeline.checkpoints import is_adapter, load_causal_lm
+from pipeline.config import load_config
 from pipeline.manifest import read_manifest, update_stage
 from pipeline.tracking import read_metrics
+from stages.ppo.prompts import load_prompts
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 from tests.stages.test_reward import marker_preferences
 
@@ -71,6 +75,25 @@ def test_ppo_records_lineage_and_evaluates_against_the_starting_policy(ppo_run):
     assert evals[-1]["eval/kl"] > 0.0
     rollouts = [row for row in read_metrics(run_dir / "ppo") if "objective/kl" in row]
     assert [row["episode"] for row in rollouts] == [16, 32, 48, 64]
+
+
+def test_held_out_prompts_travel_with_the_output_and_were_never_trained_on(ppo_run):
+    config_path, run_dir = ppo_run
+    entry = read_manifest(run_dir)["stages"]["ppo"]
+    assert "held_out.jsonl" in entry["output"]["files"]  # covered by the output digest
+    held_out = read_held_out(run_dir / "ppo" / "final")
+    assert len(held_out) == entry["metrics"]["validation_prompts"] > 0
+    config = load_config(config_path)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "pretrain" / "final")
+    split = load_prompts(config.ppo, tokenizer, None, config.seed)
+    assert held_out == split.held_out_conversations
+    rendered = [
+        list(tokenizer.apply_chat_template(prompt_of(c), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        for c in held_out
+    ]
+    assert rendered == split.held_out
+    assert not {tuple(ids) for ids in split.train} & {tuple(ids) for ids in rendered}
+    assert len(split.train) + len(split.held_out) == entry["metrics"]["train_prompts"] + entry["metrics"]["validation_prompts"]
 
 
 def test_ppo_policy_loads_with_plain_transformers_and_samples_are_logged(ppo_run):
@@ -150,6 +173,9 @@ def test_eval_compares_the_policies_on_held_out_prompts(ppo_run, tmp_path):
     samples = [json.loads(line) for line in (copy / "eval" / "final" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == metrics["prompts"] > 0
     assert {"prompt", "pretrain_reply", "pretrain_score", "ppo_reply", "ppo_score"} <= set(samples[0])
+    # Eval answered PPO's own held-out prompts, read from its output, in their order.
+    held_out_prompts = [prompt_of(c) for c in read_held_out(copy / "ppo" / "final")]
+    assert [sample["prompt"] for sample in samples] == held_out_prompts[: len(samples)]
     # Seeded sampling: the same numbers again.
     chatpipe("eval", str(copy), "--preferences", str(preferences))
     assert read_manifest(copy)["stages"]["eval"]["metrics"]["ppo/score"] == metrics["ppo/score"]

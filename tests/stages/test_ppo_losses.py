@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from pipeline.models.logprobs import logprobs_from_logits, masked_mean
 from stages.ppo.advantages import (
     generalized_advantages,
     group_normalized_advantages,
@@ -18,8 +19,6 @@ from stages.ppo.losses import (
     clipped_value_loss,
     entropy_from_logits,
     kl_estimate,
-    logprobs_from_logits,
-    masked_mean,
     masked_var,
 )
 

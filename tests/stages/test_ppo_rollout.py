@@ -7,10 +7,11 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import PPOConfig
+from pipeline.models.logprobs import logprobs_from_logits, response_logits
+from pipeline.models.responses import length_sorted_micro_batches, real_columns, truncate_after_eos
 from reward_model.scoring import pad_batch
-from stages.ppo.losses import logprobs_from_logits
 from stages.ppo import rollout as rollout_module
-from stages.ppo.rollout import Experience, length_sorted_micro_batches, real_columns, response_logits, truncate_after_eos
+from stages.ppo.rollout import Experience
 from stages.ppo.trainer import RLTrainer, disable_dropout
 from tests.conftest import tiny_causal_lm, tiny_token_scorer
 
@@ -90,13 +91,14 @@ def test_rollout_samples_as_configured_and_logprobs_match_the_training_pass(bpe_
     sample = rollout_module.sample_responses
 
     def recording_sample(model, ids, mask, **kwargs):
-        recorded.update(kwargs, query_ids=ids)
+        recorded.update(kwargs, query_ids=ids, temperature=kwargs["sampling"].temperature)
         return sample(model, ids, mask, **kwargs)
 
     monkeypatch.setattr(rollout_module, "sample_responses", recording_sample)
     torch.manual_seed(0)
     experience = trainer.rollout(query_ids, query_mask)
     assert recorded["temperature"] == 0.7 and recorded["max_new_tokens"] == 6
+    assert recorded["sampling"].top_k == 0 and recorded["sampling"].top_p == 1.0  # no processor: logprobs match
     assert recorded["query_ids"][:, 0].eq(bpe_tokenizer.pad_token_id).any()  # queries are left-padded
     # The training forward (through the prepared model, temperature-scaled logits, the whole
     # padded batch at once) reproduces the rollout's logprobs, which were computed in
@@ -184,7 +186,7 @@ def test_missing_eos_is_penalised_as_configured(bpe_tokenizer, trainer_parts):
     for penalty, expected in (("subtract", [1.0, -1.0]), ("replace", [1.0, -5.0]), ("none", [1.0, 1.0])):
         trainer = make_trainer(bpe_tokenizer, policy, reference, value, reward, missing_eos_penalty=penalty,
                                missing_eos_value=2.0 if penalty == "subtract" else -5.0)
-        trainer.maker.settings.score_mean, trainer.maker.settings.score_std = 1.0, 2.0
+        trainer.maker.score_mean, trainer.maker.score_std = 1.0, 2.0
         assert trainer.maker.normalise(raw, has_eos).tolist() == expected
     clipped = make_trainer(bpe_tokenizer, policy, reference, value, reward, score_clip=0.5, missing_eos_penalty="none")
     assert clipped.maker.normalise(torch.tensor([3.0, -3.0]), torch.tensor([True, True])).tolist() == [0.5, -0.5]
