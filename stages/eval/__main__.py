@@ -28,7 +28,8 @@ from data.preferences import normalize_preferences
 from pipeline.checkpoints import load_causal_lm
 from pipeline.stage import StageContext, StageResult, run_stage
 from reward_model.model import TokenScorer, load_reward_model
-from reward_model.scoring import at_last_token, pad_batch
+from data.padding import pad_batch
+from reward_model.scoring import at_last_token
 from stages.eval.metrics import length_stats, win_rate
 from stages.ppo.losses import logprobs_from_logits, masked_sum
 from stages.ppo.rollout import ExperienceMaker, RolloutSettings, response_logits, reward_model_function

@@ -11,7 +11,7 @@ from data.conversations import prompt_of
 from data.splits import held_out_split
 from pipeline.config import PPOConfig
 from pipeline.errors import DataError
-from reward_model.scoring import pad_batch
+from data.padding import pad_batch
 from stages.sft.dataset import load_conversations
 
 

@@ -8,7 +8,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from data.preferences import PreferenceGroup
-from reward_model.scoring import conversation_ids, pad_batch
+from data.padding import pad_batch
+from reward_model.scoring import conversation_ids
 
 
 @dataclass

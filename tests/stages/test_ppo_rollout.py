@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.config import PPOConfig
-from reward_model.scoring import pad_batch
+from data.padding import pad_batch
 from stages.ppo.losses import logprobs_from_logits
 from stages.ppo import rollout as rollout_module
 from stages.ppo.rollout import Experience, length_sorted_micro_batches, real_columns, response_logits, truncate_after_eos

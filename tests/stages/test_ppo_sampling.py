@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from reward_model.scoring import pad_batch
+from data.padding import pad_batch
 from stages.ppo.sampling import sample_from_logits, sample_responses
 from tests.conftest import tiny_causal_lm
 
