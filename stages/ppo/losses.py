@@ -22,15 +22,6 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return masked_sum(values, mask, dim) / mask.sum(dim).clamp(min=1)
 
 
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    count = mask.sum()
-    if unbiased and count > 1:
-        variance = variance * count / (count - 1)
-    return variance
-
-
 def log_softmax_at(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """log softmax(logits / temperature) in float32: the distribution the tokens were sampled from.
 
@@ -52,11 +43,6 @@ def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """log p(token) under softmax(logits / temperature): (batch, len, vocab), (batch, len) -> (batch, len) float32."""
     return token_logprobs(log_softmax_at(logits, temperature), tokens)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: (batch, len, vocab) -> (batch, len)."""
-    return entropy_from_log_probs(log_softmax_at(logits, temperature))
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:
