@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metrics
+from pipeline.tracking import read_metric_rows
 from data.padding import pad_batch
 from reward_model import per_token_scores
 from reward_model.scoring import at_last_token, conversation_ids
@@ -84,7 +84,7 @@ def test_reward_model_learns_an_easy_preference(reward_run):
     assert metrics["accuracy"] >= 0.9
     assert metrics["mean_margin"] > 0
     assert 0.3 <= metrics["initial_accuracy"] <= 0.7  # an untrained head is at chance
-    evals = [row for row in read_metrics(run_dir / "reward") if "eval/accuracy" in row]
+    evals = [row for row in read_metric_rows(run_dir / "reward")[0] if "eval/accuracy" in row]
     assert [row["step"] for row in evals] == [0, 20, 40, 60]
 
 
