@@ -70,20 +70,22 @@ def column_for(field_name: str, columns: dict[str, str] | None) -> str:
     return (columns or {}).get(field_name, field_name)
 
 
+def present_column(names: Iterable[str], columns: dict[str, str] | None, field_name: str, defaults: tuple[str, ...]) -> str | None:
+    """The column holding `field_name`: the mapped one (never second-guessed), else the first of `defaults`; None if absent."""
+    names = set(names)
+    if columns and field_name in columns:
+        return columns[field_name] if columns[field_name] in names else None
+    return next((name for name in defaults if name in names), None)
+
+
 def response_column(names: Iterable[str], columns: dict[str, str] | None) -> str | None:
     """The column holding the response: the mapped one, else `response`, else `completion`; None if absent."""
-    names = set(names)
-    if columns and "response" in columns:
-        return columns["response"] if columns["response"] in names else None
-    return next((name for name in RESPONSE_ALIASES if name in names), None)
+    return present_column(names, columns, "response", RESPONSE_ALIASES)
 
 
 def hh_column(names: Iterable[str], columns: dict[str, str] | None) -> str | None:
     """The column holding HH text: the one mapped to `text`, else `chosen`, else `text`; None if absent."""
-    names = set(names)
-    if columns and "text" in columns:
-        return columns["text"] if columns["text"] in names else None
-    return next((name for name in HH_COLUMNS if name in names), None)
+    return present_column(names, columns, "text", HH_COLUMNS)
 
 
 def detect_format(column_names: list[str], columns: dict[str, str] | None = None) -> str:
