@@ -171,7 +171,7 @@ def target_fraction_reward(target_ids: torch.Tensor):
 
 def ppo_prompts(tokenizer, count: int, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` Shakespeare paragraphs of at least 8 tokens, cut to `max_length`, left-padded."""
-    from reward_model.scoring import pad_batch
+    from data.padding import pad_batch
 
     prompts = [ids[:max_length] for ids in tokenized_documents(tokenizer, "paragraph") if len(ids) >= 8][:count]
     return pad_batch(prompts, tokenizer.pad_token_id, side="left")

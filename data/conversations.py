@@ -17,18 +17,18 @@ Four formats are read (`FORMATS`), each named after the columns that carry it:
 string contents, a system message only first, at least one assistant turn, no empty assistant
 reply, and nothing after the last assistant turn (a trailing user turn carries no loss).
 
-A row that fails is a `RowError` saying what is wrong with it; `normalize_rows` either stops at
-the first one (a `DataError` naming the file and row) or drops and counts them (`RowReport`), and
-stops when too many rows are unusable, since that usually means the wrong format or mapping.
+A row that fails is a `RowError` saying what is wrong with it; `normalize_rows` applies the
+bad-row policy of `data.rows` (shared with preference data): stop at the first bad row (a
+`DataError` naming the file and row), or drop and count them (`RowReport`) and stop when too many
+rows are unusable, since that usually means the wrong format or mapping.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Iterable
 
+from data.rows import BadRows, RowError, RowReport
 from pipeline.config import CONVERSATION_FIELDS
 from pipeline.errors import DataError
 
@@ -42,15 +42,6 @@ RESPONSE_ALIASES = ("response", "completion")
 HH_COLUMNS = ("chosen", "text")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-BAD_ROW_POLICIES = ("drop", "error")
-MAX_EXAMPLES = 5
-
-
-class RowError(ValueError):
-    """Why one row is unusable, e.g. "missing field 'response'" or "no assistant turn".
-
-    Messages name no row number or position, so equal problems count as one reason in a `RowReport`.
-    """
 
 
 class FormatError(DataError, ValueError):
@@ -80,20 +71,22 @@ def column_for(field_name: str, columns: dict[str, str] | None) -> str:
     return (columns or {}).get(field_name, field_name)
 
 
+def present_column(names: Iterable[str], columns: dict[str, str] | None, field_name: str, defaults: tuple[str, ...]) -> str | None:
+    """The column holding `field_name`: the mapped one (never second-guessed), else the first of `defaults`; None if absent."""
+    names = set(names)
+    if columns and field_name in columns:
+        return columns[field_name] if columns[field_name] in names else None
+    return next((name for name in defaults if name in names), None)
+
+
 def response_column(names: Iterable[str], columns: dict[str, str] | None) -> str | None:
     """The column holding the response: the mapped one, else `response`, else `completion`; None if absent."""
-    names = set(names)
-    if columns and "response" in columns:
-        return columns["response"] if columns["response"] in names else None
-    return next((name for name in RESPONSE_ALIASES if name in names), None)
+    return present_column(names, columns, "response", RESPONSE_ALIASES)
 
 
 def hh_column(names: Iterable[str], columns: dict[str, str] | None) -> str | None:
     """The column holding HH text: the one mapped to `text`, else `chosen`, else `text`; None if absent."""
-    names = set(names)
-    if columns and "text" in columns:
-        return columns["text"] if columns["text"] in names else None
-    return next((name for name in HH_COLUMNS if name in names), None)
+    return present_column(names, columns, "text", HH_COLUMNS)
 
 
 def detect_format(column_names: list[str], columns: dict[str, str] | None = None) -> str:
@@ -328,44 +321,6 @@ def to_messages(row: dict, fmt: str, columns: dict[str, str] | None = None) -> l
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class RowReport:
-    """What `normalize_rows` kept and dropped, and why.
-
-    `reasons` counts dropped rows per RowError message; `examples` holds the first few as
-    "row N: reason" (N counts from 1).
-    """
-
-    total: int = 0
-    kept: int = 0
-    dropped: int = 0
-    reasons: dict[str, int] = field(default_factory=dict)
-    examples: list[str] = field(default_factory=list)
-
-    @property
-    def dropped_fraction(self) -> float:
-        """dropped / total (0.0 for no rows)."""
-        return self.dropped / self.total if self.total else 0.0
-
-    def record_drop(self, row_number: int, reason: str) -> None:
-        """Count one dropped row (1-based `row_number`)."""
-        self.dropped += 1
-        self.reasons[reason] = self.reasons.get(reason, 0) + 1
-        if len(self.examples) < MAX_EXAMPLES:
-            self.examples.append(f"row {row_number}: {reason}")
-
-    def top_reasons(self, limit: int = 3) -> str:
-        """The most common reasons with counts: "empty assistant reply (7), no assistant turn (3)"."""
-        return ", ".join(f"{reason} ({count})" for reason, count in Counter(self.reasons).most_common(limit))
-
-    def summary(self) -> str:
-        """One line: "kept 990 of 1000 rows; dropped 10 (1.0%): empty assistant reply (7), ..."."""
-        line = f"kept {self.kept} of {self.total} rows"
-        if self.dropped:
-            line += f"; dropped {self.dropped} ({self.dropped_fraction:.1%}): {self.top_reasons()}"
-        return line
-
-
 def normalize_rows(
     rows: Iterable[dict],
     *,
@@ -383,50 +338,25 @@ def normalize_rows(
     `max_bad_fraction` of them were dropped, or none is left. Messages name `source`, the row
     (counting from 1) and the `config_section` setting that changes the behaviour.
     """
-    if on_bad_row not in BAD_ROW_POLICIES:
-        raise ValueError(f"on_bad_row must be one of {', '.join(BAD_ROW_POLICIES)}, not {on_bad_row!r}")
-    if not 0.0 <= max_bad_fraction <= 1.0:
-        raise ValueError(f"max_bad_fraction must be between 0 and 1, not {max_bad_fraction}")
     try:
         check_columns(columns)
     except FormatError as error:
         raise FormatError(f"{source}: {error}") from None
 
-    conversations: list[list[dict]] = []
-    report = RowReport()
-    for row_number, row in enumerate(rows, start=1):
-        if fmt == "auto":
-            try:
-                fmt = detect_format(list(row), columns)
-            except FormatError as error:
-                raise FormatError(f"{source}: {error}") from None
-        report.total += 1
+    def read_conversation(row: dict) -> list[dict]:
+        nonlocal fmt
         try:
-            conversations.append(to_messages(row, fmt, columns))
+            if fmt == "auto":
+                fmt = detect_format(list(row), columns)
+            return to_messages(row, fmt, columns)
         except FormatError as error:
             raise FormatError(f"{source}: {error}") from None
-        except RowError as error:
-            if on_bad_row == "error":
-                raise DataError(
-                    f"{source}: row {row_number}: {error}; fix the row, "
-                    f"or set {config_section}.on_bad_row: drop to skip such rows"
-                ) from error
-            report.record_drop(row_number, str(error))
-    report.kept = len(conversations)
 
-    if report.total == 0:
-        raise DataError(f"{source}: no rows; point the data source at a file or split with conversations")
-    if report.kept == 0:
-        raise DataError(
-            f"{source}: none of the {report.total} rows is a usable {fmt} conversation "
-            f"({report.top_reasons()}; e.g. {'; '.join(report.examples)}); "
-            f"check the format and the `columns` mapping against the data"
-        )
-    if report.dropped_fraction > max_bad_fraction:
-        raise DataError(
-            f"{source}: {report.dropped} of {report.total} rows ({report.dropped_fraction:.1%}) are unusable, "
-            f"more than {config_section}.max_bad_fraction ({max_bad_fraction:.1%}); "
-            f"most common: {report.top_reasons()}; e.g. {'; '.join(report.examples)}. "
-            f"Fix the data or the `columns` mapping, or raise {config_section}.max_bad_fraction to train without them"
-        )
+    bad_rows = BadRows(
+        on_bad_row=on_bad_row, max_bad_fraction=max_bad_fraction, source=source, config_section=config_section
+    )
+    conversations = bad_rows.read(rows, read_conversation)
+    report = bad_rows.check(
+        kind=f"{fmt} conversation", kinds="conversations", look_at="the format and the `columns` mapping"
+    )
     return conversations, report

@@ -24,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from data.conversations import RowError, RowReport, parse_hh, validate_messages
-from pipeline.errors import DataError
+from data.conversations import parse_hh, validate_messages
+from data.rows import BadRows, RowError, RowReport
 
 MIN_COMPLETIONS, MAX_COMPLETIONS = 2, 9
 
@@ -166,25 +166,12 @@ def normalize_preferences(
     source: str = "<data>",
     config_section: str = "reward",
 ) -> tuple[list[PreferenceGroup], RowReport]:
-    """Every usable row as a PreferenceGroup; bad rows dropped and counted, or a DataError."""
-    groups, report = [], RowReport()
-    for number, row in enumerate(rows, start=1):
-        report.total += 1
-        try:
-            groups.append(to_group(row, ranking_is))
-        except RowError as error:
-            if on_bad_row == "error":
-                raise DataError(
-                    f"{source}: row {number}: {error}; fix the row, or set {config_section}.on_bad_row: drop to skip such rows"
-                ) from None
-            report.record_drop(number, str(error))
-    report.kept = len(groups)
-    if not groups:
-        raise DataError(f"{source}: no usable preference rows ({report.summary()})")
-    if report.dropped_fraction > max_bad_fraction:
-        raise DataError(
-            f"{source}: {report.dropped_fraction:.1%} of rows are unusable ({report.top_reasons()}; e.g. "
-            f"{'; '.join(report.examples)}), over {config_section}.max_bad_fraction={max_bad_fraction}; "
-            f"check the format, or raise the limit"
-        )
+    """Every usable row as a PreferenceGroup, with the bad-row policy of `data.rows` applied."""
+    bad_rows = BadRows(
+        on_bad_row=on_bad_row, max_bad_fraction=max_bad_fraction, source=source, config_section=config_section
+    )
+    groups = bad_rows.read(rows, lambda row: to_group(row, ranking_is))
+    report = bad_rows.check(
+        kind="preference", kinds="preferences", look_at="the format (pairwise chosen/rejected, or ranked completions)"
+    )
     return groups, report

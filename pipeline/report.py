@@ -30,10 +30,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
 from pipeline.manifest import read_manifest  # noqa: E402
 from pipeline.registry import STAGES  # noqa: E402
+from pipeline.tracking import METRICS_NAME, read_metric_rows  # noqa: E402
 
 REPORT_NAME = "report.md"
 IMAGES_DIR = "report"
-METRICS_NAME = "metrics.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +87,8 @@ def write_report(run_dir: str | Path) -> Path:
     written: set[Path] = set()
     for name, entry in stages:
         rows, torn_lines = read_metric_rows(run_dir / name)
+        # A resumed stage appends after the first attempt's lines; by step, its curve reads in order.
+        rows.sort(key=lambda row: row["step"])
         image = plot_stage(name, rows, images_dir / f"{_file_stem(name)}.png")
         if image is not None:
             written.add(image)
@@ -106,34 +108,6 @@ def write_report(run_dir: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_metric_rows(stage_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
-    """A stage's logged rows, sorted by step, and how many lines could not be read.
-
-    Unlike `tracking.read_metrics`, an unreadable line is skipped rather than fatal: a stage killed
-    mid-write leaves a torn last line, and a crashed run is exactly the one worth a report.
-    Rows without a numeric "step" are skipped too. A missing file gives no rows.
-    """
-    path = Path(stage_dir) / METRICS_NAME
-    if not path.is_file():
-        return [], 0
-    rows, unreadable = [], 0
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            unreadable += 1
-            continue
-        if isinstance(row, dict) and _is_number(row.get("step")):
-            rows.append(row)
-        else:
-            unreadable += 1
-    # A resumed stage appends after the first attempt's lines; by step, its curve reads in order.
-    rows.sort(key=lambda row: row["step"])
-    return rows, unreadable
 
 
 def _ordered_stages(stages: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -59,10 +59,6 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
-def stage_config(config: RunConfig, name: str) -> dict[str, Any]:
-    return get_stage(name).config_slice(config)
-
-
 def run_stage(name: str, train: Callable[[StageContext], StageResult], argv: list[str] | None = None) -> None:
     """Entry point of `python -m stages.<name>`; exits non-zero with a clear message on failure."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")

@@ -24,6 +24,7 @@ from typing import Any
 from pipeline.config import WandbConfig
 
 WANDB_MODES = ("online", "offline", "disabled")
+METRICS_NAME = "metrics.jsonl"
 
 
 def resolve_wandb_mode(config: WandbConfig) -> str:
@@ -68,7 +69,7 @@ class Tracker:
         self.run_name = run_name
         self.log_artifacts = wandb_config.log_checkpoints
         self.warnings: list[str] = []
-        self.metrics_path = Path(stage_dir) / "metrics.jsonl"
+        self.metrics_path = Path(stage_dir) / METRICS_NAME
         self.mode = resolve_wandb_mode(wandb_config) if is_main else "disabled"
         self._wandb_run = None
         if not is_main:
@@ -145,9 +146,28 @@ class Tracker:
             self._wandb_run = None
 
 
-def read_metrics(stage_dir: str | Path) -> list[dict[str, Any]]:
-    """The metrics a stage logged, in order (a resumed stage's lines follow the first attempt's)."""
-    path = Path(stage_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metric_rows(stage_dir: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """The rows a stage logged, in the order logged, and how many lines could not be read.
+
+    A resumed stage's rows follow the first attempt's. An unreadable line is skipped rather than
+    fatal: a stage killed mid-write leaves a torn last line, and a crashed run is the one most
+    worth reading. Rows without a numeric "step" count as unreadable. A missing file gives no rows.
+    """
+    path = Path(stage_dir) / METRICS_NAME
+    if not path.is_file():
+        return [], 0
+    rows, unreadable = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            unreadable += 1
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, (int, float)) and not isinstance(step, bool):
+            rows.append(row)
+        else:
+            unreadable += 1
+    return rows, unreadable

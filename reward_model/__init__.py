@@ -1,6 +1,6 @@
 """The reward model: a causal-LM backbone with a scalar head, scoring (conversation, reply)."""
 
 from reward_model.model import TokenScorer, build_reward_model, load_reward_model, per_token_scores
-from reward_model.scoring import RewardScorer, last_token_index
+from reward_model.scoring import last_token_index
 
-__all__ = ["RewardScorer", "TokenScorer", "build_reward_model", "last_token_index", "load_reward_model", "per_token_scores"]
+__all__ = ["TokenScorer", "build_reward_model", "last_token_index", "load_reward_model", "per_token_scores"]

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from data.padding import pad_batch
 from data.preferences import PreferenceGroup
-from reward_model.scoring import conversation_ids, pad_batch
+from reward_model.scoring import conversation_ids
 
 
 @dataclass

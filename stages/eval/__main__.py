@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from data.chat_tokens import load_conversations, tokenize_conversations
 from data.conversations import prompt_of
 from data.held_out import read_held_out
+from data.padding import pad_batch
 from data.preferences import normalize_preferences
 from data.sources import load_source
 from pipeline.checkpoints import load_causal_lm
@@ -36,7 +37,7 @@ from reward_model.batching import encode_groups
 from reward_model.evaluation import evaluate_preferences
 from reward_model.functions import reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
-from reward_model.scoring import at_last_token, pad_batch
+from reward_model.scoring import at_last_token
 from stages.eval.metrics import length_stats, win_rate
 
 

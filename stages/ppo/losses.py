@@ -9,26 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.models.logprobs import log_softmax_at, masked_mean
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
-    count = mask.sum()
-    if unbiased and count > 1:
-        variance = variance * count / (count - 1)
-    return variance
+from pipeline.models.logprobs import masked_mean
 
 
 def entropy_from_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
     """Entropy per position from a log-softmax: (batch, len, vocab) -> (batch, len)."""
     return -(log_probs.exp() * log_probs).sum(-1)
-
-
-def entropy_from_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Entropy of softmax(logits / temperature) per position: (batch, len, vocab) -> (batch, len)."""
-    return entropy_from_log_probs(log_softmax_at(logits, temperature))
 
 
 def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str) -> torch.Tensor:

@@ -10,10 +10,10 @@ from transformers import PreTrainedTokenizerBase
 
 from data.chat_tokens import load_conversations
 from data.conversations import prompt_of
+from data.padding import pad_batch
 from data.splits import held_out_split
 from pipeline.config import PPOConfig
 from pipeline.errors import DataError
-from reward_model.scoring import pad_batch
 
 
 @dataclass

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from data.padding import pad_batch
 from pipeline.errors import ConfigError
 from pipeline.models.generation import Sampling, filtered_logits, generate, sample_next, seeded_generator
-from reward_model.scoring import pad_batch
 from tests.conftest import tiny_causal_lm
 
 

@@ -1,8 +1,9 @@
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from data.padding import pad_batch
 from reward_model.model import build_reward_model, per_token_scores
-from reward_model.scoring import RewardScorer, conversation_ids, last_token_index, pad_batch, sequence_scores
+from reward_model.scoring import at_last_token, conversation_ids, last_token_index
 
 PAD = 0
 
@@ -14,11 +15,9 @@ def test_last_token_index_for_left_and_right_padding():
     assert last_token_index(left).tolist() == [3, 3, 3]
 
 
-def test_pad_batch_sides():
-    ids, mask = pad_batch([[4, 5, 6], [7]], PAD, side="left")
-    assert ids.tolist() == [[4, 5, 6], [0, 0, 7]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
-    ids, mask = pad_batch([[4, 5, 6], [7]], PAD, side="right")
-    assert ids.tolist() == [[4, 5, 6], [7, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+def sequence_scores(model, input_ids, attention_mask):
+    """One reward per sequence, as the stages read it: the head's output at the last real token."""
+    return at_last_token(per_token_scores(model, input_ids, attention_mask), attention_mask)
 
 
 def tiny_reward_model(tmp_path, vocab_size=50):
@@ -62,9 +61,10 @@ def test_scorer_reads_conversations_ending_at_eos(bpe_tokenizer, tmp_path):
     assert bpe_tokenizer.decode(ids).endswith("Hello there.<|im_end|>")
     model = tiny_reward_model(tmp_path, vocab_size=len(bpe_tokenizer))
     model.config.pad_token_id = bpe_tokenizer.pad_token_id
-    scorer = RewardScorer(model, bpe_tokenizer, batch_size=2)
     other = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "No."}]
-    batch = scorer.score_messages([conversation, other, conversation])
+    ids, mask = pad_batch([conversation_ids(bpe_tokenizer, c) for c in (conversation, other, conversation)], bpe_tokenizer.pad_token_id)
+    batch = sequence_scores(model, ids, mask)
     assert batch.shape == (3,) and batch[0] == batch[2]
-    single = scorer.score_messages([other])
+    ids, mask = pad_batch([conversation_ids(bpe_tokenizer, other)], bpe_tokenizer.pad_token_id)
+    single = sequence_scores(model, ids, mask)
     torch.testing.assert_close(single[0], batch[1], atol=1e-5, rtol=1e-4)

@@ -13,7 +13,7 @@ from data.held_out import read_held_out
 from pipeline.checkpoints import is_adapter, load_causal_lm
 from pipeline.config import load_config
 from pipeline.manifest import read_manifest, update_stage
-from pipeline.tracking import read_metrics
+from pipeline.tracking import read_metric_rows
 from stages.ppo.prompts import load_prompts
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 from tests.stages.test_reward import marker_preferences
@@ -69,11 +69,11 @@ def test_ppo_records_lineage_and_evaluates_against_the_starting_policy(ppo_run):
     metrics = ppo["metrics"]
     assert metrics["rollouts"] == 4 and metrics["episodes"] == 64 and metrics["eval_prompts"] == 8
     assert metrics["score_gain"] == pytest.approx(metrics["score"] - metrics["initial_score"])
-    evals = [row for row in read_metrics(run_dir / "ppo") if "eval/score" in row]
+    evals = [row for row in read_metric_rows(run_dir / "ppo")[0] if "eval/score" in row]
     assert [row["step"] for row in evals] == [0, 2, 4]
     assert evals[0]["eval/kl"] == 0.0  # the starting policy against itself
     assert evals[-1]["eval/kl"] > 0.0
-    rollouts = [row for row in read_metrics(run_dir / "ppo") if "objective/kl" in row]
+    rollouts = [row for row in read_metric_rows(run_dir / "ppo")[0] if "objective/kl" in row]
     assert [row["episode"] for row in rollouts] == [16, 32, 48, 64]
 
 
@@ -148,7 +148,7 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(ppo_run, tmp_path):
     chatpipe("run", str(config), "--run-dir", str(copy), "--set", "ppo.lora={r: 4, alpha: 8, save: adapter}")
     folder = copy / "ppo" / "final"
     assert is_adapter(folder)
-    evals = [row for row in read_metrics(copy / "ppo") if "eval/kl" in row]
+    evals = [row for row in read_metric_rows(copy / "ppo")[0] if "eval/kl" in row]
     assert evals[0]["eval/kl"] == 0.0 and evals[-1]["eval/kl"] > 0.0
     merged = load_causal_lm(folder)
     base = AutoModelForCausalLM.from_pretrained(copy / "pretrain" / "final")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from reward_model.scoring import pad_batch
+from data.padding import pad_batch
 from stages.ppo.trainer import RLTrainer
 from tests.conftest import tiny_causal_lm, tiny_token_scorer
 from tests.stages.test_ppo_rollout import ppo_settings

@@ -6,10 +6,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from data.padding import pad_batch
 from pipeline.config import PPOConfig
 from pipeline.models.logprobs import logprobs_from_logits, response_logits
 from pipeline.models.responses import length_sorted_micro_batches, real_columns, truncate_after_eos
-from reward_model.scoring import pad_batch
 from stages.ppo import rollout as rollout_module
 from stages.ppo.rollout import Experience
 from stages.ppo.trainer import RLTrainer, disable_dropout

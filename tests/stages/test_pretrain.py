@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metrics
+from pipeline.tracking import read_metric_rows
 from tests.conftest import REPO_ROOT, chatpipe
 
 
@@ -38,7 +38,7 @@ def test_pretraining_loss_falls(finished_run):
     assert metrics["initial_eval_loss"] > 5.5
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 1.0
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
-    losses = [row["train/loss"] for row in read_metrics(run_dir / "pretrain") if "train/loss" in row]
+    losses = [row["train/loss"] for row in read_metric_rows(run_dir / "pretrain")[0] if "train/loss" in row]
     assert len(losses) == 4 and losses[-1] < losses[0]
 
 
@@ -138,7 +138,7 @@ def test_killed_stage_resumes_from_its_last_checkpoint(write_config, tmp_path):
     resumed_from = entry["metrics"]["resumed_from_step"]
     assert entry["status"] == "completed" and entry["metrics"]["steps"] == steps
     assert 10 <= resumed_from < steps and resumed_from % 10 == 0
-    logged_steps = [row["step"] for row in read_metrics(run_dir / "pretrain") if "train/loss" in row]
+    logged_steps = [row["step"] for row in read_metric_rows(run_dir / "pretrain")[0] if "train/loss" in row]
     # The second attempt picks up after the checkpoint rather than starting again from step 10.
     second_attempt = logged_steps[logged_steps.index(steps) - (steps - resumed_from) // 10 + 1 :]
     assert second_attempt[0] == resumed_from + 10

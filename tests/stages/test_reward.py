@@ -4,15 +4,25 @@ import json
 import random
 
 import pytest
+import torch
 import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from data.padding import pad_batch
 from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metrics
-from reward_model import RewardScorer
+from pipeline.tracking import read_metric_rows
+from reward_model import per_token_scores
+from reward_model.scoring import at_last_token, conversation_ids
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 
 MARKER = "gold"
+
+
+@torch.no_grad()
+def score_messages(model, tokenizer, conversations):
+    """One score per conversation, read where every stage reads it: at the final reply's EOS."""
+    ids, mask = pad_batch([conversation_ids(tokenizer, messages) for messages in conversations], tokenizer.pad_token_id)
+    return at_last_token(per_token_scores(model.eval(), ids, mask), mask)
 
 
 def marker_preferences(path, seed=0):
@@ -74,7 +84,7 @@ def test_reward_model_learns_an_easy_preference(reward_run):
     assert metrics["accuracy"] >= 0.9
     assert metrics["mean_margin"] > 0
     assert 0.3 <= metrics["initial_accuracy"] <= 0.7  # an untrained head is at chance
-    evals = [row for row in read_metrics(run_dir / "reward") if "eval/accuracy" in row]
+    evals = [row for row in read_metric_rows(run_dir / "reward")[0] if "eval/accuracy" in row]
     assert [row["step"] for row in evals] == [0, 20, 40, 60]
 
 
@@ -84,11 +94,10 @@ def test_reward_checkpoint_scores_new_replies_with_plain_transformers(reward_run
     model = AutoModelForSequenceClassification.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id
-    scorer = RewardScorer(model, tokenizer)
     prompt = [{"role": "user", "content": "what say you?"}]
     with_marker = [prompt + [{"role": "assistant", "content": f"the {MARKER} of the king is here"}] for _ in range(1)]
     without = [prompt + [{"role": "assistant", "content": "the crown of the king is here"}]]
-    scores = scorer.score_messages(with_marker + without)
+    scores = score_messages(model, tokenizer, with_marker + without)
     assert scores[0] > scores[1]
 
 
@@ -113,9 +122,9 @@ def test_lora_reward_model_is_saved_merged_and_still_ranks(reward_run, tmp_path)
     folder = copy / "reward" / "final"
     assert not (folder / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(folder)
-    scorer = RewardScorer(model, AutoTokenizer.from_pretrained(folder))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt = [{"role": "user", "content": "what say you?"}]
-    scores = scorer.score_messages([
+    scores = score_messages(model, tokenizer, [
         prompt + [{"role": "assistant", "content": f"the {MARKER} of the king is here"}],
         prompt + [{"role": "assistant", "content": "the crown of the king is here"}],
     ])

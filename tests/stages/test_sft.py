@@ -14,7 +14,7 @@ from pipeline.checkpoints import is_adapter, load_causal_lm
 from pipeline.config import SFTConfig
 from pipeline.errors import DataError
 from pipeline.manifest import read_manifest, update_stage
-from pipeline.tracking import read_metrics
+from pipeline.tracking import read_metric_rows
 from tests.conftest import SAMPLES, chatpipe, decoded_spans, tiny_config, tiny_sft_section
 
 
@@ -117,7 +117,7 @@ def test_sft_eval_loss_on_assistant_tokens_falls(sft_run):
     assert metrics["steps"] == 30 and metrics["rows_read"] == 120 and metrics["rows_dropped"] == 0
     assert metrics["validation_conversations"] + metrics["validation_dropped_overlong"] == 12
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.5
-    evals = [row["eval/loss"] for row in read_metrics(run_dir / "sft") if "eval/loss" in row]
+    evals = [row["eval/loss"] for row in read_metric_rows(run_dir / "sft")[0] if "eval/loss" in row]
     assert len(evals) >= 4 and evals[-1] < evals[0]
 
 
