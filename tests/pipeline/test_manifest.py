@@ -34,8 +34,8 @@ def completed_stage(run_dir, name="pretrain"):
 def test_update_stage_merges_fields_and_round_trips(run_dir):
     update_stage(run_dir, "pretrain", status="running", world_size=2)
     update_stage(run_dir, "pretrain", status="completed", metrics={"eval_loss": 3.5})
-    entry = read_manifest(run_dir)["stages"]["pretrain"]
-    assert entry == {"status": "completed", "world_size": 2, "metrics": {"eval_loss": 3.5}}
+    entry = read_manifest(run_dir).stages["pretrain"]
+    assert entry.to_json() == {"status": "completed", "world_size": 2, "metrics": {"eval_loss": 3.5}}
 
 
 def test_a_crash_while_writing_leaves_the_previous_manifest_intact(run_dir, monkeypatch):
@@ -65,18 +65,18 @@ def test_a_missing_manifest_says_how_to_start_the_run(tmp_path):
 
 def test_output_record_hashes_every_file(run_dir):
     folder = completed_stage(run_dir)
-    record = read_manifest(run_dir)["stages"]["pretrain"]["output"]
-    assert record["path"] == "pretrain/final"
-    assert set(record["files"]) == {"model.safetensors", "config.json"}
-    assert record["files"]["config.json"] == manifest_module.hash_file(folder / "config.json")
+    record = read_manifest(run_dir).stages["pretrain"].output
+    assert record.path == "pretrain/final"
+    assert set(record.files) == {"model.safetensors", "config.json"}
+    assert record.files["config.json"] == manifest_module.hash_file(folder / "config.json")
 
 
 def test_resolve_input_accepts_an_intact_completed_checkpoint(run_dir):
     folder = completed_stage(run_dir)
     manifest = read_manifest(run_dir)
     resolved = resolve_input(run_dir, manifest, "pretrain")
-    assert resolved["path"] == str(folder.resolve())
-    assert resolved["digest"] == manifest["stages"]["pretrain"]["output"]["digest"]
+    assert resolved.path == str(folder.resolve())
+    assert resolved.digest == manifest.stages["pretrain"].output.digest
 
 
 def test_resolve_input_refuses_an_altered_checkpoint(run_dir):
