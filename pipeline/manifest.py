@@ -279,7 +279,12 @@ def resolve_input(run_dir: str | Path, manifest: Manifest, stage: str, verify: b
     where = manifest_path(run_dir)
     if entry is None:
         raise ManifestError(f"{where}: stage {stage!r} has not run; run it first (chatpipe stage {stage})")
-    if entry.status != "completed" or entry.output is None:
+    if entry.status == "completed" and entry.output is None:
+        raise ManifestError(
+            f"{where}: stage {stage!r} is completed but records no output; "
+            f"rerun it (chatpipe stage {stage} --run-dir {run_dir})"
+        )
+    if entry.status != "completed":
         raise ManifestError(
             f"{where}: stage {stage!r} is {entry.status!r}, not completed; "
             f"finish it first (chatpipe stage {stage} --run-dir {run_dir})"

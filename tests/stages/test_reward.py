@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from pipeline.manifest import read_manifest
 from pipeline.tracking import read_metrics
 from reward_model import RewardScorer
+from reward_model.statistics import STATISTICS_NAME, ScoreStatistics
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 
 MARKER = "gold"
@@ -100,6 +101,10 @@ def test_reward_manifest_records_lineage_and_statistics(reward_run):
     assert reward.inputs["pretrain"].digest == stages["pretrain"].output.digest
     assert reward.metrics["reward_std"] > 0 and "reward_mean" in reward.metrics
     assert reward.metrics["rows_read"] == 200 and reward.metrics["rows_dropped"] == 0
+    # PPO reads the statistics from the checkpoint folder, where the output digest covers them.
+    statistics = ScoreStatistics.read(run_dir / reward.output.path)
+    assert (statistics.mean, statistics.std) == (reward.metrics["reward_mean"], reward.metrics["reward_std"])
+    assert STATISTICS_NAME in reward.output.files
 
 
 def test_lora_reward_model_is_saved_merged_and_still_ranks(reward_run, tmp_path):
