@@ -82,12 +82,12 @@ class Decision:
 def plan_stage(
     manifest: Manifest,
     name: str,
-    config_hash: str,
+    config_digest: str,
     upstream: Iterable[str],
     run_dir: str | Path,
     requested: bool = False,
 ) -> Decision:
-    """Skip, resume or restart stage `name` whose config slice now hashes to `config_hash`.
+    """Skip, resume or restart stage `name`, whose config slice now hashes to `config_digest`.
 
     upstream: the stages whose outputs it consumes; a changed output means its checkpoints are stale.
     requested: the user asked for this stage to run (`chatpipe stage`, `--only`, `--from`), so a
@@ -96,7 +96,7 @@ def plan_stage(
     entry = manifest.stages.get(name)
     if entry is None or entry.status == "pending":
         return Decision("restart", "not run yet")
-    if entry.config_hash != config_hash:
+    if entry.config_hash != config_digest:
         return Decision("restart", "config changed")
     for stage in upstream:
         recorded = entry.inputs.get(stage)
