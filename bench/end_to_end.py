@@ -163,7 +163,7 @@ def run_stages(args, run_dir: Path) -> dict[str, dict]:
 
 
 # -------------------------------------------------------------------------------- reading
-def stage_rows(manifest: dict, measured: dict[str, dict]) -> list[dict]:
+def stage_rows(manifest, measured: dict[str, dict]) -> list[dict]:
     """One row per stage in pipeline order: seconds from the manifest, gap before, memory if measured."""
     from pipeline.registry import STAGE_NAMES
 
@@ -172,14 +172,14 @@ def stage_rows(manifest: dict, measured: dict[str, dict]) -> list[dict]:
 
     rows, previous_end = [], None
     for name in STAGE_NAMES:
-        entry = manifest["stages"].get(name)
+        entry = manifest.stages.get(name)
         if entry is None:
             continue
-        started, finished = parse(entry.get("started_at")), parse(entry.get("finished_at"))
+        started, finished = parse(entry.started_at), parse(entry.finished_at)
         seconds = (finished - started).total_seconds() if started and finished else None
         gap = (started - previous_end).total_seconds() if started and previous_end else None
-        row = {"stage": name, "status": entry.get("status"), "seconds": seconds, "gap_before_seconds": gap,
-               "started_at": entry.get("started_at"), "world_size": entry.get("world_size")}
+        row = {"stage": name, "status": entry.status, "seconds": seconds, "gap_before_seconds": gap,
+               "started_at": entry.started_at, "world_size": entry.world_size}
         row.update(measured.get(name, {}))
         rows.append(row)
         previous_end = finished or previous_end
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     gaps = sum(row["gap_before_seconds"] or 0 for row in rows if (row["gap_before_seconds"] or 0) < 120)
     reporter.emit("total", stage_seconds=total, gaps_under_2min_seconds=gaps,
                   peak_rss_mb=max((row.get("peak_rss_mb") or 0 for row in rows), default=None) or None,
-                  run_name=manifest.get("run_name"))
+                  run_name=manifest.run_name)
 
     print()
     has_memory = any("peak_rss_mb" in row for row in rows)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(line)
     lines.append(["total", "", total, "100%", gaps] + ([""] * 6 if has_memory else []))
     print(table(lines, headers))
-    print(f"\nrun {manifest.get('run_name')} in {settings['run_dir']}; times from manifest.json (whole seconds). "
+    print(f"\nrun {manifest.run_name} in {settings['run_dir']}; times from manifest.json (whole seconds). "
           f"'gap before' is process start-up + imports + input checks (gaps over 2 min left out of the total: "
           f"separate invocations).")
     if not has_memory:

@@ -38,12 +38,12 @@ def resolve_policy_stage(run_dir: str | Path, stage: str | None = None) -> tuple
     """(stage, checkpoint folder) of the policy to talk to; see `resolve_policy`."""
     manifest = read_manifest(run_dir)
     where = manifest_path(run_dir)
-    completed = [name for name in POLICY_STAGES if manifest["stages"].get(name, {}).get("status") == "completed"]
+    completed = [name for name in POLICY_STAGES if name in manifest.stages and manifest.stages[name].status == "completed"]
     if stage is None:
         if not completed:
             statuses = ", ".join(
-                f"{name} {manifest['stages'][name].get('status', 'pending')}"
-                for name in reversed(POLICY_STAGES) if name in manifest["stages"]
+                f"{name} {manifest.stages[name].status}"
+                for name in reversed(POLICY_STAGES) if name in manifest.stages
             ) or "none has run"
             raise ManifestError(
                 f"{where}: no policy stage of run {run_dir} is completed ({statuses}); "
@@ -55,7 +55,7 @@ def resolve_policy_stage(run_dir: str | Path, stage: str | None = None) -> tuple
             f"{where}: stage {stage!r} is not a policy one can chat with; choose one of {', '.join(POLICY_STAGES)}"
         )
     elif stage not in completed:
-        status = manifest["stages"].get(stage, {}).get("status", "not run")
+        status = manifest.stages[stage].status if stage in manifest.stages else "not run"
         hint = f"completed: {', '.join(completed)}" if completed else "no policy stage is completed yet"
         raise ManifestError(
             f"{where}: stage {stage!r} of run {run_dir} is {status}, not completed ({hint}); "
@@ -63,7 +63,7 @@ def resolve_policy_stage(run_dir: str | Path, stage: str | None = None) -> tuple
         )
     # No hash check: it would read every weight file before the first token, and chat changes nothing.
     found = resolve_input(run_dir, manifest, stage, verify=False)
-    return stage, Path(found["path"])
+    return stage, Path(found.path)
 
 
 def resolve_policy(run_dir: str | Path, stage: str | None = None) -> Path:

@@ -11,22 +11,22 @@
 
 `run` records the resolved config in RUN_DIR/manifest.json, then launches each stage as its own
 process (group). A completed stage is skipped while its config slice and its inputs are unchanged;
-a stage that crashed resumes from its last checkpoint when run again.
+a stage that crashed resumes from its last checkpoint when run again. `pipeline.stage.plan_stage`
+makes that choice, for this command and for the stage itself, and `run` prints what it chose.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
 
 from pipeline.config import LaunchConfig, RunConfig, config_hash, load_config, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
 from pipeline.launcher import run_logged, stage_command
-from pipeline.manifest import manifest_path, new_manifest, read_manifest, write_manifest
+from pipeline.manifest import Manifest, StageEntry, manifest_path, new_manifest, read_manifest, write_manifest
 from pipeline.registry import STAGES, StageSpec, get_stage
-from pipeline.stage import log_path
+from pipeline.stage import log_path, plan_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +119,13 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str], sta
         forced = forced or spec.name == start
         if only is not None and spec.name != only:
             continue
-        reason = "requested" if forced or spec.name == only else rerun_reason(spec, config, manifest, run_dir_path)
-        if reason is None:
-            print(f"chatpipe: {spec.name}: up to date, skipped")
+        decision = plan_stage(
+            manifest, spec.name, config_hash(spec.config_slice(config)), spec.inputs_for(config), run_dir_path,
+            requested=forced or spec.name == only,
+        )
+        print(f"chatpipe: {spec.name}: {decision.describe()}")
+        if decision.action == "skip":
             continue
-        print(f"chatpipe: {spec.name}: {reason}; running")
         code = launch_stage(spec, config, run_dir_path)
         if code != 0:
             return code
@@ -139,7 +141,7 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str], sta
 def command_stage(name: str, run_dir: Path) -> int:
     spec = get_stage(name)
     manifest = read_manifest(run_dir)
-    config = validate_config(manifest["config"], source=f"{manifest_path(run_dir)} config")
+    config = validate_config(manifest.config, source=f"{manifest_path(run_dir)} config")
     require_enabled(spec, config)
     return launch_stage(spec, config, run_dir.resolve())
 
@@ -147,13 +149,13 @@ def command_stage(name: str, run_dir: Path) -> int:
 def command_eval(run_dir: Path, preferences: str | None) -> int:
     """Run the eval stage on an existing run, adding an `eval:` section (defaults) if it has none."""
     manifest = read_manifest(run_dir)
-    raw = manifest["config"]
+    raw = manifest.config
     section = dict(raw.get("eval") or {})
     if preferences is not None:
         section["preferences"] = {"path": preferences}
     raw = {**raw, "eval": section}
     config = validate_config(raw, source=f"{manifest_path(run_dir)} config (with --preferences)")
-    record_config(run_dir.resolve(), config, manifest.get("config_source", ""))
+    record_config(run_dir.resolve(), config, manifest.config_source)
     return launch_stage(get_stage("eval"), config, run_dir.resolve())
 
 
@@ -167,30 +169,10 @@ def record_config(run_dir: Path, config: RunConfig, source: str) -> None:
     resolved = config.model_dump(mode="json")
     if manifest_path(run_dir).exists():
         manifest = read_manifest(run_dir)
-        manifest.update(config=resolved, config_source=str(source), run_name=config.name)
+        manifest.config, manifest.config_source, manifest.run_name = resolved, str(source), config.name
     else:
         manifest = new_manifest(config.name, resolved, str(source))
     write_manifest(run_dir, manifest)
-
-
-def rerun_reason(spec: StageSpec, config: RunConfig, manifest: dict, run_dir: Path) -> str | None:
-    """Why `spec` must run now, or None when its completed result still stands."""
-    entry = manifest["stages"].get(spec.name)
-    if entry is None:
-        return "not run yet"
-    if entry.get("status") != "completed":
-        return f"{entry.get('status')}, resuming" if entry.get("status") in ("running", "failed") else "not run yet"
-    if entry.get("config_hash") != config_hash(spec.config_slice(config)):
-        return "config changed"
-    for upstream in spec.inputs_for(config):
-        recorded = (entry.get("inputs") or {}).get(upstream, {}).get("digest")
-        current = ((manifest["stages"].get(upstream) or {}).get("output") or {}).get("digest")
-        if recorded != current:
-            return f"its input {upstream!r} changed"
-    output = Path(entry["output"]["path"])
-    if not (output if output.is_absolute() else run_dir / output).is_dir():
-        return "its output folder is missing"
-    return None
 
 
 def require_enabled(spec: StageSpec, config: RunConfig) -> None:
@@ -208,33 +190,25 @@ def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     return code
 
 
-def print_status(manifest: dict) -> None:
+def print_status(manifest: Manifest) -> None:
     rows = [("stage", "status", "started", "took", "procs", "metrics", "output")]
-    config = manifest["config"]
     for spec in STAGES:
-        if spec.name not in manifest["stages"] and config.get(spec.name, {}) is None:
+        if spec.name not in manifest.stages and manifest.config.get(spec.name, {}) is None:
             continue  # not part of this run
-        entry = manifest["stages"].get(spec.name, {"status": "pending"})
+        entry = manifest.stages.get(spec.name) or StageEntry()
         rows.append((
             spec.name,
-            entry.get("status", "pending"),
-            (entry.get("started_at") or "")[:19].replace("T", " "),
-            _duration(entry.get("started_at"), entry.get("finished_at")),
-            str(entry.get("world_size") or ""),
-            _headline(entry.get("metrics") or {}) if entry.get("status") == "completed" else (entry.get("error") or "")[:60],
-            (entry.get("output") or {}).get("path", ""),
+            entry.status,
+            (entry.started_at or "")[:19].replace("T", " "),
+            entry.duration,
+            str(entry.world_size or ""),
+            _headline(entry.metrics) if entry.status == "completed" else (entry.error or "")[:60],
+            entry.output.path if entry.output is not None else "",
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    print(f"run {manifest['run_name']} ({manifest.get('config_source', '')})")
+    print(f"run {manifest.run_name} ({manifest.config_source})")
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-
-
-def _duration(started: str | None, finished: str | None) -> str:
-    if not started or not finished:
-        return ""
-    seconds = (dt.datetime.fromisoformat(finished) - dt.datetime.fromisoformat(started)).total_seconds()
-    return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
 HEADLINE_METRICS = (

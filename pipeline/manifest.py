@@ -1,13 +1,18 @@
 """`RUN_DIR/manifest.json`: the contract between stages.
 
-The manifest holds the run's resolved config and one entry per stage:
+The manifest holds the run's resolved config and one entry per stage (`StageEntry`):
 
     status         pending | running | completed | failed
     config         the part of the run config the stage depends on, and config_hash of it
-    inputs         {upstream stage: {path, digest}}: the checkpoints it consumed (lineage)
+    inputs         {upstream stage: {stage, path, digest}}: the checkpoints it consumed (lineage)
     output         {path, files: {name: sha256}, digest}: what it produced
     metrics        final metrics; started_at / finished_at; world_size; versions; git_commit;
-                   wandb_run_id; error (why it failed); log
+                   wandb_run_id; error (why it failed); log; warnings
+
+The pydantic models below are the manifest's one description: `read_manifest` validates the file
+into them, so a wrong shape is one `ManifestError` naming the file and the key instead of a
+`KeyError` deep in a stage. They write back the very JSON they read (keys a run never set stay
+absent, keys this version does not know are kept), so runs of older and newer code share a run dir.
 
 Only the main process writes it, always atomically (temp file, fsync, rename), so a crash never
 leaves a torn manifest. A stage reads its inputs through `resolve_input`, which refuses an input
@@ -22,13 +27,79 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ManifestError
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
-STATUSES = ("pending", "running", "completed", "failed")
+
+Status = Literal["pending", "running", "completed", "failed"]
+
+
+class _Record(BaseModel):
+    # extra="allow": a key written by a newer (or older) chatpipe survives a read-modify-write.
+    # validate_assignment: `entry.status = "done"` fails where it is made, not when read back.
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object as written: only the keys that were read or set."""
+        return self.model_dump(exclude_unset=True)
+
+
+class InputRecord(_Record):
+    """An upstream checkpoint a stage consumed: `path` is absolute, `digest` its `OutputRecord.digest`."""
+
+    stage: str | None = None
+    path: str
+    digest: str
+
+
+class OutputRecord(_Record):
+    """A stage's output folder: `path` relative to the run dir (absolute if outside it) and hashes."""
+
+    path: str
+    files: dict[str, str] = {}  # hand-written records may leave it out; nothing is then verified
+    digest: str
+
+
+class StageEntry(_Record):
+    """One stage's record in the manifest; a field is None (or empty) until the stage sets it."""
+
+    status: Status = "pending"
+    config: dict[str, Any] | None = None
+    config_hash: str | None = None
+    inputs: dict[str, InputRecord] = {}
+    output: OutputRecord | None = None
+    metrics: dict[str, Any] = {}
+    error: str | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+    world_size: int | None = None
+    versions: dict[str, str] = {}
+    git_commit: str | None = None
+    wandb_run_id: str | None = None
+    log: str | None = None
+    warnings: list[str] = []
+
+    @property
+    def duration(self) -> str:
+        """How long the stage ran, e.g. `4m05s`; `-` until it has finished."""
+        return duration(self.started_at, self.finished_at)
+
+
+class Manifest(_Record):
+    """The whole `manifest.json`: the run's resolved config and its stages by name."""
+
+    format: Literal[1]
+    run_name: str = ""
+    created_at: str | None = None
+    updated_at: str | None = None
+    config_source: str = ""
+    config: dict[str, Any] = {}
+    stages: dict[str, StageEntry]
 
 
 def now() -> str:
@@ -39,27 +110,37 @@ def manifest_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / MANIFEST_NAME
 
 
-def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+def read_manifest(run_dir: str | Path) -> Manifest:
+    """The run's manifest, validated; any unreadable file or wrong shape is a ManifestError naming it."""
     path = manifest_path(run_dir)
     try:
-        manifest = json.loads(path.read_text())
+        raw = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ManifestError(
             f"{path}: no manifest; start the run with `chatpipe run CONFIG --run-dir {run_dir}`"
         ) from None
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: not valid JSON ({error}); restore it or start a new run dir") from None
-    if manifest.get("format") != FORMAT_VERSION or "stages" not in manifest:
-        raise ManifestError(f"{path}: not a chatpipe manifest (format {manifest.get('format')!r})")
-    return manifest
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION or "stages" not in raw:
+        found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ManifestError(
+            f"{path}: not a chatpipe manifest (format {found!r}, expected {FORMAT_VERSION} with `stages`); "
+            "restore it or start a new run dir"
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as error:
+        raise ManifestError(
+            f"{path}: malformed manifest ({_problems(error)}); restore it or start a new run dir"
+        ) from None
 
 
-def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
+def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
     """Replace the manifest atomically: readers see the old file or the new one, never a mix."""
     path = manifest_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
-    manifest["updated_at"] = now()
-    text = json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n"
+    manifest.updated_at = now()
+    text = json.dumps(manifest.to_json(), indent=2, sort_keys=False, default=str) + "\n"
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
     try:
         with os.fdopen(handle, "w") as temp:
@@ -71,6 +152,13 @@ def write_manifest(run_dir: str | Path, manifest: dict[str, Any]) -> None:
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _problems(error: ValidationError) -> str:
+    """`stages.sft.status: Input should be ...; ...`: where each problem is, in the manifest's keys."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}" for problem in error.errors()[:5]
+    )
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -86,25 +174,56 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def new_manifest(run_name: str, config: dict[str, Any], config_source: str) -> dict[str, Any]:
-    return {
-        "format": FORMAT_VERSION,
-        "run_name": run_name,
-        "created_at": now(),
-        "updated_at": now(),
-        "config_source": config_source,
-        "config": config,
-        "stages": {},
-    }
+def new_manifest(run_name: str, config: dict[str, Any], config_source: str) -> Manifest:
+    return Manifest(
+        format=FORMAT_VERSION,
+        run_name=run_name,
+        created_at=now(),
+        updated_at=now(),
+        config_source=config_source,
+        config=config,
+        stages={},
+    )
 
 
-def update_stage(run_dir: str | Path, stage: str, **fields: Any) -> dict[str, Any]:
+def update_stage(run_dir: str | Path, stage: str, **fields: Any) -> StageEntry:
     """Merge `fields` into a stage's entry and write the manifest; returns the new entry."""
     manifest = read_manifest(run_dir)
-    entry = manifest["stages"].setdefault(stage, {"status": "pending"})
-    entry.update(fields)
+    entry = manifest.stages.get(stage) or StageEntry(status="pending")
+    try:
+        # Validated as a whole, so a wrong field is refused before anything is written.
+        manifest.stages[stage] = StageEntry.model_validate({**entry.to_json(), **fields})
+    except ValidationError as error:
+        raise ManifestError(f"{manifest_path(run_dir)}: cannot record stage {stage!r} ({_problems(error)})") from None
     write_manifest(run_dir, manifest)
-    return entry
+    return manifest.stages[stage]
+
+
+def duration(started: str | None, finished: str | None) -> str:
+    """`1h02m03s` / `4m05s` / `7s` between two ISO-8601 times; `-` when either is missing."""
+    start, end = parse_time(started), parse_time(finished)
+    if start is None or end is None:
+        return "-"
+    seconds = max(0, int((end - start).total_seconds()))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    if minutes:
+        return f"{minutes}m{seconds:02d}s"
+    return f"{seconds}s"
+
+
+def parse_time(value: str | None) -> dt.datetime | None:
+    """A manifest timestamp as an aware datetime, or None when it is missing or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    # A time without an offset is taken as UTC, so it can be subtracted from one with an offset.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,7 +253,7 @@ def digest_of(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def output_record(run_dir: str | Path, folder: str | Path) -> dict[str, Any]:
+def output_record(run_dir: str | Path, folder: str | Path) -> OutputRecord:
     """The manifest's record of a checkpoint folder: its path (relative to the run dir) and hashes."""
     run_dir, folder = Path(run_dir).resolve(), Path(folder).resolve()
     files = hash_folder(folder)
@@ -142,36 +261,44 @@ def output_record(run_dir: str | Path, folder: str | Path) -> dict[str, Any]:
         path = str(folder.relative_to(run_dir))
     except ValueError:
         path = str(folder)
-    return {"path": path, "files": files, "digest": digest_of(files)}
+    return OutputRecord(path=path, files=files, digest=digest_of(files))
 
 
-def resolve_input(run_dir: str | Path, manifest: dict[str, Any], stage: str, verify: bool = True) -> dict[str, Any]:
+def output_folder(run_dir: str | Path, output: OutputRecord) -> Path:
+    """Where a recorded output lives: its path is relative to the run dir unless it is absolute."""
+    folder = Path(output.path)
+    return folder if folder.is_absolute() else Path(run_dir) / folder
+
+
+def resolve_input(run_dir: str | Path, manifest: Manifest, stage: str, verify: bool = True) -> InputRecord:
     """The output of `stage` as an input for a later stage: checked complete and unaltered.
 
-    Returns {"stage", "path" (absolute), "digest"}; raises ManifestError naming what is wrong.
+    Returns its record with an absolute path; raises ManifestError naming what is wrong.
     """
-    entry = manifest["stages"].get(stage)
+    entry = manifest.stages.get(stage)
     where = manifest_path(run_dir)
     if entry is None:
         raise ManifestError(f"{where}: stage {stage!r} has not run; run it first (chatpipe stage {stage})")
-    if entry.get("status") != "completed" or not entry.get("output"):
+    if entry.status == "completed" and entry.output is None:
         raise ManifestError(
-            f"{where}: stage {stage!r} is {entry.get('status')!r}, not completed; "
+            f"{where}: stage {stage!r} is completed but records no output; "
+            f"rerun it (chatpipe stage {stage} --run-dir {run_dir})"
+        )
+    if entry.status != "completed":
+        raise ManifestError(
+            f"{where}: stage {stage!r} is {entry.status!r}, not completed; "
             f"finish it first (chatpipe stage {stage} --run-dir {run_dir})"
         )
-    output = entry["output"]
-    folder = Path(output["path"])
-    if not folder.is_absolute():
-        folder = Path(run_dir) / folder
+    folder = output_folder(run_dir, entry.output)
     if not folder.is_dir():
         raise ManifestError(f"{where}: the {stage!r} checkpoint {folder} is missing; rerun stage {stage!r}")
     if verify:
         found = hash_folder(folder)
-        recorded = output["files"]
+        recorded = entry.output.files
         changed = sorted(name for name in recorded if found.get(name) != recorded[name])
         if changed:
             raise ManifestError(
                 f"{where}: the {stage!r} checkpoint {folder} was altered since it was recorded "
                 f"(changed or missing: {', '.join(changed[:5])}); rerun stage {stage!r} to rebuild it"
             )
-    return {"stage": stage, "path": str(folder.resolve()), "digest": output["digest"]}
+    return InputRecord(stage=stage, path=str(folder.resolve()), digest=entry.output.digest)

@@ -28,7 +28,7 @@ matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import on
 
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
-from pipeline.manifest import read_manifest  # noqa: E402
+from pipeline.manifest import Manifest, StageEntry, parse_time, read_manifest  # noqa: E402
 from pipeline.registry import STAGES  # noqa: E402
 from pipeline.tracking import METRICS_NAME, read_metric_rows  # noqa: E402
 
@@ -81,7 +81,7 @@ def write_report(run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     manifest = read_manifest(run_dir)
     images_dir = run_dir / IMAGES_DIR
-    stages = _ordered_stages(manifest["stages"])
+    stages = _ordered_stages(manifest.stages)
 
     sections: list[str] = []
     written: set[Path] = set()
@@ -110,11 +110,11 @@ def write_report(run_dir: str | Path) -> Path:
 # Reading
 
 
-def _ordered_stages(stages: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def _ordered_stages(stages: dict[str, StageEntry]) -> list[tuple[str, StageEntry]]:
     """The manifest's stages in pipeline order, then any the registry does not know."""
     known = [spec.name for spec in STAGES if spec.name in stages]
     others = [name for name in stages if name not in known]
-    return [(name, stages[name] or {}) for name in known + others]
+    return [(name, stages[name]) for name in known + others]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,18 +191,18 @@ def _file_stem(stage: str) -> str:
 # Markdown
 
 
-def _header(manifest: dict[str, Any]) -> str:
+def _header(manifest: Manifest) -> str:
     return "\n".join([
-        f"# Run report: {manifest.get('run_name', '')}",
+        f"# Run report: {manifest.run_name}",
         "",
-        f"- Config: `{manifest.get('config_source') or '-'}`",
-        f"- Created: {_timestamp(manifest.get('created_at'))}",
-        f"- Updated: {_timestamp(manifest.get('updated_at'))}",
+        f"- Config: `{manifest.config_source or '-'}`",
+        f"- Created: {_timestamp(manifest.created_at)}",
+        f"- Updated: {_timestamp(manifest.updated_at)}",
         "",
     ])
 
 
-def _stage_table(stages: list[tuple[str, dict[str, Any]]]) -> str:
+def _stage_table(stages: list[tuple[str, StageEntry]]) -> str:
     lines = [
         "## Stages",
         "",
@@ -212,12 +212,12 @@ def _stage_table(stages: list[tuple[str, dict[str, Any]]]) -> str:
     for name, entry in stages:
         cells = [
             name,
-            entry.get("status") or "pending",
-            duration(entry.get("started_at"), entry.get("finished_at")),
-            str(entry.get("world_size") or "-"),
-            format_metrics(entry.get("metrics") or {}) or "-",
-            ((entry.get("output") or {}).get("path")) or "-",
-            lineage(name, entry.get("inputs") or {}),
+            entry.status,
+            entry.duration,
+            str(entry.world_size or "-"),
+            format_metrics(entry.metrics) or "-",
+            entry.output.path if entry.output is not None else "-",
+            lineage(name, {upstream: record.to_json() for upstream, record in entry.inputs.items()}),
         ]
         lines.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     lines.append("")
@@ -225,18 +225,17 @@ def _stage_table(stages: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def _stage_section(
-    name: str, entry: dict[str, Any], image: Path | None, run_dir: Path, logged: bool, torn_lines: int
+    name: str, entry: StageEntry, image: Path | None, run_dir: Path, logged: bool, torn_lines: int
 ) -> str:
     lines = [f"## {name}", ""]
-    started = entry.get("started_at")
     lines.append(
-        f"Status: **{entry.get('status') or 'pending'}**"
-        + (f", started {_timestamp(started)}" if started else "")
-        + (f", took {duration(started, entry.get('finished_at'))}" if entry.get("finished_at") else "")
+        f"Status: **{entry.status}**"
+        + (f", started {_timestamp(entry.started_at)}" if entry.started_at else "")
+        + (f", took {entry.duration}" if entry.finished_at else "")
     )
     lines.append("")
-    if entry.get("error"):
-        lines += ["Error:", "", _fenced(str(entry["error"])), ""]
+    if entry.error:
+        lines += ["Error:", "", _fenced(entry.error), ""]
     if torn_lines:
         lines += [f"{torn_lines} unreadable line(s) in `{name}/{METRICS_NAME}` were skipped.", ""]
     if image is not None:
@@ -285,34 +284,8 @@ def lineage(stage: str, inputs: dict[str, Any]) -> str:
     return f"{stage} <- " + ", ".join(upstream)
 
 
-def duration(started: str | None, finished: str | None) -> str:
-    """`1h02m03s` / `4m05s` / `7s` between two ISO-8601 times; `-` when either is missing."""
-    start, end = _parse_time(started), _parse_time(finished)
-    if start is None or end is None:
-        return "-"
-    seconds = max(0, int((end - start).total_seconds()))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{seconds:02d}s"
-    if minutes:
-        return f"{minutes}m{seconds:02d}s"
-    return f"{seconds}s"
-
-
-def _parse_time(value: str | None) -> dt.datetime | None:
-    if not value:
-        return None
-    try:
-        parsed = dt.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    # A time without an offset is taken as UTC, so it can be subtracted from one with an offset.
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
-
-
 def _timestamp(value: str | None) -> str:
-    parsed = _parse_time(value)
+    parsed = parse_time(value)
     if parsed is None:
         return value or "-"
     return parsed.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -383,7 +383,7 @@ def serve_command(
 ) -> int:
     """`chatpipe serve`: load the run's policy and answer requests until Ctrl-C."""
     stage, folder = resolve_policy_stage(run_dir, stage)
-    model_name = model_name or f"{read_manifest(run_dir).get('run_name') or Path(run_dir).name}-{stage}"
+    model_name = model_name or f"{read_manifest(run_dir).run_name or Path(run_dir).name}-{stage}"
     model, tokenizer = load_chat_model(folder)
     try:
         server = make_server(model, tokenizer, model_name, host, port)

@@ -5,8 +5,12 @@
 `run_stage(name, train)` loads the run config recorded in the manifest, resolves and verifies the
 stage's inputs, marks the stage running, calls `train(context)`, then records the output
 checkpoint's hashes and final metrics (or the error) in the manifest. Every process runs it; only
-the main process writes the manifest. A stage that crashed or failed under the same config keeps
-its folder, so its checkpoints resume; any other attempt starts from a clean folder.
+the main process writes the manifest.
+
+`plan_stage` is the one place that decides what an attempt does: skip a stage that is up to date,
+resume one that crashed or failed under the same config and inputs (its folder and checkpoints are
+kept), or run it from scratch in a clean folder. `chatpipe run` asks it to choose and to say what it
+chose; `execute_stage` asks it again when the stage starts, so the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -18,11 +22,11 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Literal
 
 from pipeline.config import RunConfig, config_hash, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
-from pipeline.manifest import now, output_record, read_manifest, resolve_input, update_stage
+from pipeline.manifest import Manifest, now, output_folder, output_record, read_manifest, resolve_input, update_stage
 from pipeline.registry import get_stage
 from pipeline.tracking import Tracker
 
@@ -59,6 +63,59 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What an attempt at a stage does, and why (the reason reads after the stage's name)."""
+
+    action: Literal["skip", "resume", "restart"]
+    reason: str
+
+    def describe(self) -> str:
+        """The line the command line prints after `chatpipe: <stage>: `."""
+        if self.action == "skip":
+            return f"{self.reason}, skipped"
+        if self.action == "resume":
+            return f"resuming from the last checkpoint ({self.reason})"
+        return f"{self.reason}; running from scratch"
+
+
+def plan_stage(
+    manifest: Manifest,
+    name: str,
+    config_digest: str,
+    upstream: Iterable[str],
+    run_dir: str | Path,
+    requested: bool = False,
+) -> Decision:
+    """Skip, resume or restart stage `name`, whose config slice now hashes to `config_digest`.
+
+    upstream: the stages whose outputs it consumes; a changed output means its checkpoints are stale.
+    requested: the user asked for this stage to run (`chatpipe stage`, `--only`, `--from`), so a
+    completed stage runs again instead of being skipped.
+    """
+    entry = manifest.stages.get(name)
+    if entry is None or entry.status == "pending":
+        return Decision("restart", "not run yet")
+    if entry.config_hash != config_digest:
+        return Decision("restart", "config changed")
+    for stage in upstream:
+        recorded = entry.inputs.get(stage)
+        current = manifest.stages.get(stage)
+        current_digest = current.output.digest if current is not None and current.output is not None else None
+        if recorded is None or recorded.digest != current_digest:
+            return Decision("restart", f"its input {stage!r} changed")
+    if entry.status == "failed":
+        return Decision("resume", "it failed")
+    if entry.status == "running":
+        # Still "running" in the manifest: the process died without recording why (a kill, a lost node).
+        return Decision("resume", "it was interrupted")
+    if requested:
+        return Decision("restart", "requested")
+    if entry.output is None or not output_folder(run_dir, entry.output).is_dir():
+        return Decision("restart", "its output folder is missing")
+    return Decision("skip", "up to date")
+
+
 def run_stage(name: str, train: Callable[[StageContext], StageResult], argv: list[str] | None = None) -> None:
     """Entry point of `python -m stages.<name>`; exits non-zero with a clear message on failure."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
@@ -80,19 +137,20 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     state = PartialState(cpu=not torch.cuda.is_available())
     run_dir = run_dir.resolve()
     manifest = read_manifest(run_dir)
-    config = validate_config(manifest["config"], source=f"{run_dir}/manifest.json config")
+    config = validate_config(manifest.config, source=f"{run_dir}/manifest.json config")
     spec = get_stage(name)
     if not spec.enabled(config):
         raise ConfigError(f"stage {name!r} has no `{name}:` section in this run's config; add one to run it")
     sliced = spec.config_slice(config)
     digest = config_hash(sliced)
-    previous = manifest["stages"].get(name, {})
-    resuming = previous.get("config_hash") == digest and previous.get("status") in ("running", "failed")
+    previous = manifest.stages.get(name)
+    upstreams = spec.inputs_for(config)
+    resuming = plan_stage(manifest, name, digest, upstreams, run_dir, requested=True).action == "resume"
     stage_dir = run_dir / name
 
     inputs = {
         upstream: resolve_input(run_dir, manifest, upstream, verify=state.is_main_process)
-        for upstream in spec.inputs_for(config)
+        for upstream in upstreams
     }
     if state.is_main_process:
         if not resuming and stage_dir.exists():
@@ -110,9 +168,9 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         wandb_config=config.wandb,
         run_dir=run_dir,
         is_main=state.is_main_process,
-        resume_id=previous.get("wandb_run_id") if resuming else None,
+        resume_id=previous.wandb_run_id if resuming else None,
     )
-    tracker.use_inputs(inputs)
+    tracker.use_inputs({upstream: record.to_json() for upstream, record in inputs.items()})
     if state.is_main_process:
         update_stage(
             run_dir,
@@ -136,8 +194,8 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         name=name,
         run_dir=run_dir,
         config=config,
-        inputs={upstream: Path(record["path"]) for upstream, record in inputs.items()},
-        input_digests={upstream: record["digest"] for upstream, record in inputs.items()},
+        inputs={upstream: Path(record.path) for upstream, record in inputs.items()},
+        input_digests={upstream: record.digest for upstream, record in inputs.items()},
         tracker=tracker,
         is_main=state.is_main_process,
         world_size=state.num_processes,
@@ -154,8 +212,8 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     if state.is_main_process:
         tracker.summary(result.metrics)
         output = output_record(run_dir, result.output_dir)
-        tracker.log_checkpoint(result.output_dir, name, output["digest"], {"stage": name, "inputs": {
-            upstream: record["digest"] for upstream, record in inputs.items()
+        tracker.log_checkpoint(result.output_dir, name, output.digest, {"stage": name, "inputs": {
+            upstream: record.digest for upstream, record in inputs.items()
         }})
         update_stage(
             run_dir,

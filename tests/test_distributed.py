@@ -34,19 +34,19 @@ def two_process_run(tmp_path_factory, shakespeare_excerpt):
 
 @pytest.mark.parametrize("stage", ["sft", "ppo"])
 def test_two_processes_train_one_model(two_process_run, stage):
-    entry = read_manifest(two_process_run)["stages"][stage]
-    assert entry["status"] == "completed" and entry["world_size"] == 2
+    entry = read_manifest(two_process_run).stages[stage]
+    assert entry.status == "completed" and entry.world_size == 2
     # Gradients were averaged before every step: both replicas ended with identical weights.
-    assert entry["metrics"]["world_size"] == 2 and entry["metrics"]["replicas_in_sync"] is True
+    assert entry.metrics["world_size"] == 2 and entry.metrics["replicas_in_sync"] is True
     # One process wrote the checkpoint, and it is the one the manifest describes.
-    output = two_process_run / entry["output"]["path"]
-    assert hash_folder(output) == entry["output"]["files"]
+    output = two_process_run / entry.output.path
+    assert hash_folder(output) == entry.output.files
     log = (two_process_run / "logs" / f"{stage}.log").read_text()
     assert "--nproc_per_node 2" in log.splitlines()[0]
 
 
 def test_ppo_episodes_come_from_both_processes(two_process_run):
-    metrics = read_manifest(two_process_run)["stages"]["ppo"]["metrics"]
+    metrics = read_manifest(two_process_run).stages["ppo"].metrics
     assert metrics["episodes"] == 64 and metrics["rollouts"] == 4
     rows = [json.loads(line) for line in (two_process_run / "ppo" / "metrics.jsonl").read_text().splitlines()]
     # Rollouts of 16 episodes, 8 on each process; logged once, by the main process.

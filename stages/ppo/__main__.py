@@ -27,13 +27,13 @@ from data.held_out import write_held_out
 from data.packing import batch_indices
 from pipeline.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.errors import ConfigError
-from pipeline.manifest import read_manifest
 from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import replicas_in_sync
 from pipeline.training.loop import Cadence, micro_batch_position, save_final_model
 from pipeline.training.state import Checkpointer
 from reward_model.functions import reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
+from reward_model.statistics import ScoreStatistics
 from stages.ppo.prompts import left_padded, load_prompts
 from stages.ppo.trainer import RLTrainer, decode_samples, evaluate_policy
 
@@ -41,7 +41,7 @@ from stages.ppo.trainer import RLTrainer, decode_samples, evaluate_policy
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.ppo
     policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs["reward"]
-    reward_stats = read_manifest(context.run_dir)["stages"]["reward"]["metrics"]
+    reward_stats = ScoreStatistics.read(reward_dir)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 
     # ---------------------------------------------------------------------------------- setup
@@ -88,7 +88,7 @@ def train(context: StageContext) -> StageResult:
     reward_model = TokenScorer(load_reward_model(reward_dir)).eval().requires_grad_(False).to(accelerator.device)
     trainer = RLTrainer(
         policy, reference, value, reward_model_function(reward_model), tokenizer, section, accelerator,
-        score_mean=reward_stats["reward_mean"], score_std=reward_stats["reward_std"],
+        score_mean=reward_stats.mean, score_std=reward_stats.std,
         total_updates=rollouts * section.ppo_epochs * section.num_mini_batches,
         seed=config.seed, reference_context=reference_context,
     )

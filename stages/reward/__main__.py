@@ -34,6 +34,7 @@ from reward_model.batching import collate_groups, encode_groups
 from reward_model.evaluation import evaluate_preferences
 from reward_model.model import TokenScorer, build_reward_model
 from reward_model.scoring import at_last_token
+from reward_model.statistics import ScoreStatistics
 from stages.reward.losses import centering_penalty, grouped_pairwise_loss
 
 
@@ -122,6 +123,9 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- save
     lora_save = "merged" if section.lora is not None else None
     save_final_model(accelerator, scorer, context.output_dir, tokenizer, part="pretrained_model", lora_save=lora_save)
+    if accelerator.is_main_process:
+        # PPO normalises scores with these; in the folder, they are covered by its digest.
+        ScoreStatistics(mean=last_eval["reward_mean"], std=last_eval["reward_std"]).write(context.output_dir)
     metrics = {
         "world_size": accelerator.num_processes,
         "replicas_in_sync": replicas_in_sync(scorer, accelerator.device),

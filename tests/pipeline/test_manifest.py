@@ -34,8 +34,8 @@ def completed_stage(run_dir, name="pretrain"):
 def test_update_stage_merges_fields_and_round_trips(run_dir):
     update_stage(run_dir, "pretrain", status="running", world_size=2)
     update_stage(run_dir, "pretrain", status="completed", metrics={"eval_loss": 3.5})
-    entry = read_manifest(run_dir)["stages"]["pretrain"]
-    assert entry == {"status": "completed", "world_size": 2, "metrics": {"eval_loss": 3.5}}
+    entry = read_manifest(run_dir).stages["pretrain"]
+    assert entry.to_json() == {"status": "completed", "world_size": 2, "metrics": {"eval_loss": 3.5}}
 
 
 def test_a_crash_while_writing_leaves_the_previous_manifest_intact(run_dir, monkeypatch):
@@ -65,18 +65,18 @@ def test_a_missing_manifest_says_how_to_start_the_run(tmp_path):
 
 def test_output_record_hashes_every_file(run_dir):
     folder = completed_stage(run_dir)
-    record = read_manifest(run_dir)["stages"]["pretrain"]["output"]
-    assert record["path"] == "pretrain/final"
-    assert set(record["files"]) == {"model.safetensors", "config.json"}
-    assert record["files"]["config.json"] == manifest_module.hash_file(folder / "config.json")
+    record = read_manifest(run_dir).stages["pretrain"].output
+    assert record.path == "pretrain/final"
+    assert set(record.files) == {"model.safetensors", "config.json"}
+    assert record.files["config.json"] == manifest_module.hash_file(folder / "config.json")
 
 
 def test_resolve_input_accepts_an_intact_completed_checkpoint(run_dir):
     folder = completed_stage(run_dir)
     manifest = read_manifest(run_dir)
     resolved = resolve_input(run_dir, manifest, "pretrain")
-    assert resolved["path"] == str(folder.resolve())
-    assert resolved["digest"] == manifest["stages"]["pretrain"]["output"]["digest"]
+    assert resolved.path == str(folder.resolve())
+    assert resolved.digest == manifest.stages["pretrain"].output.digest
 
 
 def test_resolve_input_refuses_an_altered_checkpoint(run_dir):
@@ -104,3 +104,103 @@ def test_resolve_input_refuses_missing_and_unfinished_stages(run_dir):
 def test_manifest_is_plain_json_with_the_run_config(run_dir):
     data = json.loads(manifest_path(run_dir).read_text())
     assert data["run_name"] == "demo" and data["config"] == {"name": "demo"} and data["format"] == 1
+
+
+# A manifest as the dict-based code wrote it (format 1), with a key this version does not know.
+OLD_MANIFEST = {
+    "format": 1,
+    "run_name": "tiny",
+    "created_at": "2026-01-02T10:00:00+00:00",
+    "updated_at": "2026-01-02T10:05:00+00:00",
+    "config_source": "configs/tiny.yaml",
+    "config": {"name": "tiny", "seed": 0},
+    "stages": {
+        "tokenizer": {
+            "status": "completed",
+            "config": {"tokenizer": {"vocab_size": 400}},
+            "config_hash": "0123456789abcdef",
+            "inputs": {},
+            "output": {"path": "tokenizer/final", "files": {"tokenizer.json": "ab" * 32}, "digest": "5d46f60e83c4f783"},
+            "metrics": {"vocab_size": 400, "source": "trained"},
+            "error": None,
+            "started_at": "2026-01-02T10:00:00+00:00",
+            "finished_at": "2026-01-02T10:00:03+00:00",
+            "world_size": 1,
+            "versions": {"python": "3.12.3", "torch": "2.9.0"},
+            "git_commit": "abc123-dirty",
+            "wandb_run_id": "tok-abc",
+            "log": "/runs/tiny/logs/tokenizer.log",
+            "warnings": [],
+            "a_key_from_another_version": {"kept": True},
+        },
+        "pretrain": {
+            "status": "failed",
+            "inputs": {"tokenizer": {"stage": "tokenizer", "path": "/runs/tiny/tokenizer/final", "digest": "5d46f60e83c4f783"}},
+            "output": None,
+            "error": "RuntimeError: out of memory",
+        },
+    },
+}
+
+
+def test_a_manifest_written_by_earlier_code_loads_and_is_written_back_unchanged(tmp_path):
+    manifest_path(tmp_path).write_text(json.dumps(OLD_MANIFEST, indent=2))
+    manifest = read_manifest(tmp_path)
+    tokenizer, pretrain = manifest.stages["tokenizer"], manifest.stages["pretrain"]
+    assert tokenizer.output.digest == "5d46f60e83c4f783" and tokenizer.metrics["vocab_size"] == 400
+    assert pretrain.status == "failed" and pretrain.inputs["tokenizer"].path == "/runs/tiny/tokenizer/final"
+    assert pretrain.output is None and pretrain.metrics == {} and pretrain.config_hash is None
+    assert tokenizer.duration == "3s" and pretrain.duration == "-"
+
+    write_manifest(tmp_path, manifest)
+    written = json.loads(manifest_path(tmp_path).read_text())
+    assert written["updated_at"] != OLD_MANIFEST["updated_at"]
+    assert {**written, "updated_at": None} == {**OLD_MANIFEST, "updated_at": None}
+
+
+def test_update_stage_keeps_keys_it_does_not_know(tmp_path):
+    manifest_path(tmp_path).write_text(json.dumps(OLD_MANIFEST))
+    update_stage(tmp_path, "tokenizer", status="running")
+    entry = json.loads(manifest_path(tmp_path).read_text())["stages"]["tokenizer"]
+    assert entry["status"] == "running" and entry["a_key_from_another_version"] == {"kept": True}
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"\xff\xfe\x00garbage\x80", "not valid JSON"),
+        (b"[1, 2, 3]", r"not a chatpipe manifest \(format 'list'"),
+        (b'{"format": 2, "stages": {}}', r"not a chatpipe manifest \(format 2"),
+        (b'{"format": 1, "config": {}}', "not a chatpipe manifest"),
+        (b'{"format": 1, "stages": []}', r"malformed manifest \(stages: "),
+        (b'{"format": 1, "stages": {"sft": "completed"}}', r"malformed manifest \(stages\.sft: "),
+        (b'{"format": 1, "stages": {"sft": {"status": "done"}}}', r"stages\.sft\.status: Input should be 'pending'"),
+        (b'{"format": 1, "stages": {"sft": {"status": "completed", "output": {"files": {}}}}}', r"stages\.sft\.output\.path"),
+        (b'{"format": 1, "stages": {"sft": {"inputs": {"pretrain": {"path": "x"}}}}}', r"stages\.sft\.inputs\.pretrain\.digest"),
+    ],
+)
+def test_a_manifest_of_the_wrong_shape_is_one_clear_error_naming_the_file(tmp_path, content, problem):
+    manifest_path(tmp_path).write_bytes(content)
+    with pytest.raises(ManifestError, match=problem) as error:
+        read_manifest(tmp_path)
+    assert str(error.value).startswith(f"{manifest_path(tmp_path)}: ")
+    assert "start a new run dir" in str(error.value)
+
+
+def test_update_stage_refuses_a_field_of_the_wrong_shape_and_writes_nothing(run_dir):
+    before = manifest_path(run_dir).read_text()
+    with pytest.raises(ManifestError, match=r"cannot record stage 'sft' \(status: Input should be"):
+        update_stage(run_dir, "sft", status="done")
+    assert manifest_path(run_dir).read_text() == before
+
+
+def test_a_completed_entry_without_an_output_is_not_a_usable_input(run_dir):
+    update_stage(run_dir, "pretrain", status="completed")
+    with pytest.raises(ManifestError, match="stage 'pretrain' is completed but records no output; rerun it"):
+        resolve_input(run_dir, read_manifest(run_dir), "pretrain")
+
+
+def test_duration_reads_like_a_clock():
+    assert manifest_module.duration("2026-01-02T10:00:00+00:00", "2026-01-02T11:02:03+00:00") == "1h02m03s"
+    assert manifest_module.duration("2026-01-02T10:00:00+00:00", "2026-01-02T10:04:05+00:00") == "4m05s"
+    assert manifest_module.duration("2026-01-02T10:00:00Z", "2026-01-02T10:00:07") == "7s"

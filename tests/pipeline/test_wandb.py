@@ -42,7 +42,7 @@ def test_one_offline_run_per_stage_in_the_run_group(offline_run):
     manifest = read_manifest(run_dir)
     for stage, run in runs.items():
         assert run["group"] == "test" and run["name"] == f"test-{stage}"
-        assert manifest["stages"][stage]["wandb_run_id"] == run["id"]
+        assert manifest.stages[stage].wandb_run_id == run["id"]
     assert "wandb sync" in result.stdout
 
 
@@ -56,13 +56,13 @@ def test_runs_carry_config_curves_tables_and_checkpoints(offline_run):
     assert {"train/loss", "eval/loss"} <= sft["history_keys"]
     (table,) = [row for row in sft["history"] if "samples/_type" in row]  # the table of sample replies
     assert table["samples/_type"] == "table-file" and table["samples/nrows"] == 2 and table["samples/ncols"] == 3
-    assert sft["config"]["inputs"] == {"pretrain": manifest["stages"]["pretrain"]["output"]["digest"]}
+    assert sft["config"]["inputs"] == {"pretrain": manifest.stages["pretrain"].output.digest}
     for stage in ("pretrain", "sft"):
         (artifact,) = [a for a in runs[stage]["artifacts"] if a["type"] == "model"]
         assert artifact["type"] == "model" and artifact["name"] == f"test-{stage}"
-        assert artifact["metadata"]["digest"] == manifest["stages"][stage]["output"]["digest"]
+        assert artifact["metadata"]["digest"] == manifest.stages[stage].output.digest
         assert "model.safetensors" in artifact["files"]
-    assert pretrain["summary"]["eval_loss"] == pytest.approx(manifest["stages"]["pretrain"]["metrics"]["eval_loss"])
+    assert pretrain["summary"]["eval_loss"] == pytest.approx(manifest.stages["pretrain"].metrics["eval_loss"])
 
 
 def test_no_secret_is_written_anywhere(offline_run):

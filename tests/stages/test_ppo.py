@@ -61,12 +61,12 @@ def ppo_run(tmp_path_factory, shakespeare_excerpt):
 
 def test_ppo_records_lineage_and_evaluates_against_the_starting_policy(ppo_run):
     _, run_dir = ppo_run
-    stages = read_manifest(run_dir)["stages"]
+    stages = read_manifest(run_dir).stages
     ppo = stages["ppo"]
-    assert ppo["status"] == "completed"
-    assert ppo["inputs"]["pretrain"]["digest"] == stages["pretrain"]["output"]["digest"]
-    assert ppo["inputs"]["reward"]["digest"] == stages["reward"]["output"]["digest"]
-    metrics = ppo["metrics"]
+    assert ppo.status == "completed"
+    assert ppo.inputs["pretrain"].digest == stages["pretrain"].output.digest
+    assert ppo.inputs["reward"].digest == stages["reward"].output.digest
+    metrics = ppo.metrics
     assert metrics["rollouts"] == 4 and metrics["episodes"] == 64 and metrics["eval_prompts"] == 8
     assert metrics["score_gain"] == pytest.approx(metrics["score"] - metrics["initial_score"])
     evals = [row for row in read_metric_rows(run_dir / "ppo")[0] if "eval/score" in row]
@@ -120,8 +120,8 @@ def test_crashed_ppo_resumes_to_the_same_policy(ppo_run, tmp_path):
     metrics_file = copy / "ppo" / "metrics.jsonl"
     metrics_file.write_text("".join(line + "\n" for line in metrics_file.read_text().splitlines() if json.loads(line)["step"] <= 2))
     update_stage(copy, "ppo", status="running", output=None)
-    assert "ppo: running, resuming; running" in chatpipe("run", str(config), "--run-dir", str(copy)).stdout
-    resumed, original = (read_manifest(d)["stages"]["ppo"]["metrics"] for d in (copy, run_dir))
+    assert "ppo: resuming from the last checkpoint (it was interrupted)" in chatpipe("run", str(config), "--run-dir", str(copy)).stdout
+    resumed, original = (read_manifest(d).stages["ppo"].metrics for d in (copy, run_dir))
     assert resumed["resumed_from_step"] == 2 and resumed["episodes"] == 64
     assert resumed["initial_score"] == original["initial_score"]
     assert resumed["score"] == pytest.approx(original["score"], abs=1e-4)
@@ -136,7 +136,7 @@ def test_critic_free_estimators_run_through_the_stage(ppo_run, tmp_path, estimat
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     chatpipe("run", str(config), "--run-dir", str(copy), "--set", f"ppo.estimator={estimator}", "--set", "ppo.samples_per_prompt=4")
-    metrics = read_manifest(copy)["stages"]["ppo"]["metrics"]
+    metrics = read_manifest(copy).stages["ppo"].metrics
     assert metrics["estimator"] == estimator and metrics["episodes"] == 64
     assert not (copy / "ppo" / "checkpoints" / "step-000002" / "value").exists()
 
@@ -162,9 +162,9 @@ def test_eval_compares_the_policies_on_held_out_prompts(ppo_run, tmp_path):
     preferences = run_dir.parent / "marker.jsonl"
     result = chatpipe("eval", str(copy), "--preferences", str(preferences))
     assert "win_rate" in result.stdout  # the comparison table is printed
-    entry = read_manifest(copy)["stages"]["eval"]
-    metrics = entry["metrics"]
-    assert set(entry["inputs"]) == {"pretrain", "ppo", "reward"}
+    entry = read_manifest(copy).stages["eval"]
+    metrics = entry.metrics
+    assert set(entry.inputs) == {"pretrain", "ppo", "reward"}
     assert 0.0 <= metrics["win_rate"] <= 1.0
     assert metrics["pretrain/kl"] == 0.0  # the reference policy against itself
     assert metrics["ppo/kl"] >= 0.0
@@ -178,7 +178,7 @@ def test_eval_compares_the_policies_on_held_out_prompts(ppo_run, tmp_path):
     assert [sample["prompt"] for sample in samples] == held_out_prompts[: len(samples)]
     # Seeded sampling: the same numbers again.
     chatpipe("eval", str(copy), "--preferences", str(preferences))
-    assert read_manifest(copy)["stages"]["eval"]["metrics"]["ppo/score"] == metrics["ppo/score"]
+    assert read_manifest(copy).stages["eval"].metrics["ppo/score"] == metrics["ppo/score"]
 
 
 def test_report_plots_every_stage_of_a_real_run(ppo_run, tmp_path):

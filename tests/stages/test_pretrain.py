@@ -32,7 +32,7 @@ def finished_run(tmp_path_factory, shakespeare_excerpt):
 
 def test_pretraining_loss_falls(finished_run):
     _, run_dir, _ = finished_run
-    metrics = read_manifest(run_dir)["stages"]["pretrain"]["metrics"]
+    metrics = read_manifest(run_dir).stages["pretrain"].metrics
     assert metrics["steps"] == 40
     # From uniform guessing over 400 tokens (ln 400 = 6.0) to well below it in 40 steps.
     assert metrics["initial_eval_loss"] > 5.5
@@ -57,14 +57,14 @@ def test_checkpoint_loads_with_plain_transformers_and_generates(finished_run):
 def test_manifest_records_lineage_hashes_and_provenance(finished_run):
     _, run_dir, _ = finished_run
     manifest = read_manifest(run_dir)
-    tokenizer, pretrain = manifest["stages"]["tokenizer"], manifest["stages"]["pretrain"]
-    assert tokenizer["status"] == pretrain["status"] == "completed"
-    assert pretrain["inputs"]["tokenizer"]["digest"] == tokenizer["output"]["digest"]
-    assert pretrain["inputs"]["tokenizer"]["path"] == str((run_dir / "tokenizer" / "final").resolve())
-    assert "model.safetensors" in pretrain["output"]["files"]
-    assert pretrain["world_size"] == 1 and pretrain["versions"]["torch"] == torch.__version__
-    assert pretrain["config"]["pretrain"]["max_steps"] == 40 and len(pretrain["config_hash"]) == 16
-    assert pretrain["started_at"] <= pretrain["finished_at"]
+    tokenizer, pretrain = manifest.stages["tokenizer"], manifest.stages["pretrain"]
+    assert tokenizer.status == pretrain.status == "completed"
+    assert pretrain.inputs["tokenizer"].digest == tokenizer.output.digest
+    assert pretrain.inputs["tokenizer"].path == str((run_dir / "tokenizer" / "final").resolve())
+    assert "model.safetensors" in pretrain.output.files
+    assert pretrain.world_size == 1 and pretrain.versions["torch"] == torch.__version__
+    assert pretrain.config["pretrain"]["max_steps"] == 40 and len(pretrain.config_hash) == 16
+    assert pretrain.started_at <= pretrain.finished_at
 
 
 def test_status_prints_the_manifest_as_a_table(finished_run):
@@ -82,16 +82,16 @@ def test_rerun_skips_unchanged_stages_and_reruns_changed_ones(finished_run, tmp_
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    before = read_manifest(copy)["stages"]
+    before = read_manifest(copy).stages
     again = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
     assert "tokenizer: up to date, skipped" in again and "pretrain: up to date, skipped" in again
-    assert read_manifest(copy)["stages"]["pretrain"]["finished_at"] == before["pretrain"]["finished_at"]
+    assert read_manifest(copy).stages["pretrain"].finished_at == before["pretrain"].finished_at
 
     changed = chatpipe("run", str(config), "--run-dir", str(copy), "--set", "pretrain.max_steps=20").stdout
     assert "tokenizer: up to date, skipped" in changed and "pretrain: config changed; running" in changed
-    after = read_manifest(copy)["stages"]
-    assert after["pretrain"]["metrics"]["steps"] == 20
-    assert after["tokenizer"]["finished_at"] == before["tokenizer"]["finished_at"]
+    after = read_manifest(copy).stages
+    assert after["pretrain"].metrics["steps"] == 20
+    assert after["tokenizer"].finished_at == before["tokenizer"].finished_at
 
 
 def test_an_altered_input_checkpoint_is_refused(finished_run, tmp_path):
@@ -130,13 +130,13 @@ def test_killed_stage_resumes_from_its_last_checkpoint(write_config, tmp_path):
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert read_manifest(run_dir)["stages"]["pretrain"]["status"] == "running"
+    assert read_manifest(run_dir).stages["pretrain"].status == "running"
 
     output = chatpipe("run", str(config), "--run-dir", str(run_dir)).stdout
-    assert "pretrain: running, resuming; running" in output
-    entry = read_manifest(run_dir)["stages"]["pretrain"]
-    resumed_from = entry["metrics"]["resumed_from_step"]
-    assert entry["status"] == "completed" and entry["metrics"]["steps"] == steps
+    assert "pretrain: resuming from the last checkpoint (it was interrupted)" in output
+    entry = read_manifest(run_dir).stages["pretrain"]
+    resumed_from = entry.metrics["resumed_from_step"]
+    assert entry.status == "completed" and entry.metrics["steps"] == steps
     assert 10 <= resumed_from < steps and resumed_from % 10 == 0
     logged_steps = [row["step"] for row in read_metric_rows(run_dir / "pretrain")[0] if "train/loss" in row]
     # The second attempt picks up after the checkpoint rather than starting again from step 10.
@@ -165,7 +165,7 @@ def test_resumed_training_matches_uninterrupted_training(write_config, tmp_path)
     update_stage(interrupted, "pretrain", status="running", output=None)
     chatpipe("run", str(config), "--run-dir", str(interrupted))
 
-    resumed, uninterrupted = (read_manifest(d)["stages"]["pretrain"]["metrics"] for d in (interrupted, straight))
+    resumed, uninterrupted = (read_manifest(d).stages["pretrain"].metrics for d in (interrupted, straight))
     assert resumed["resumed_from_step"] == 10 and uninterrupted["resumed_from_step"] is None
     assert resumed["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], abs=1e-5)
     weights = [AutoModelForCausalLM.from_pretrained(d / "pretrain" / "final").state_dict() for d in (interrupted, straight)]
@@ -179,14 +179,14 @@ def test_only_and_from_rerun_the_named_stages(finished_run, tmp_path):
     config, run_dir, _ = finished_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    before = read_manifest(copy)["stages"]
+    before = read_manifest(copy).stages
     only = chatpipe("run", str(config), "--run-dir", str(copy), "--only", "pretrain").stdout
     assert "pretrain: requested; running" in only and "tokenizer:" not in only
-    after = read_manifest(copy)["stages"]
-    assert after["tokenizer"]["finished_at"] == before["tokenizer"]["finished_at"]
-    assert after["pretrain"]["started_at"] >= before["pretrain"]["finished_at"]
+    after = read_manifest(copy).stages
+    assert after["tokenizer"].finished_at == before["tokenizer"].finished_at
+    assert after["pretrain"].started_at >= before["pretrain"].finished_at
     # The rerun is deterministic: the same weights as before.
-    assert after["pretrain"]["output"]["digest"] == before["pretrain"]["output"]["digest"]
+    assert after["pretrain"].output.digest == before["pretrain"].output.digest
     both = chatpipe("run", str(config), "--run-dir", str(copy), "--from", "tokenizer").stdout
     assert "tokenizer: requested; running" in both and "pretrain: requested; running" in both
     unknown = chatpipe("run", str(config), "--run-dir", str(copy), "--only", "sft", check=False)
@@ -207,9 +207,9 @@ def test_a_base_model_can_replace_pretraining(finished_run, tmp_path, shakespear
     config.write_text(yaml.safe_dump(raw))
     new_run = tmp_path / "run"
     chatpipe("run", str(config), "--run-dir", str(new_run))
-    stages = read_manifest(new_run)["stages"]
-    assert stages["tokenizer"]["metrics"]["source"] == str(base)
-    assert stages["pretrain"]["metrics"]["source"] == str(base)
+    stages = read_manifest(new_run).stages
+    assert stages["tokenizer"].metrics["source"] == str(base)
+    assert stages["pretrain"].metrics["source"] == str(base)
     adopted = AutoModelForCausalLM.from_pretrained(new_run / "pretrain" / "final")
     original = AutoModelForCausalLM.from_pretrained(base)
     for name, tensor in original.state_dict().items():

@@ -13,6 +13,7 @@ from pipeline.manifest import read_manifest
 from pipeline.tracking import read_metric_rows
 from reward_model import per_token_scores
 from reward_model.scoring import at_last_token, conversation_ids
+from reward_model.statistics import STATISTICS_NAME, ScoreStatistics
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 
 MARKER = "gold"
@@ -77,7 +78,7 @@ def reward_run(tmp_path_factory, shakespeare_excerpt):
 
 def test_reward_model_learns_an_easy_preference(reward_run):
     _, run_dir = reward_run
-    metrics = read_manifest(run_dir)["stages"]["reward"]["metrics"]
+    metrics = read_manifest(run_dir).stages["reward"].metrics
     # 150 pairwise prompts (1 pair each) and 50 rankings of 3 (3 pairs each), 40 prompts held out.
     assert metrics["validation_prompts"] == 40 and metrics["train_prompts"] == 160
     assert metrics["validation_pairs"] + metrics["train_pairs"] == 150 + 50 * 3
@@ -103,12 +104,16 @@ def test_reward_checkpoint_scores_new_replies_with_plain_transformers(reward_run
 
 def test_reward_manifest_records_lineage_and_statistics(reward_run):
     _, run_dir = reward_run
-    stages = read_manifest(run_dir)["stages"]
+    stages = read_manifest(run_dir).stages
     reward = stages["reward"]
-    assert set(reward["inputs"]) == {"pretrain"}
-    assert reward["inputs"]["pretrain"]["digest"] == stages["pretrain"]["output"]["digest"]
-    assert reward["metrics"]["reward_std"] > 0 and "reward_mean" in reward["metrics"]
-    assert reward["metrics"]["rows_read"] == 200 and reward["metrics"]["rows_dropped"] == 0
+    assert set(reward.inputs) == {"pretrain"}
+    assert reward.inputs["pretrain"].digest == stages["pretrain"].output.digest
+    assert reward.metrics["reward_std"] > 0 and "reward_mean" in reward.metrics
+    assert reward.metrics["rows_read"] == 200 and reward.metrics["rows_dropped"] == 0
+    # PPO reads the statistics from the checkpoint folder, where the output digest covers them.
+    statistics = ScoreStatistics.read(run_dir / reward.output.path)
+    assert (statistics.mean, statistics.std) == (reward.metrics["reward_mean"], reward.metrics["reward_std"])
+    assert STATISTICS_NAME in reward.output.files
 
 
 def test_lora_reward_model_is_saved_merged_and_still_ranks(reward_run, tmp_path):
@@ -118,7 +123,7 @@ def test_lora_reward_model_is_saved_merged_and_still_ranks(reward_run, tmp_path)
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     chatpipe("run", str(config), "--run-dir", str(copy), "--set", "reward.lora={r: 8, alpha: 16}", "--set", "reward.learning_rate=1e-2")
-    metrics = read_manifest(copy)["stages"]["reward"]["metrics"]
+    metrics = read_manifest(copy).stages["reward"].metrics
     folder = copy / "reward" / "final"
     assert not (folder / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -146,8 +151,8 @@ def test_crashed_reward_stage_resumes_to_the_same_model(reward_run, tmp_path):
     shutil.rmtree(checkpoints / "step-000040")
     shutil.rmtree(copy / "reward" / "final")
     update_stage(copy, "reward", status="running", output=None)
-    assert "reward: running, resuming; running" in chatpipe("run", str(config), "--run-dir", str(copy)).stdout
-    resumed, original = (read_manifest(d)["stages"]["reward"]["metrics"] for d in (copy, run_dir))
+    assert "reward: resuming from the last checkpoint (it was interrupted)" in chatpipe("run", str(config), "--run-dir", str(copy)).stdout
+    resumed, original = (read_manifest(d).stages["reward"].metrics for d in (copy, run_dir))
     assert resumed["resumed_from_step"] == 20 and resumed["initial_accuracy"] == original["initial_accuracy"]
     assert resumed["mean_margin"] == pytest.approx(original["mean_margin"], abs=1e-4)
     weights = [AutoModelForSequenceClassification.from_pretrained(d / "reward" / "final").state_dict() for d in (copy, run_dir)]

@@ -113,7 +113,7 @@ def sft_run(tmp_path_factory, shakespeare_excerpt):
 
 def test_sft_eval_loss_on_assistant_tokens_falls(sft_run):
     _, run_dir = sft_run
-    metrics = read_manifest(run_dir)["stages"]["sft"]["metrics"]
+    metrics = read_manifest(run_dir).stages["sft"].metrics
     assert metrics["steps"] == 30 and metrics["rows_read"] == 120 and metrics["rows_dropped"] == 0
     assert metrics["validation_conversations"] + metrics["validation_dropped_overlong"] == 12
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.5
@@ -123,9 +123,9 @@ def test_sft_eval_loss_on_assistant_tokens_falls(sft_run):
 
 def test_sft_records_lineage_and_writes_samples(sft_run):
     _, run_dir = sft_run
-    stages = read_manifest(run_dir)["stages"]
-    assert stages["sft"]["inputs"]["pretrain"]["digest"] == stages["pretrain"]["output"]["digest"]
-    assert stages["sft"]["output"]["path"] == "sft/final"
+    stages = read_manifest(run_dir).stages
+    assert stages["sft"].inputs["pretrain"].digest == stages["pretrain"].output.digest
+    assert stages["sft"].output.path == "sft/final"
     samples = [json.loads(line) for line in (run_dir / "sft" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 2
     assert all(s["prompt"][-1]["role"] == "user" and isinstance(s["reply"], str) and s["reference"] for s in samples)
@@ -155,13 +155,13 @@ def test_lora_checkpoints_of_either_kind_load_for_the_next_stage(sft_run, tmp_pa
         "--set", f"sft.lora={{r: 4, alpha: 8, save: {save}}}", "--set", "sft.max_steps=10",
     ).stdout
     assert "pretrain: up to date, skipped" in output and "sft: config changed; running" in output
-    entry = read_manifest(copy)["stages"]["sft"]
-    folder = copy / entry["output"]["path"]
-    assert entry["metrics"]["checkpoint_kind"] == ("adapter" if save == "adapter" else "full")
+    entry = read_manifest(copy).stages["sft"]
+    folder = copy / entry.output.path
+    assert entry.metrics["checkpoint_kind"] == ("adapter" if save == "adapter" else "full")
     assert is_adapter(folder) == (save == "adapter")
     if save == "adapter":
         assert not (folder / "model.safetensors").exists()
-        assert json.loads((folder / "chatpipe_adapter.json").read_text())["base_digest"] == entry["inputs"]["pretrain"]["digest"]
+        assert json.loads((folder / "chatpipe_adapter.json").read_text())["base_digest"] == entry.inputs["pretrain"].digest
     model = load_causal_lm(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     prompt = tokenizer("Hello", return_tensors="pt")
@@ -182,10 +182,10 @@ def test_crashed_sft_resumes_from_its_last_checkpoint(sft_run, tmp_path):
     shutil.rmtree(copy / "sft" / "final")
     update_stage(copy, "sft", status="running", output=None)
     output = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
-    assert "sft: running, resuming; running" in output
-    metrics = read_manifest(copy)["stages"]["sft"]["metrics"]
+    assert "sft: resuming from the last checkpoint (it was interrupted)" in output
+    metrics = read_manifest(copy).stages["sft"].metrics
     assert metrics["resumed_from_step"] == 10 and metrics["steps"] == 30
-    original = read_manifest(run_dir)["stages"]["sft"]["metrics"]
+    original = read_manifest(run_dir).stages["sft"].metrics
     assert metrics["eval_loss"] == pytest.approx(original["eval_loss"], abs=1e-4)
 
 

@@ -1,0 +1,108 @@
+"""`chatpipe run` says what each stage will do, and the stage then does exactly that.
+
+The stages here are stand-ins run in this process (through the real `execute_stage`), so a test
+takes a fraction of a second: each records whether it was told to resume and whether the folder
+of its previous attempt was still there.
+"""
+
+import pytest
+
+import pipeline.cli as cli
+from pipeline.manifest import read_manifest
+from pipeline.stage import StageResult, execute_stage
+
+
+class StandInStages:
+    """Replaces `launch_stage`: runs each stage in process with a train function that only records."""
+
+    def __init__(self):
+        self.seen: dict[str, dict] = {}
+        self.fail: set[str] = set()
+        self.output = {"tokenizer": "vocab v1"}
+
+    def launch(self, spec, config, run_dir):
+        def train(context):
+            marker = context.stage_dir / "checkpoints" / "attempt"
+            self.seen[spec.name] = {"resuming": context.resuming, "previous_attempt_kept": marker.exists()}
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text("a checkpoint of this attempt")
+            if spec.name in self.fail:
+                raise RuntimeError("out of memory")
+            context.output_dir.mkdir(parents=True, exist_ok=True)
+            (context.output_dir / "weights.txt").write_text(self.output.get(spec.name, spec.name))
+            return StageResult(context.output_dir, {"steps": 1})
+
+        try:
+            execute_stage(spec.name, run_dir, train)
+        except RuntimeError:
+            return 1
+        return 0
+
+
+@pytest.fixture
+def stages(monkeypatch):
+    stand_in = StandInStages()
+    monkeypatch.setattr(cli, "launch_stage", stand_in.launch)
+    return stand_in
+
+
+def run(capsys, config, run_dir, *overrides, only=None):
+    code = cli.command_run(str(config), str(run_dir), list(overrides), only=only)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("chatpipe: ")]
+    return code, lines
+
+
+def test_a_new_run_starts_every_stage_from_scratch(stages, write_config, tmp_path, capsys):
+    code, lines = run(capsys, write_config(), tmp_path / "run")
+    assert code == 0
+    assert lines[:2] == ["chatpipe: tokenizer: not run yet; running from scratch",
+                         "chatpipe: pretrain: not run yet; running from scratch"]
+    assert stages.seen["pretrain"] == {"resuming": False, "previous_attempt_kept": False}
+    code, lines = run(capsys, write_config(), tmp_path / "run")
+    assert lines[:2] == ["chatpipe: tokenizer: up to date, skipped", "chatpipe: pretrain: up to date, skipped"]
+
+
+def test_a_failed_stage_is_announced_as_resuming_and_resumes(stages, write_config, tmp_path, capsys):
+    stages.fail = {"pretrain"}
+    assert run(capsys, write_config(), tmp_path / "run")[0] == 1
+    assert read_manifest(tmp_path / "run").stages["pretrain"].status == "failed"
+
+    stages.fail = set()
+    code, lines = run(capsys, write_config(), tmp_path / "run")
+    assert code == 0
+    assert "chatpipe: tokenizer: up to date, skipped" in lines
+    assert "chatpipe: pretrain: resuming from the last checkpoint (it failed)" in lines
+    assert stages.seen["pretrain"] == {"resuming": True, "previous_attempt_kept": True}
+
+
+def test_a_failed_stage_whose_config_changed_is_announced_and_run_from_scratch(stages, write_config, tmp_path, capsys):
+    stages.fail = {"pretrain"}
+    run(capsys, write_config(), tmp_path / "run")
+
+    stages.fail = set()
+    code, lines = run(capsys, write_config(), tmp_path / "run", "pretrain.max_steps=20")
+    assert code == 0
+    assert "chatpipe: pretrain: config changed; running from scratch" in lines
+    assert stages.seen["pretrain"] == {"resuming": False, "previous_attempt_kept": False}
+
+
+def test_a_failed_stage_whose_input_changed_is_announced_and_run_from_scratch(stages, write_config, tmp_path, capsys):
+    stages.fail = {"pretrain"}
+    run(capsys, write_config(), tmp_path / "run")
+    stages.fail, stages.output["tokenizer"] = set(), "vocab v2"
+    assert run(capsys, write_config(), tmp_path / "run", only="tokenizer")[1][0] == (
+        "chatpipe: tokenizer: requested; running from scratch"
+    )
+
+    code, lines = run(capsys, write_config(), tmp_path / "run")
+    assert code == 0
+    assert "chatpipe: pretrain: its input 'tokenizer' changed; running from scratch" in lines
+    assert stages.seen["pretrain"] == {"resuming": False, "previous_attempt_kept": False}
+
+
+def test_status_shows_how_long_each_finished_stage_took(stages, write_config, tmp_path, capsys):
+    run(capsys, write_config(), tmp_path / "run")
+    cli.command_status(tmp_path / "run")
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["pretrain"][1] == "completed"
+    assert any(cell.endswith("s") and cell[0].isdigit() for cell in rows["pretrain"][2:])
