@@ -30,7 +30,7 @@ def main() -> None:
     import torch
     from accelerate import Accelerator
 
-    from pipeline.config import PPOConfig
+    from pipeline.config import PPOConfig, nest_ppo_keys
     from reward_model.model import TokenScorer
     from reward_model.functions import reward_model_function
     from stages.ppo.trainer import RLTrainer
@@ -44,7 +44,7 @@ def main() -> None:
         torch.set_num_threads(settings["threads"])
     torch.manual_seed(config["run_seed"])  # sampling and shuffling; the models and held-out samples use settings["seed"]
     tokenizer, policy, reference, value_model, reward_model = load_models(folder, value=estimator == "ppo")
-    section = PPOConfig.model_validate({
+    section = PPOConfig.model_validate(nest_ppo_keys({
         "prompts": {"path": "data/samples/hh_harmless_1000.jsonl"},  # unused here: prompts come prepared
         "estimator": estimator, "samples_per_prompt": k,
         "total_episodes": settings["episodes"], "rollout_batch_size": settings["rollout_batch_size"],
@@ -57,14 +57,14 @@ def main() -> None:
         "whiten_advantages": True, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
         "policy_learning_rate": settings["learning_rate"], "value_learning_rate": settings["learning_rate"],
         "lr_schedule": "linear", "max_grad_norm": settings["chatpipe_max_grad_norm"],
-    })
-    rollouts = section.total_episodes // section.rollout_batch_size
-    prompts_per_rollout = section.rollout_batch_size // k
+    })[0])
+    rollouts = section.sampling.total_episodes // section.sampling.rollout_batch_size
+    prompts_per_rollout = section.sampling.rollout_batch_size // k
     accelerator = Accelerator(cpu=True)
     value = TokenScorer(value_model) if value_model is not None else None
     trainer = RLTrainer(
         policy, reference, value, reward_model_function(TokenScorer(reward_model)), tokenizer, section, accelerator,
-        total_updates=rollouts * section.ppo_epochs * section.num_mini_batches, seed=config["run_seed"],
+        total_updates=rollouts * section.algorithm.ppo_epochs * section.algorithm.num_mini_batches, seed=config["run_seed"],
     )
     optimizer_steps = [0]
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -81,7 +81,7 @@ def main() -> None:
 
     trainer.maker.generate = timed_generate
 
-    evaluation = dict(response_length=section.response_length, temperature=section.temperature, seed=settings["seed"] + 1,
+    evaluation = dict(response_length=section.sampling.response_length, temperature=section.sampling.temperature, seed=settings["seed"] + 1,
                       samples_per_prompt=settings["eval_samples_per_prompt"])
     before = held_out_score(policy, reward_model, tokenizer, prompts["eval"], **evaluation)
     rss_before_training = current_rss_mb()
@@ -111,7 +111,7 @@ def main() -> None:
         "rollout_seconds": sum(h["time/rollout"] for h in history),
         "generation_seconds": generation_seconds[0],
         "update_seconds": sum(h["time/update"] for h in history),
-        "generated_tokens": sum(h["val/response_length"] * section.rollout_batch_size for h in history),
+        "generated_tokens": sum(h["val/response_length"] * section.sampling.rollout_batch_size for h in history),
         "train_score_first": first, "train_score_last": last,
         "kl_last": history[-1]["objective/kl"],
         "eval_before": before, "eval_after": after,

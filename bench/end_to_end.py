@@ -124,7 +124,7 @@ def run_measured(command: list[str], log, poll: float) -> dict:
 def run_stages(args, run_dir: Path) -> dict[str, dict]:
     """Launch every enabled stage of the config, one at a time; per-stage measurements."""
     from pipeline.config import load_config
-    from pipeline.registry import STAGES
+    from pipeline.orchestration.registry import STAGES
 
     overrides = ["wandb.mode=disabled", *args.overrides]
     config = load_config(REPO_ROOT / args.config if not Path(args.config).is_absolute() else args.config, overrides)
@@ -165,7 +165,7 @@ def run_stages(args, run_dir: Path) -> dict[str, dict]:
 # -------------------------------------------------------------------------------- reading
 def stage_rows(manifest, measured: dict[str, dict]) -> list[dict]:
     """One row per stage in pipeline order: seconds from the manifest, gap before, memory if measured."""
-    from pipeline.registry import STAGE_NAMES
+    from pipeline.orchestration.registry import STAGE_NAMES
 
     def parse(stamp):
         return dt.datetime.fromisoformat(stamp) if stamp else None
@@ -192,7 +192,7 @@ def stage_rows(manifest, measured: dict[str, dict]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from pipeline.errors import ManifestError
-    from pipeline.manifest import read_manifest
+    from pipeline.orchestration.manifest import read_manifest
 
     run_dir = Path(args.run_dir or ("runs/bench-e2e" if args.run else "runs/tiny"))
     if not run_dir.is_absolute():

@@ -132,7 +132,7 @@ class ChatpipeLoop:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
-        from pipeline.stage import resolve_mixed_precision
+        from pipeline.orchestration.stage import resolve_mixed_precision
         from pipeline.training.loop import OptimizerStep
         from pipeline.training.optimization import adamw, warmup_cosine
         from stages.pretrain.model import model_from_config
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from data.packing import pack_documents
-    from pipeline.stage import resolve_mixed_precision
+    from pipeline.orchestration.stage import resolve_mixed_precision
 
     mixed = resolve_mixed_precision("auto")
     dtype = torch.bfloat16 if mixed == "bf16" else torch.float32

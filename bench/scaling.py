@@ -197,7 +197,7 @@ def timed_generate(maker, sink: list[float]):
 def ppo_scaling(args, tokenizer, reporter: Reporter) -> None:
     from accelerate import Accelerator
 
-    from pipeline.config import PPOConfig
+    from pipeline.config import PPOConfig, nest_ppo_keys
     from stages.ppo.trainer import RLTrainer
 
     lengths = ints(args.response_lengths)
@@ -205,13 +205,13 @@ def ppo_scaling(args, tokenizer, reporter: Reporter) -> None:
     target_ids = torch.arange(50, 50 + len(tokenizer) // 10)  # a 10% base rate for an untrained policy
     trainers, generate_seconds = {}, {}
     for length in lengths:
-        settings = PPOConfig.model_validate({
+        settings = PPOConfig.model_validate(nest_ppo_keys({
             "prompts": {"path": str(REPO_ROOT / "data" / "samples" / "hh_harmless_1000.jsonl")},  # unused here
             "estimator": "ppo", "rollout_batch_size": args.rollout_batch, "num_mini_batches": args.mini_batches,
             "micro_batch_size": args.micro_batch, "ppo_epochs": args.ppo_epochs, "response_length": length,
             "temperature": 0.7, "kl_coef": 0.05, "missing_eos_penalty": "none", "normalize_scores": False,
             "policy_learning_rate": 3e-5, "value_learning_rate": 1e-4,
-        })
+        })[0])
         policy = llama_policy(tokenizer, args, args.seed)
         reference = copy.deepcopy(policy)
         value = llama_scorer(tokenizer, args, args.seed + 1)

@@ -11,7 +11,7 @@
 
 `run` records the resolved config in RUN_DIR/manifest.json, then launches each stage as its own
 process (group). A completed stage is skipped while its config slice and its inputs are unchanged;
-a stage that crashed resumes from its last checkpoint when run again. `pipeline.stage.plan_stage`
+a stage that crashed resumes from its last checkpoint when run again. `pipeline.orchestration.stage.plan_stage`
 makes that choice, for this command and for the stage itself, and `run` prints what it chose.
 """
 
@@ -23,10 +23,17 @@ from pathlib import Path
 
 from pipeline.config import LaunchConfig, RunConfig, config_hash, load_config, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
-from pipeline.launcher import run_logged, stage_command
-from pipeline.manifest import Manifest, StageEntry, manifest_path, new_manifest, read_manifest, write_manifest
-from pipeline.registry import STAGES, StageSpec, get_stage
-from pipeline.stage import log_path, plan_stage
+from pipeline.orchestration.launcher import run_logged, stage_command
+from pipeline.orchestration.manifest import (
+    Manifest,
+    StageEntry,
+    manifest_path,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
+from pipeline.orchestration.registry import STAGES, StageSpec, get_stage
+from pipeline.orchestration.stage import log_path, plan_stage
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,21 +88,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "stage":
             return command_stage(args.name, Path(args.run_dir))
         if args.command == "report":
-            from pipeline.report import write_report  # matplotlib loads only for this command
+            from pipeline.apps.report import write_report  # matplotlib loads only for this command
 
             print(f"chatpipe: wrote {write_report(Path(args.run_dir))}")
             return 0
         if args.command == "eval":
             return command_eval(Path(args.run_dir), args.preferences)
         if args.command == "chat":
-            from pipeline.chat import SamplingSettings, chat_command
+            from pipeline.apps.chat import SamplingSettings, chat_command
 
             settings = SamplingSettings(
                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens
             )
             return chat_command(args.run_dir, args.stage, args.prompt, settings, args.seed)
         if args.command == "serve":
-            from pipeline.serve import serve_command
+            from pipeline.apps.serve import serve_command
 
             return serve_command(args.run_dir, args.stage, args.host, args.port, args.model_name)
         return command_status(Path(args.run_dir))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -292,26 +293,29 @@ class RewardConfig(BadRowPolicy):
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
-class PPOConfig(BadRowPolicy):
-    """The `ppo` stage: RLHF against the reward model with a KL penalty to the SFT policy.
-
-    `estimator` picks the algorithm on the same rollouts: ppo (clipped surrogate, value model,
-    GAE), rloo (k samples per prompt, leave-one-out baseline) or grpo (k samples, group-normalised
-    advantages, KL as a loss term).
-    """
+class PPOData(BadRowPolicy):
+    """`ppo.data`: the prompts RL samples from, and the share held out for evaluation."""
 
     prompts: ConversationData = Field(..., description="Conversations; each is cut before its final assistant reply.")
     validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out for evaluation.")
     max_prompt_length: int = Field(256, ge=4, description="Longer prompts are dropped (and counted).")
-    estimator: Literal["ppo", "rloo", "grpo"] = Field("ppo", description="ppo, rloo or grpo.")
-    samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt; rloo and grpo need at least 2.")
+
+
+class PPOSampling(Section):
+    """`ppo.sampling`: how many responses are drawn, in rollouts of what size, how long and how random."""
+
     total_episodes: int = Field(1024, ge=1, description="Responses generated over the whole stage.")
     rollout_batch_size: int = Field(64, ge=1, description="Responses per rollout, over all processes.")
-    num_mini_batches: int = Field(2, ge=1, description="Optimiser steps per PPO epoch (the rollout split in this many).")
-    micro_batch_size: int = Field(8, ge=1, description="Responses per forward/backward pass (gradient accumulation inside a minibatch).")
-    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout, reshuffled every time.")
+    samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt; rloo and grpo need at least 2.")
     response_length: int = Field(64, ge=1, description="Tokens generated per response at most.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1); logprobs use the same.")
+
+
+class PPOReward(Section):
+    """`ppo.reward`: the reward PPO maximises, the reward model's score shaped by a KL penalty to the SFT policy."""
+
+    normalize_scores: bool = Field(True, description="Standardise scores with the reward model's held-out mean and std.")
+    score_clip: float | None = Field(None, gt=0, description="Clip normalised scores to +-this value.")
     missing_eos_penalty: Literal["none", "subtract", "replace"] = Field(
         "subtract", description="A response without EOS: subtract missing_eos_value from its score, or replace the score with it."
     )
@@ -321,8 +325,20 @@ class PPOConfig(BadRowPolicy):
     adaptive_kl: bool = Field(False, description="Adapt beta toward target_kl (Ziegler et al.).")
     target_kl: float = Field(6.0, gt=0, description="Target summed KL per response for the adaptive controller.")
     kl_horizon: int = Field(10000, ge=1, description="Episodes over which the adaptive controller acts.")
-    normalize_scores: bool = Field(True, description="Standardise scores with the reward model's held-out mean and std.")
-    score_clip: float | None = Field(None, gt=0, description="Clip normalised scores to +-this value.")
+
+
+class PPOAlgorithm(Section):
+    """`ppo.algorithm`: how a rollout becomes optimiser steps.
+
+    `estimator` picks the algorithm on the same rollouts: ppo (clipped surrogate, value model,
+    GAE), rloo (k samples per prompt, leave-one-out baseline) or grpo (k samples, group-normalised
+    advantages, KL as a loss term).
+    """
+
+    estimator: Literal["ppo", "rloo", "grpo"] = Field("ppo", description="ppo, rloo or grpo.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout, reshuffled every time.")
+    num_mini_batches: int = Field(2, ge=1, description="Optimiser steps per PPO epoch (the rollout split in this many).")
+    micro_batch_size: int = Field(8, ge=1, description="Responses per forward/backward pass (gradient accumulation inside a minibatch).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Whiten advantages over the whole rollout (all processes).")
@@ -333,6 +349,44 @@ class PPOConfig(BadRowPolicy):
     value_learning_rate: float = Field(1e-5, gt=0)
     lr_schedule: Literal["constant", "linear"] = Field("linear", description="linear: decay to 0 over the stage.")
     max_grad_norm: float = Field(1.0, gt=0)
+
+
+# Where each key of the old flat `ppo` section lives now.
+_PPO_GROUPS = {"data": PPOData, "sampling": PPOSampling, "reward": PPOReward, "algorithm": PPOAlgorithm}
+_PPO_MOVED = {key: group for group, model in _PPO_GROUPS.items() for key in model.model_fields}
+
+
+def nest_ppo_keys(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A `ppo` section with each key of the old flat layout moved into its sub-section, and the keys moved.
+
+    A key set both flat and nested is an error (which one was meant is not ours to guess).
+    """
+    flat = [key for key in values if key in _PPO_MOVED]
+    values = dict(values)
+    for key in flat:
+        group = _PPO_MOVED[key]
+        nested = values.get(group)
+        nested = dict(nested) if isinstance(nested, dict) else {}
+        if key in nested:
+            raise ValueError(f"ppo.{key} and ppo.{group}.{key} are both set; keep ppo.{group}.{key}")
+        nested[key] = values.pop(key)
+        values[group] = nested
+    return values, flat
+
+
+class PPOConfig(Section):
+    """The `ppo` stage: RLHF against the reward model with a KL penalty to the SFT policy.
+
+    Four concerns, four sub-sections: `data` (which prompts), `sampling` (what a rollout draws),
+    `reward` (the shaped reward) and `algorithm` (the update); the cadence, LoRA and launch stay here.
+    A config written in the old flat form (`ppo.temperature`) still loads, with a warning naming
+    where each key lives now (`ppo.sampling.temperature`).
+    """
+
+    data: PPOData
+    sampling: PPOSampling = Field(default_factory=PPOSampling)
+    reward: PPOReward = Field(default_factory=PPOReward)
+    algorithm: PPOAlgorithm = Field(default_factory=PPOAlgorithm)
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored at each evaluation.")
     eval_every: int = Field(10, ge=1, description="Rollouts between evaluations.")
     save_every: int = Field(10, ge=1, description="Rollouts between resumable checkpoints.")
@@ -341,14 +395,26 @@ class PPOConfig(BadRowPolicy):
     lora: LoraSettings | None = Field(None, description="LoRA on the policy; the reference is the same model with the adapter off.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_keys(cls, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        values, moved = nest_ppo_keys(values)
+        if moved:
+            moves = ", ".join(f"{key} -> {_PPO_MOVED[key]}.{key}" for key in moved)
+            warnings.warn(f"ppo: flat keys are the old layout; move them ({moves})", FutureWarning, stacklevel=2)
+        return values
+
     @model_validator(mode="after")
     def _consistent(self) -> "PPOConfig":
-        if self.estimator in ("rloo", "grpo") and self.samples_per_prompt < 2:
-            raise ValueError(f"estimator {self.estimator} needs samples_per_prompt >= 2 (a group baseline)")
-        if self.rollout_batch_size % self.samples_per_prompt:
-            raise ValueError("rollout_batch_size must be a multiple of samples_per_prompt")
-        if self.rollout_batch_size % self.num_mini_batches:
-            raise ValueError("rollout_batch_size must be a multiple of num_mini_batches")
+        estimator, sampling = self.algorithm.estimator, self.sampling
+        if estimator in ("rloo", "grpo") and sampling.samples_per_prompt < 2:
+            raise ValueError(f"estimator {estimator} needs sampling.samples_per_prompt >= 2 (a group baseline)")
+        if sampling.rollout_batch_size % sampling.samples_per_prompt:
+            raise ValueError("sampling.rollout_batch_size must be a multiple of sampling.samples_per_prompt")
+        if sampling.rollout_batch_size % self.algorithm.num_mini_batches:
+            raise ValueError("sampling.rollout_batch_size must be a multiple of algorithm.num_mini_batches")
         return self
 
 

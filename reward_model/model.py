@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 
-from pipeline.checkpoints import load_causal_lm
+from pipeline.models.checkpoints import load_causal_lm
 from pipeline.models.logprobs import position_ids_from
 
 

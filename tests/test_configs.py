@@ -135,7 +135,7 @@ def test_gpt2_124m_has_124m_parameters(run_configs):
     assert config.pretrain.block_size == model_config.n_positions == 1024
     # Every sequence fits the 1024-token context: conversations, scored pairs, prompt + response.
     assert config.sft.max_length <= 1024 and config.reward.max_length <= 1024
-    assert config.ppo.max_prompt_length + config.ppo.response_length <= 1024
+    assert config.ppo.data.max_prompt_length + config.ppo.sampling.response_length <= 1024
 
 
 def test_gpt2_124m_pretrains_on_half_a_million_tokens_per_step(run_configs):
@@ -165,15 +165,16 @@ def test_qwen_run_adopts_the_base_model_and_fine_tunes_with_merged_lora(run_conf
 def test_ppo_rollout_splits_evenly_and_steps_once_per_mini_batch(run_configs, config_name):
     ppo = run_configs[config_name].ppo
     processes = ppo.launch.num_processes
-    assert ppo.rollout_batch_size % (processes * ppo.samples_per_prompt) == 0
-    assert ppo.rollout_batch_size % ppo.num_mini_batches == 0
-    per_process_mini_batch = ppo.rollout_batch_size // processes // ppo.num_mini_batches
+    sampling, algorithm = ppo.sampling, ppo.algorithm
+    assert sampling.rollout_batch_size % (processes * sampling.samples_per_prompt) == 0
+    assert sampling.rollout_batch_size % algorithm.num_mini_batches == 0
+    per_process_mini_batch = sampling.rollout_batch_size // processes // algorithm.num_mini_batches
     assert per_process_mini_batch >= 1
     if ppo.launch.accelerate_config is not None:
         accelerate = load_config_from_file(ppo.launch.accelerate_config)
         if accelerate.distributed_type.value == "DEEPSPEED":
             # accelerate steps the DeepSpeed engine after every backward: one micro-batch per mini-batch.
-            assert ppo.micro_batch_size == per_process_mini_batch
+            assert algorithm.micro_batch_size == per_process_mini_batch
 
 
 @pytest.mark.parametrize("config_name", ["gpt2-124m-8gpu.yaml", "qwen2.5-0.5b-rlhf.yaml"])
@@ -183,6 +184,6 @@ def test_scale_configs_read_chat_data_from_splits_with_assistant_turns(run_confi
     assert config.sft.validation_data.split == "test_sft"
     assert (config.reward.data.hub, config.reward.data.split) == ("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
     assert config.reward.validation_data.split == "test_prefs"
-    prompts = config.ppo.prompts
+    prompts = config.ppo.data.prompts
     assert prompts.conversation_format == "messages" and prompts.split in ("train_gen", "test_gen")
     assert config.wandb.mode == "auto"

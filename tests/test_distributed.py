@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from pipeline.manifest import hash_folder, read_manifest
+from pipeline.orchestration.manifest import hash_folder, read_manifest
 from tests.conftest import chatpipe, tiny_config, tiny_sft_section
 from tests.stages.test_ppo import ppo_section
 from tests.stages.test_reward import marker_preferences

@@ -26,12 +26,12 @@ from data.held_out import read_held_out
 from data.padding import pad_batch
 from data.preferences import normalize_preferences
 from data.sources import load_source
-from pipeline.checkpoints import load_causal_lm
 from pipeline.errors import ConfigError
+from pipeline.models.checkpoints import load_causal_lm
 from pipeline.models.generation import Sampling, seeded_generator
 from pipeline.models.logprobs import logprobs_from_logits, masked_sum, response_logits
 from pipeline.models.responses import response_logprobs, sample_responses, score_in_micro_batches
-from pipeline.stage import StageContext, StageResult, run_stage
+from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from pipeline.training.metrics import perplexity
 from reward_model.batching import encode_groups
 from reward_model.evaluation import evaluate_preferences

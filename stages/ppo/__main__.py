@@ -6,7 +6,7 @@
 Reads from the manifest the policy (the SFT output; the pretrained model when there is no SFT
 stage), the reward model and its held-out reward statistics. The reference is a frozen copy of
 the policy (or, with LoRA, the policy with its adapter disabled); the value model starts from the
-reward model. `ppo.estimator` picks PPO, RLOO or GRPO over the same rollout machinery.
+reward model. `ppo.algorithm.estimator` picks PPO, RLOO or GRPO over the same rollout machinery.
 Each rollout: `rollout_batch_size` responses over all processes (stages/ppo/rollout.py), then
 `ppo_epochs` passes of `num_mini_batches` optimiser steps (stages/ppo/trainer.py). Held-out
 prompts are scored before training (the SFT policy) and every `eval_every` rollouts.
@@ -25,9 +25,9 @@ from transformers import AutoTokenizer
 
 from data.held_out import write_held_out
 from data.packing import batch_indices
-from pipeline.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.errors import ConfigError
-from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import replicas_in_sync
 from pipeline.training.loop import Cadence, micro_batch_position, save_final_model
 from pipeline.training.state import Checkpointer
@@ -48,18 +48,18 @@ def train(context: StageContext) -> StageResult:
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)
     world = accelerator.num_processes
-    if section.rollout_batch_size % (world * section.samples_per_prompt):
+    if section.sampling.rollout_batch_size % (world * section.sampling.samples_per_prompt):
         raise ConfigError(
-            f"ppo.rollout_batch_size={section.rollout_batch_size} must split evenly over {world} process(es) "
-            f"x samples_per_prompt={section.samples_per_prompt}"
+            f"ppo.sampling.rollout_batch_size={section.sampling.rollout_batch_size} must split evenly over {world} process(es) "
+            f"x samples_per_prompt={section.sampling.samples_per_prompt}"
         )
-    local_episodes = section.rollout_batch_size // world
-    local_prompts = local_episodes // section.samples_per_prompt
-    rollouts = max(1, section.total_episodes // section.rollout_batch_size)
+    local_episodes = section.sampling.rollout_batch_size // world
+    local_prompts = local_episodes // section.sampling.samples_per_prompt
+    rollouts = max(1, section.sampling.total_episodes // section.sampling.rollout_batch_size)
     cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
 
     # ----------------------------------------------------------------------------------- data
-    prompts = load_prompts(section, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
+    prompts = load_prompts(section.data, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
     train_prompts, held_out = prompts.train, prompts.held_out[: section.eval_prompts]
     mine = held_out[accelerator.process_index :: world]
     eval_batches = [left_padded(mine[i : i + local_episodes], tokenizer.pad_token_id) for i in range(0, len(mine), local_episodes)]
@@ -68,7 +68,7 @@ def train(context: StageContext) -> StageResult:
         """This process's prompts for a rollout, each repeated samples_per_prompt times in a row."""
         position = micro_batch_position(rollout, 0, accumulation=1, world=world, rank=accelerator.process_index, size=local_prompts)
         indices = batch_indices(position, local_prompts, len(train_prompts), config.seed)
-        chosen = [train_prompts[i] for i in indices for _ in range(section.samples_per_prompt)]
+        chosen = [train_prompts[i] for i in indices for _ in range(section.sampling.samples_per_prompt)]
         return left_padded(chosen, tokenizer.pad_token_id)
 
     # --------------------------------------------------------------------------------- models
@@ -84,12 +84,12 @@ def train(context: StageContext) -> StageResult:
         reference_context = policy.disable_adapter  # one copy of the weights: adapter off = SFT policy
     else:
         reference = load_causal_lm(policy_dir)
-    value = TokenScorer(load_reward_model(reward_dir)) if section.estimator == "ppo" else None
+    value = TokenScorer(load_reward_model(reward_dir)) if section.algorithm.estimator == "ppo" else None
     reward_model = TokenScorer(load_reward_model(reward_dir)).eval().requires_grad_(False).to(accelerator.device)
     trainer = RLTrainer(
         policy, reference, value, reward_model_function(reward_model), tokenizer, section, accelerator,
         score_mean=reward_stats.mean, score_std=reward_stats.std,
-        total_updates=rollouts * section.ppo_epochs * section.num_mini_batches,
+        total_updates=rollouts * section.algorithm.ppo_epochs * section.algorithm.num_mini_batches,
         seed=config.seed, reference_context=reference_context,
     )
 
@@ -116,7 +116,7 @@ def train(context: StageContext) -> StageResult:
     if start == 0:
         initial_eval = log_eval(0)  # the SFT policy: the baseline RLHF has to beat
     last_eval = initial_eval
-    progress = tqdm(total=rollouts, initial=start, desc=f"{section.estimator}", disable=not accelerator.is_main_process)
+    progress = tqdm(total=rollouts, initial=start, desc=f"{section.algorithm.estimator}", disable=not accelerator.is_main_process)
     for rollout in range(start, rollouts):
         metrics, experience = trainer.step(*queries_for(rollout))
         done = rollout + 1
@@ -142,7 +142,7 @@ def train(context: StageContext) -> StageResult:
     if accelerator.is_main_process and lora_save == "adapter":
         write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
     return StageResult(context.output_dir, {
-        "estimator": section.estimator,
+        "estimator": section.algorithm.estimator,
         "world_size": world,
         "replicas_in_sync": replicas_in_sync(trainer.model, accelerator.device),
         "rollouts": rollouts,

@@ -12,7 +12,7 @@ from data.chat_tokens import load_conversations
 from data.conversations import prompt_of
 from data.padding import pad_batch
 from data.splits import held_out_split
-from pipeline.config import PPOConfig
+from pipeline.config import PPOData
 from pipeline.errors import DataError
 
 
@@ -26,22 +26,22 @@ class PromptSplit:
     counts: dict[str, int]
 
 
-def load_prompts(section: PPOConfig, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None, seed: int) -> PromptSplit:
-    """The configured conversations that fit ppo.max_prompt_length, split into train and held-out prompts."""
-    conversations, rows = load_conversations(section.prompts, section, cache_dir, config_section="ppo")
+def load_prompts(data: PPOData, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None, seed: int) -> PromptSplit:
+    """The configured conversations that fit ppo.data.max_prompt_length, split into train and held-out prompts."""
+    conversations, rows = load_conversations(data.prompts, data, cache_dir, config_section="ppo.data")
     fitting, too_long = [], 0
     for conversation in conversations:
         ids = tokenizer.apply_chat_template(prompt_of(conversation), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
-        if len(ids) > section.max_prompt_length:
+        if len(ids) > data.max_prompt_length:
             too_long += 1
             continue
         fitting.append((conversation, list(ids)))
     if len(fitting) < 2:
         raise DataError(
-            f"{section.prompts.path or section.prompts.hub}: only {len(fitting)} prompt(s) fit in "
-            f"ppo.max_prompt_length={section.max_prompt_length} tokens; raise it"
+            f"{data.prompts.path or data.prompts.hub}: only {len(fitting)} prompt(s) fit in "
+            f"ppo.data.max_prompt_length={data.max_prompt_length} tokens; raise it"
         )
-    train, held_out = held_out_split(fitting, section.validation_fraction, seed, what="prompts")
+    train, held_out = held_out_split(fitting, data.validation_fraction, seed, what="prompts")
     counts = {"rows_read": rows.total, "rows_dropped": rows.dropped, "prompts_too_long": too_long,
               "train_prompts": len(train), "validation_prompts": len(held_out)}
     return PromptSplit([ids for _, ids in train], [ids for _, ids in held_out], [c for c, _ in held_out], counts)

@@ -35,7 +35,13 @@ import torch
 from pipeline.config import PPOConfig
 from pipeline.models.generation import Sampling
 from pipeline.models.logprobs import masked_sum
-from pipeline.models.responses import Responses, real_columns, response_logprobs, sample_responses, score_in_micro_batches
+from pipeline.models.responses import (
+    Responses,
+    real_columns,
+    response_logprobs,
+    sample_responses,
+    score_in_micro_batches,
+)
 from reward_model.functions import RewardFunction
 from stages.ppo.advantages import (
     generalized_advantages,
@@ -45,6 +51,7 @@ from stages.ppo.advantages import (
     whiten,
 )
 from stages.ppo.losses import kl_estimate
+
 
 @dataclass
 class Experience:
@@ -121,13 +128,13 @@ class ExperienceMaker:
         """policy: the unwrapped causal LM to sample from; reference: a frozen copy, or None when
         `reference_context()` turns the policy into the reference (LoRA with the adapter disabled);
         value: a TokenScorer (PPO) or None; score_mean, score_std: the reward model's score
-        statistics, used when `config.normalize_scores`."""
+        statistics, used when `config.reward.normalize_scores`."""
         self.policy, self.reference, self.value = policy, reference, value
         self.reward_fn, self.tokenizer, self.config, self.accelerator = reward_fn, tokenizer, config, accelerator
         self.reference_context = reference_context or contextlib.nullcontext
-        self.sampling = Sampling(temperature=config.temperature)
-        self.score_mean = score_mean if config.normalize_scores else 0.0
-        self.score_std = score_std if config.normalize_scores and score_std > 0 else 1.0
+        self.sampling = Sampling(temperature=config.sampling.temperature)
+        self.score_mean = score_mean if config.reward.normalize_scores else 0.0
+        self.score_std = score_std if config.reward.normalize_scores and score_std > 0 else 1.0
 
     @torch.no_grad()
     def score(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_model=None,
@@ -137,29 +144,29 @@ class ExperienceMaker:
         the policy, the reference, the value model and the reward function."""
         config, tokenizer = self.config, self.tokenizer
         responses = sample_responses(
-            generation_model or self.policy, query_ids, query_mask, max_new_tokens=config.response_length,
+            generation_model or self.policy, query_ids, query_mask, max_new_tokens=config.sampling.response_length,
             sampling=self.sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
             generator=generator,
         )
-        logprobs = response_logprobs(self.policy, responses, config.temperature, config.micro_batch_size)
+        logprobs = response_logprobs(self.policy, responses, config.sampling.temperature, config.algorithm.micro_batch_size)
         with self.reference_context():
             reference = self.reference if self.reference is not None else self.policy
-            ref_logprobs = response_logprobs(reference, responses, config.temperature, config.micro_batch_size)
+            ref_logprobs = response_logprobs(reference, responses, config.sampling.temperature, config.algorithm.micro_batch_size)
         values = None
         if self.value is not None:
             def value_of(queries, query_mask, tokens, token_mask):
                 ids, mask = torch.cat([queries, tokens], dim=1), torch.cat([query_mask, token_mask], dim=1)
                 return response_values(self.value, ids, mask, tokens.shape[1])
 
-            values = score_in_micro_batches(responses, config.micro_batch_size, value_of, per_token=True)
-        raw_scores = score_in_micro_batches(responses, config.micro_batch_size, self.reward_fn, per_token=False)
+            values = score_in_micro_batches(responses, config.algorithm.micro_batch_size, value_of, per_token=True)
+        raw_scores = score_in_micro_batches(responses, config.algorithm.micro_batch_size, self.reward_fn, per_token=False)
         return ScoredResponses(responses, logprobs, ref_logprobs, values, raw_scores)
 
     def experience(self, scored: ScoredResponses, kl_coef: float) -> Experience:
         """The rollout as RL sees it: normalised scores, KL, rewards and advantages (whitened over all processes)."""
         responses, mask = scored.responses, scored.responses.response_mask
         scores = self.normalise(scored.raw_scores, responses.has_eos)
-        kl = kl_estimate(scored.logprobs, scored.ref_logprobs, self.config.kl_estimator) * mask
+        kl = kl_estimate(scored.logprobs, scored.ref_logprobs, self.config.reward.kl_estimator) * mask
         rewards, advantages, returns = self.advantages(scores, kl, scored.values, mask, responses.last_index, kl_coef)
         return Experience(
             query_ids=responses.query_ids, query_mask=responses.query_mask, response_ids=responses.response_ids,
@@ -172,12 +179,12 @@ class ExperienceMaker:
         """Standardise with the reward model's statistics, penalise missing EOS, clip."""
         config = self.config
         scores = (raw_scores - self.score_mean) / self.score_std
-        if config.missing_eos_penalty == "subtract":
-            scores = torch.where(has_eos, scores, scores - config.missing_eos_value)
-        elif config.missing_eos_penalty == "replace":
-            scores = torch.where(has_eos, scores, torch.full_like(scores, config.missing_eos_value))
-        if config.score_clip is not None:
-            scores = scores.clamp(-config.score_clip, config.score_clip)
+        if config.reward.missing_eos_penalty == "subtract":
+            scores = torch.where(has_eos, scores, scores - config.reward.missing_eos_value)
+        elif config.reward.missing_eos_penalty == "replace":
+            scores = torch.where(has_eos, scores, torch.full_like(scores, config.reward.missing_eos_value))
+        if config.reward.score_clip is not None:
+            scores = scores.clamp(-config.reward.score_clip, config.reward.score_clip)
         return scores
 
     def advantages(
@@ -186,21 +193,21 @@ class ExperienceMaker:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(rewards, advantages, returns or None): GAE for ppo, a group baseline for rloo and grpo."""
         config, returns = self.config, None
-        if config.estimator == "ppo":
+        if config.algorithm.estimator == "ppo":
             rewards = shaped_rewards(scores, kl, kl_coef, mask, last_index)
-            advantages, returns = generalized_advantages(rewards, values, mask, config.gamma, config.lam)
+            advantages, returns = generalized_advantages(rewards, values, mask, config.algorithm.gamma, config.algorithm.lam)
         else:
             # A sequence-level reward, spread over the response's tokens by the group baseline.
-            if config.estimator == "rloo":
+            if config.algorithm.estimator == "rloo":
                 sequence_reward = scores - kl_coef * masked_sum(kl, mask, dim=1)
-                baseline = leave_one_out_advantages(sequence_reward, config.samples_per_prompt)
+                baseline = leave_one_out_advantages(sequence_reward, config.sampling.samples_per_prompt)
             else:  # grpo: the KL enters the loss instead of the reward
                 sequence_reward = scores
-                baseline = group_normalized_advantages(sequence_reward, config.samples_per_prompt)
+                baseline = group_normalized_advantages(sequence_reward, config.sampling.samples_per_prompt)
             rewards = torch.zeros_like(mask, dtype=torch.float32)
             rewards[torch.arange(len(mask)), last_index] = sequence_reward
             advantages = baseline.unsqueeze(1) * mask
-        if config.whiten_advantages:
+        if config.algorithm.whiten_advantages:
             mean, var = global_masked_moments(advantages, mask, self.accelerator)
             advantages = whiten(advantages, mask, mean, var)
         return rewards, advantages, returns

@@ -103,26 +103,26 @@ class RLTrainer:
                 disable_dropout(model)
         if reference is not None:
             reference.requires_grad_(False).eval().to(accelerator.device)
-        use_value = config.estimator == "ppo"
+        use_value = config.algorithm.estimator == "ppo"
         wrapper = PolicyAndValue(policy, value if use_value else None)
-        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.policy_learning_rate}]
+        groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.algorithm.policy_learning_rate}]
         if use_value:
-            groups.append({"params": [p for p in value.parameters() if p.requires_grad], "lr": config.value_learning_rate})
+            groups.append({"params": [p for p in value.parameters() if p.requires_grad], "lr": config.algorithm.value_learning_rate})
         trainable = [p for group in groups for p in group["params"]]
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0, fused=fused_adamw_supported(trainable))
-        schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.lr_schedule == "linear" else (lambda step: 1.0)
+        schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.algorithm.lr_schedule == "linear" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        fit_deepspeed_batch(accelerator, config.micro_batch_size)
+        fit_deepspeed_batch(accelerator, config.algorithm.micro_batch_size)
         self.model, self.optimizer = accelerator.prepare(wrapper, optimizer)
         # Policy and value gradients are clipped apart: their scales differ.
         self.optimizer_step = OptimizerStep(
-            accelerator, self.model, self.optimizer, self.scheduler, config.max_grad_norm,
+            accelerator, self.model, self.optimizer, self.scheduler, config.algorithm.max_grad_norm,
             clip_groups=lambda: {"policy": accelerator.unwrap_model(self.model).policy, "value": accelerator.unwrap_model(self.model).value},
         )
         self.kl_controller = (
-            AdaptiveKLController(config.kl_coef, config.target_kl, config.kl_horizon)
-            if config.adaptive_kl
-            else FixedKLController(config.kl_coef)
+            AdaptiveKLController(config.reward.kl_coef, config.reward.target_kl, config.reward.kl_horizon)
+            if config.reward.adaptive_kl
+            else FixedKLController(config.reward.kl_coef)
         )
         unwrapped = accelerator.unwrap_model(self.model)
         self.maker = ExperienceMaker(
@@ -145,15 +145,15 @@ class RLTrainer:
         config, accelerator = self.config, self.accelerator
         self.model.train()
         local = len(experience)
-        mini_size = local // config.num_mini_batches
+        mini_size = local // config.algorithm.num_mini_batches
         totals: dict[str, list[torch.Tensor]] = {}
-        for _ in range(config.ppo_epochs):
+        for _ in range(config.algorithm.ppo_epochs):
             order = torch.randperm(local, generator=self.generator)
-            for mini_start in range(0, mini_size * config.num_mini_batches, mini_size):
+            for mini_start in range(0, mini_size * config.algorithm.num_mini_batches, mini_size):
                 mini = order[mini_start : mini_start + mini_size]
                 # Gradients add up over the minibatch whatever its order: group similar lengths.
                 micro_batches = [mini[rows] for rows in length_sorted_micro_batches(
-                    experience.query_mask[mini], experience.response_mask[mini], config.micro_batch_size
+                    experience.query_mask[mini], experience.response_mask[mini], config.algorithm.micro_batch_size
                 )]
                 output = self.optimizer_step(
                     [experience.select(micro.to(experience.response_ids.device)).without_padding_columns() for micro in micro_batches],
@@ -174,9 +174,9 @@ class RLTrainer:
     def micro_loss(self, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         config, mask = self.config, batch.response_mask
         logits, values = self.model(batch.sequence_ids, batch.attention_mask, batch.response_ids.shape[1])
-        log_probs = log_softmax_at(logits, config.temperature)
+        log_probs = log_softmax_at(logits, config.sampling.temperature)
         logprobs = token_logprobs(log_probs, batch.response_ids)
-        policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.cliprange)
+        policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.algorithm.cliprange)
         loss = policy_loss
         stats = {
             "loss/policy": policy_loss.detach(),
@@ -185,13 +185,13 @@ class RLTrainer:
             "val/ratio": policy_stats["ratio"],
             "policy/entropy": masked_mean(entropy_from_log_probs(log_probs.detach()), mask),
         }
-        if config.estimator == "grpo":
+        if config.algorithm.estimator == "grpo":
             kl_loss = masked_mean(kl_estimate(logprobs, batch.ref_logprobs, "k3"), mask)
             loss = loss + self.kl_controller.value * kl_loss
             stats["loss/kl"] = kl_loss.detach()
         if values is not None:
-            value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, config.cliprange_value)
-            loss = loss + config.vf_coef * value_loss
+            value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, config.algorithm.cliprange_value)
+            loss = loss + config.algorithm.vf_coef * value_loss
             stats["loss/value"] = value_loss.detach()
             stats["val/clipfrac"] = value_stats["clipfrac"]
         return loss, stats

@@ -18,7 +18,7 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from data.packing import batch_indices
-from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
 from pipeline.training.metrics import perplexity

@@ -11,7 +11,7 @@ from data.packing import cached_blocks, pack_documents, split_blocks
 from data.sources import load_texts
 from pipeline.config import PretrainConfig
 from pipeline.errors import DataError
-from pipeline.manifest import hash_file
+from pipeline.orchestration.manifest import hash_file
 
 
 def prepare_blocks(

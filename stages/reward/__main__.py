@@ -25,7 +25,7 @@ from data.packing import batch_indices
 from data.preferences import normalize_preferences
 from data.sources import load_source
 from data.splits import held_out_split
-from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
 from pipeline.training.optimization import adamw, warmup_cosine

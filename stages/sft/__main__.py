@@ -32,8 +32,8 @@ from transformers import AutoTokenizer, get_scheduler
 from data.chat_tokens import load_conversations, tokenize_conversations
 from data.packing import batch_indices
 from data.splits import held_out_split
-from pipeline.checkpoints import load_causal_lm, write_adapter_note
-from pipeline.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
+from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
 from pipeline.training.metrics import perplexity

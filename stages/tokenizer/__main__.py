@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 from data.sources import iter_text, load_texts
-from pipeline.stage import StageContext, StageResult, run_stage
+from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from stages.tokenizer.bpe import adopt_pretrained, train_bpe
 
 

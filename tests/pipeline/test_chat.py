@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.chat as chat
-from pipeline.chat import (
+import pipeline.apps.chat as chat
+from pipeline.apps.chat import (
     SamplingSettings,
     chat_command,
     load_chat_model,
@@ -23,7 +23,7 @@ from pipeline.chat import (
     stream_reply,
 )
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.manifest import new_manifest, update_stage, write_manifest
+from pipeline.orchestration.manifest import new_manifest, update_stage, write_manifest
 from tests.conftest import REPO_ROOT, tiny_causal_lm
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=12)
@@ -240,7 +240,7 @@ def test_repl_in_a_real_process_over_a_pipe(tiny_run, loaded):
     folder = resolve_policy(tiny_run)
     script = (
         "import sys\n"
-        "from pipeline.chat import SamplingSettings, load_chat_model, run_repl\n"
+        "from pipeline.apps.chat import SamplingSettings, load_chat_model, run_repl\n"
         "model, tokenizer = load_chat_model(sys.argv[1], device='cpu')\n"
         "run_repl(model, tokenizer, SamplingSettings(temperature=0, max_new_tokens=12))\n"
     )

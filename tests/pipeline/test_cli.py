@@ -8,8 +8,8 @@ of its previous attempt was still there.
 import pytest
 
 import pipeline.cli as cli
-from pipeline.manifest import read_manifest
-from pipeline.stage import StageResult, execute_stage
+from pipeline.orchestration.manifest import read_manifest
+from pipeline.orchestration.stage import StageResult, execute_stage
 
 
 class StandInStages:

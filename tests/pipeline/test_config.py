@@ -1,9 +1,10 @@
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import apply_override, config_hash, load_config, validate_config
+from pipeline.config import apply_override, config_hash, load_config, nest_ppo_keys, validate_config
 from pipeline.errors import ConfigError
 from tests.conftest import REPO_ROOT, tiny_config
 
@@ -91,3 +92,42 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path, shakespeare_
     (folder / "run.yaml").write_text(yaml.safe_dump(raw))
     config = load_config(folder / "run.yaml")
     assert Path(config.pretrain.data.path) == (folder / "corpus.txt").resolve()
+
+
+HH = str(REPO_ROOT / "data" / "samples" / "hh_harmless_1000.jsonl")
+REWARD = {"data": {"path": HH}, "init_from": "pretrain"}
+PPO_FLAT = {
+    "prompts": {"path": HH, "conversation_format": "hh"},
+    "max_prompt_length": 192, "on_bad_row": "error", "total_episodes": 64, "rollout_batch_size": 16,
+    "temperature": 0.9, "kl_coef": 0.1, "estimator": "ppo", "micro_batch_size": 4, "eval_every": 3,
+}
+
+
+def test_ppo_settings_are_grouped_by_concern(write_config):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the nested layout is the current one: no warning
+        ppo = load_config(write_config(ppo=nest_ppo_keys(PPO_FLAT)[0], reward=REWARD)).ppo
+    assert ppo.data.max_prompt_length == 192 and ppo.data.on_bad_row == "error"
+    assert (ppo.sampling.total_episodes, ppo.sampling.temperature) == (64, 0.9)
+    assert (ppo.reward.kl_coef, ppo.algorithm.micro_batch_size, ppo.eval_every) == (0.1, 4, 3)
+
+
+def test_a_flat_ppo_section_still_loads_and_says_where_each_key_moved(write_config):
+    nested = load_config(write_config("nested.yaml", ppo=nest_ppo_keys(PPO_FLAT)[0], reward=REWARD))
+    with pytest.warns(FutureWarning, match=r"ppo: flat keys are the old layout") as caught:
+        flat = load_config(write_config("flat.yaml", ppo=PPO_FLAT, reward=REWARD))
+    message = str(caught[0].message)
+    assert "temperature -> sampling.temperature" in message and "kl_coef -> reward.kl_coef" in message
+    assert flat.ppo == nested.ppo
+
+
+def test_a_ppo_key_set_both_flat_and_nested_is_an_error(write_config):
+    section = {**nest_ppo_keys(PPO_FLAT)[0], "temperature": 0.5}
+    with pytest.raises(ConfigError, match=r"ppo\.temperature and ppo\.sampling\.temperature are both set"):
+        load_config(write_config(ppo=section, reward=REWARD))
+
+
+def test_ppo_batch_arithmetic_errors_name_the_nested_keys(write_config):
+    section = nest_ppo_keys({**PPO_FLAT, "rollout_batch_size": 15})[0]
+    with pytest.raises(ConfigError, match=r"sampling\.rollout_batch_size must be a multiple of algorithm\.num_mini_batches"):
+        load_config(write_config(ppo=section, reward=REWARD))

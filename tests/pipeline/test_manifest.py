@@ -3,9 +3,9 @@ import os
 
 import pytest
 
-from pipeline import manifest as manifest_module
 from pipeline.errors import ManifestError
-from pipeline.manifest import (
+from pipeline.orchestration import manifest as manifest_module
+from pipeline.orchestration.manifest import (
     manifest_path,
     new_manifest,
     output_record,

@@ -3,9 +3,9 @@ import re
 
 import pytest
 
+from pipeline.apps.report import format_value, lineage, write_report
 from pipeline.errors import ManifestError
-from pipeline.manifest import duration, new_manifest, update_stage, write_manifest
-from pipeline.report import format_value, lineage, write_report
+from pipeline.orchestration.manifest import duration, new_manifest, update_stage, write_manifest
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DIGESTS = {"tokenizer": "5d46f60e83c4f783", "pretrain": "6aaeb702e9e2adaa", "sft": "80edfb4be5b2a5ba",

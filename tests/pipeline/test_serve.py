@@ -15,8 +15,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.chat import SamplingSettings, load_chat_model, reply, resolve_policy
-from pipeline.serve import make_server
+from pipeline.apps.chat import SamplingSettings, load_chat_model, reply, resolve_policy
+from pipeline.apps.serve import make_server
 from tests.conftest import REPO_ROOT
 from tests.pipeline.test_chat import end_of_turn_model, save_tiny_run
 
@@ -273,7 +273,7 @@ def test_errors_print_nothing(port, capfd):
 
 
 def test_serve_command_announces_its_address_and_serves(tiny_run):
-    script = "import sys\nfrom pipeline.serve import serve_command\nsys.exit(serve_command(sys.argv[1], port=0))\n"
+    script = "import sys\nfrom pipeline.apps.serve import serve_command\nsys.exit(serve_command(sys.argv[1], port=0))\n"
     process = subprocess.Popen(
         [sys.executable, "-c", script, str(tiny_run)], cwd=REPO_ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

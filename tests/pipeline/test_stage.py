@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.manifest import InputRecord, OutputRecord, StageEntry, new_manifest
-from pipeline.stage import Decision, plan_stage
+from pipeline.orchestration.manifest import InputRecord, OutputRecord, StageEntry, new_manifest
+from pipeline.orchestration.stage import Decision, plan_stage
 
 HASH = "c0ffee0123456789"
 

@@ -2,7 +2,7 @@
 
 import json
 
-from pipeline.tracking import METRICS_NAME, read_metric_rows
+from pipeline.orchestration.tracking import METRICS_NAME, read_metric_rows
 
 
 def test_rows_come_back_in_the_order_logged_and_unreadable_lines_are_counted(tmp_path):

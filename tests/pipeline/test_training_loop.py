@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from pipeline.training.loop import Cadence, OptimizerStep, micro_batch_position
 from pipeline.training.optimization import adamw, warmup_cosine
-from pipeline.training.state import CheckpointError, Checkpointer
+from pipeline.training.state import Checkpointer, CheckpointError
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:

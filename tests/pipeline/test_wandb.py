@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from pipeline.config import WandbConfig
-from pipeline.manifest import read_manifest
-from pipeline.tracking import resolve_wandb_mode
+from pipeline.orchestration.manifest import read_manifest
+from pipeline.orchestration.tracking import resolve_wandb_mode
 from tests.conftest import chatpipe, tiny_config, tiny_sft_section
 from tests.wandb_records import summarize
 

@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.conversations import prompt_of
 from data.held_out import read_held_out
-from pipeline.checkpoints import is_adapter, load_causal_lm
-from pipeline.config import load_config
-from pipeline.manifest import read_manifest, update_stage
-from pipeline.tracking import read_metric_rows
+from pipeline.config import load_config, nest_ppo_keys
+from pipeline.models.checkpoints import is_adapter, load_causal_lm
+from pipeline.orchestration.manifest import read_manifest, update_stage
+from pipeline.orchestration.tracking import read_metric_rows
 from stages.ppo.prompts import load_prompts
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 from tests.stages.test_reward import marker_preferences
@@ -38,7 +38,7 @@ def ppo_section(**updates) -> dict:
         "sample_table_every": 2,
     }
     section.update(updates)
-    return section
+    return nest_ppo_keys(section)[0]
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_held_out_prompts_travel_with_the_output_and_were_never_trained_on(ppo_r
     assert len(held_out) == entry["metrics"]["validation_prompts"] > 0
     config = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "pretrain" / "final")
-    split = load_prompts(config.ppo, tokenizer, None, config.seed)
+    split = load_prompts(config.ppo.data, tokenizer, None, config.seed)
     assert held_out == split.held_out_conversations
     rendered = [
         list(tokenizer.apply_chat_template(prompt_of(c), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
@@ -135,7 +135,7 @@ def test_critic_free_estimators_run_through_the_stage(ppo_run, tmp_path, estimat
     config, run_dir = ppo_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    chatpipe("run", str(config), "--run-dir", str(copy), "--set", f"ppo.estimator={estimator}", "--set", "ppo.samples_per_prompt=4")
+    chatpipe("run", str(config), "--run-dir", str(copy), "--set", f"ppo.algorithm.estimator={estimator}", "--set", "ppo.sampling.samples_per_prompt=4")
     metrics = read_manifest(copy).stages["ppo"].metrics
     assert metrics["estimator"] == estimator and metrics["episodes"] == 64
     assert not (copy / "ppo" / "checkpoints" / "step-000002" / "value").exists()

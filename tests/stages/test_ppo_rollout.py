@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from data.padding import pad_batch
-from pipeline.config import PPOConfig
+from pipeline.config import PPOConfig, nest_ppo_keys
 from pipeline.models.logprobs import logprobs_from_logits, response_logits
 from pipeline.models.responses import length_sorted_micro_batches, real_columns, truncate_after_eos
 from stages.ppo import rollout as rollout_module
@@ -33,7 +33,7 @@ def ppo_settings(**overrides) -> PPOConfig:
         "response_length": 6, "temperature": 0.7, "policy_learning_rate": 1e-3, "value_learning_rate": 5e-3,
     }
     values.update(overrides)
-    return PPOConfig.model_validate(values)
+    return PPOConfig.model_validate(nest_ppo_keys(values)[0])
 
 
 class RecordingReward:

@@ -1,6 +1,5 @@
 """The pretrain stage end to end, through the command line a user runs."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -10,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metric_rows
+from pipeline.orchestration.manifest import read_manifest
+from pipeline.orchestration.tracking import read_metric_rows
 from tests.conftest import REPO_ROOT, chatpipe
 
 
@@ -160,7 +159,7 @@ def test_resumed_training_matches_uninterrupted_training(write_config, tmp_path)
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000010", "step-000020"]
     shutil.rmtree(checkpoints / "step-000020")
     shutil.rmtree(interrupted / "pretrain" / "final")
-    from pipeline.manifest import update_stage
+    from pipeline.orchestration.manifest import update_stage
 
     update_stage(interrupted, "pretrain", status="running", output=None)
     chatpipe("run", str(config), "--run-dir", str(interrupted))

@@ -9,8 +9,8 @@ import yaml
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from data.padding import pad_batch
-from pipeline.manifest import read_manifest
-from pipeline.tracking import read_metric_rows
+from pipeline.orchestration.manifest import read_manifest
+from pipeline.orchestration.tracking import read_metric_rows
 from reward_model import per_token_scores
 from reward_model.scoring import at_last_token, conversation_ids
 from reward_model.statistics import STATISTICS_NAME, ScoreStatistics
@@ -141,7 +141,7 @@ def test_crashed_reward_stage_resumes_to_the_same_model(reward_run, tmp_path):
 
     import torch
 
-    from pipeline.manifest import update_stage
+    from pipeline.orchestration.manifest import update_stage
 
     config, run_dir = reward_run
     copy = tmp_path / "run"

@@ -10,11 +10,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.chat_tokens import load_conversations, tokenize_conversations
 from data.conversations import parse_hh
 from data.splits import held_out_split
-from pipeline.checkpoints import is_adapter, load_causal_lm
 from pipeline.config import SFTConfig
 from pipeline.errors import DataError
-from pipeline.manifest import read_manifest, update_stage
-from pipeline.tracking import read_metric_rows
+from pipeline.models.checkpoints import is_adapter, load_causal_lm
+from pipeline.orchestration.manifest import read_manifest, update_stage
+from pipeline.orchestration.tracking import read_metric_rows
 from tests.conftest import SAMPLES, chatpipe, decoded_spans, tiny_config, tiny_sft_section
 
 

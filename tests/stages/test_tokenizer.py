@@ -96,8 +96,8 @@ def test_sft_refuses_a_template_that_masks_everything(bpe_tokenizer):
 
     import pytest
 
-    from pipeline.errors import DataError
     from data.chat_tokens import tokenize_conversations
+    from pipeline.errors import DataError
 
     plain = copy.deepcopy(bpe_tokenizer)
     plain.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"

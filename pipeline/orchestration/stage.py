@@ -26,9 +26,17 @@ from typing import Any, Callable, Iterable, Literal
 
 from pipeline.config import RunConfig, config_hash, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
-from pipeline.manifest import Manifest, now, output_folder, output_record, read_manifest, resolve_input, update_stage
-from pipeline.registry import get_stage
-from pipeline.tracking import Tracker
+from pipeline.orchestration.manifest import (
+    Manifest,
+    now,
+    output_folder,
+    output_record,
+    read_manifest,
+    resolve_input,
+    update_stage,
+)
+from pipeline.orchestration.registry import get_stage
+from pipeline.orchestration.tracking import Tracker
 
 VERSIONED_PACKAGES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "wandb", "tokenizers")
 

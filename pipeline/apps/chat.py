@@ -6,7 +6,7 @@ The policy is the latest completed of ppo, sft, pretrain (or the stage named), f
 manifest like any later stage would. Replies are streamed token by token: the generation engine
 (pipeline/models/generation.py) runs in a background thread and feeds transformers'
 `TextIteratorStreamer`, which the caller iterates. The same `start_reply` drives `chatpipe serve`
-(pipeline/serve.py), so the terminal and the HTTP API sample identically for the same settings
+(pipeline/apps/serve.py), so the terminal and the HTTP API sample identically for the same settings
 and seed; a seed draws from a private generator and never moves the global RNG.
 """
 
@@ -21,10 +21,10 @@ from typing import Iterator, TextIO
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
-from pipeline.checkpoints import adapter_base, is_adapter, load_causal_lm
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.manifest import manifest_path, read_manifest, resolve_input
+from pipeline.models.checkpoints import adapter_base, is_adapter, load_causal_lm
 from pipeline.models.generation import Sampling, generate, seeded_generator
+from pipeline.orchestration.manifest import manifest_path, read_manifest, resolve_input
 
 # The stages whose output is a policy one can talk to, best first: PPO refines SFT refines pretrain.
 POLICY_STAGES = ("ppo", "sft", "pretrain")

@@ -28,9 +28,9 @@ matplotlib.use("Agg")  # files only: no display, and no GUI toolkit to import on
 
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
-from pipeline.manifest import Manifest, StageEntry, parse_time, read_manifest  # noqa: E402
-from pipeline.registry import STAGES  # noqa: E402
-from pipeline.tracking import METRICS_NAME, read_metric_rows  # noqa: E402
+from pipeline.orchestration.manifest import Manifest, StageEntry, parse_time, read_manifest  # noqa: E402
+from pipeline.orchestration.registry import STAGES  # noqa: E402
+from pipeline.orchestration.tracking import METRICS_NAME, read_metric_rows  # noqa: E402
 
 REPORT_NAME = "report.md"
 IMAGES_DIR = "report"

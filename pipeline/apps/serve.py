@@ -28,9 +28,9 @@ from urllib.parse import urlsplit
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.chat import SamplingSettings, load_chat_model, resolve_policy_stage, start_reply
+from pipeline.apps.chat import SamplingSettings, load_chat_model, resolve_policy_stage, start_reply
 from pipeline.errors import ConfigError
-from pipeline.manifest import read_manifest
+from pipeline.orchestration.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""What users run on a finished checkpoint: the terminal chat, the HTTP server, the run report."""

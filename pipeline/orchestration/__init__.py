@@ -1,0 +1,1 @@
+"""Running stages as a pipeline: the stage registry, the manifest, skip/resume/restart, launching, tracking."""
