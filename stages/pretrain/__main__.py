@@ -21,7 +21,7 @@ from data.packing import batch_indices
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
-from pipeline.training.metrics import perplexity
+from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer
 from stages.pretrain.corpus import prepare_blocks
@@ -68,22 +68,10 @@ def train(context: StageContext) -> StageResult:
     def loss(blocks: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return model(input_ids=blocks, labels=blocks).loss, {}
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
-        model.eval()
         mine = validation_blocks[accelerator.process_index :: accelerator.num_processes][: section.eval_batches * micro_batch]
-        loss_sum = torch.zeros((), device=accelerator.device)
-        count = torch.zeros((), device=accelerator.device)
-        for start in range(0, len(mine), micro_batch):
-            blocks = torch.from_numpy(mine[start : start + micro_batch]).long().to(accelerator.device)
-            with accelerator.autocast():
-                batch_loss = model(input_ids=blocks, labels=blocks).loss
-            loss_sum += batch_loss.float() * len(blocks)
-            count += len(blocks)
-        loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
-        model.train()
-        mean = (loss_sum / count.clamp(min=1)).item()
-        return {"loss": mean, "perplexity": perplexity(mean)}
+        blocks = (torch.from_numpy(mine[start : start + micro_batch]).long() for start in range(0, len(mine), micro_batch))
+        return held_out_loss(accelerator, model, ({"input_ids": block, "labels": block} for block in blocks))
 
     # ----------------------------------------------------------------------------------- loop
     result = fit(

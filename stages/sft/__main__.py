@@ -36,7 +36,7 @@ from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
 from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
-from pipeline.training.metrics import perplexity
+from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw
 from pipeline.training.state import Checkpointer
 from stages.sft.batching import collate_conversations
@@ -115,28 +115,13 @@ def train(context: StageContext) -> StageResult:
         )
         return output.loss, {}
 
-    @torch.no_grad()
     def evaluate() -> dict[str, float]:
         """Mean over held-out batches of each batch's mean loss on assistant tokens, weighted by rows."""
-        model.eval()
         mine = validation_rows[accelerator.process_index :: accelerator.num_processes]
-        loss_sum = torch.zeros((), device=accelerator.device)
-        count = torch.zeros((), device=accelerator.device)
-        for start in range(0, len(mine), micro_batch):
-            batch = collate_conversations(mine[start : start + micro_batch], tokenizer.pad_token_id)
-            with accelerator.autocast():
-                batch_loss = model(
-                    input_ids=batch["input_ids"].to(accelerator.device),
-                    attention_mask=batch["attention_mask"].to(accelerator.device),
-                    labels=batch["labels"].to(accelerator.device),
-                ).loss
-            rows_in_batch = batch["input_ids"].shape[0]
-            loss_sum += batch_loss.float() * rows_in_batch
-            count += rows_in_batch
-        loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
-        model.train()
-        mean = (loss_sum / count.clamp(min=1)).item()
-        return {"loss": mean, "perplexity": perplexity(mean)}
+        batches = (collate_conversations(mine[start : start + micro_batch], tokenizer.pad_token_id)
+                   for start in range(0, len(mine), micro_batch))
+        keys = ("input_ids", "attention_mask", "labels")
+        return held_out_loss(accelerator, model, ({key: batch[key] for key in keys} for batch in batches))
 
     # ----------------------------------------------------------------------------------- loop
     result = fit(
