@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import LaunchConfig, RunConfig, config_hash, load_config, validate_config
+from pipeline.config import LaunchConfig, RunConfig, load_config, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
 from pipeline.orchestration.launcher import run_logged, stage_command
 from pipeline.orchestration.manifest import (
@@ -127,7 +127,7 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str], sta
         if only is not None and spec.name != only:
             continue
         decision = plan_stage(
-            manifest, spec.name, config_hash(spec.config_slice(config)), spec.inputs_for(config), run_dir_path,
+            manifest, spec.name, spec.config_digest(config), spec.inputs_for(config), run_dir_path,
             requested=forced or spec.name == only,
         )
         print(f"chatpipe: {spec.name}: {decision.describe()}")
@@ -193,7 +193,13 @@ def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     code = run_logged(stage_command(spec.module, launch, run_dir), log)
     if code != 0:
         print(f"chatpipe: stage {spec.name!r} failed (exit code {code}); log: {log}", file=sys.stderr)
-        print("chatpipe: fix the cause and run again: completed stages are skipped, this one resumes", file=sys.stderr)
+        entry = read_manifest(run_dir).stages.get(spec.name)
+        if entry is not None and entry.status == "completed":
+            print(f"chatpipe: {spec.name}: its previous output was kept, and the stages after it stay valid; "
+                  "fix the cause and run again", file=sys.stderr)
+        else:
+            print("chatpipe: fix the cause and run again: completed stages are skipped, this one resumes",
+                  file=sys.stderr)
     return code
 
 
@@ -205,7 +211,7 @@ def print_status(manifest: Manifest) -> None:
         entry = manifest.stages.get(spec.name) or StageEntry()
         rows.append((
             spec.name,
-            entry.status,
+            "stale" if is_stale(manifest, entry) else entry.status,
             (entry.started_at or "")[:19].replace("T", " "),
             entry.duration,
             str(entry.world_size or ""),
@@ -216,6 +222,22 @@ def print_status(manifest: Manifest) -> None:
     print(f"run {manifest.run_name} ({manifest.config_source})")
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+def is_stale(manifest: Manifest, entry: StageEntry) -> bool:
+    """A completed stage whose recorded input is no longer its upstream's current output.
+
+    `plan_stage` reruns such a stage on the next `chatpipe run` ("its input ... changed").
+    """
+    if entry.status != "completed":
+        return False
+    for stage, recorded in entry.inputs.items():
+        upstream = manifest.stages.get(stage)
+        if upstream is None or upstream.status != "completed" or upstream.output is None:
+            return True
+        if upstream.output.digest != recorded.digest:
+            return True
+    return False
 
 
 HEADLINE_METRICS = (

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.models.checkpoints import adapter_base, is_adapter, load_causal_lm
 from pipeline.models.generation import Sampling, generate, seeded_generator
-from pipeline.orchestration.manifest import manifest_path, read_manifest, resolve_input
+from pipeline.orchestration.manifest import altered_files, manifest_path, read_manifest, resolve_input
 
 # The stages whose output is a policy one can talk to, best first: PPO refines SFT refines pretrain.
 POLICY_STAGES = ("ppo", "sft", "pretrain")
@@ -61,9 +61,26 @@ def resolve_policy_stage(run_dir: str | Path, stage: str | None = None) -> tuple
             f"{where}: stage {stage!r} of run {run_dir} is {status}, not completed ({hint}); "
             f"pick a completed stage or finish it with `chatpipe stage {stage} --run-dir {run_dir}`"
         )
-    # No hash check: it would read every weight file before the first token, and chat changes nothing.
+    # Not refused when altered (chat changes nothing, and one may want to poke at a damaged model):
+    # `checkpoint_warning` says so instead.
     found = resolve_input(run_dir, manifest, stage, verify=False)
     return stage, Path(found.path)
+
+
+def checkpoint_warning(run_dir: str | Path, stage: str) -> str | None:
+    """A warning when `stage`'s checkpoint no longer matches its manifest record, else None.
+
+    Hashes every recorded file: milliseconds for the demo's checkpoints, before loading them anyway.
+    """
+    entry = read_manifest(run_dir).stages[stage]
+    changed = altered_files(run_dir, entry.output) if entry.output is not None else []
+    if not changed:
+        return None
+    return (
+        f"chatpipe: warning: the {stage} checkpoint was altered since {manifest_path(run_dir)} recorded it "
+        f"(changed or missing: {', '.join(changed[:5])}); its replies are not the trained model's. "
+        f"Rebuild it with `chatpipe run CONFIG --run-dir {run_dir}`"
+    )
 
 
 def resolve_policy(run_dir: str | Path, stage: str | None = None) -> Path:
@@ -320,6 +337,9 @@ def chat_command(
 ) -> int:
     """`chatpipe chat`: print the reply to `prompt` alone (for scripts), or chat in the terminal."""
     stage, folder = resolve_policy_stage(run_dir, stage)
+    warning = checkpoint_warning(run_dir, stage)
+    if warning:
+        print(warning, file=sys.stderr)
     model, tokenizer = load_chat_model(folder)
     settings = settings or SamplingSettings()
     if prompt is not None:

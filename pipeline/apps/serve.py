@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import threading
 import time
 import uuid
@@ -28,7 +29,13 @@ from urllib.parse import urlsplit
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.apps.chat import SamplingSettings, load_chat_model, resolve_policy_stage, start_reply
+from pipeline.apps.chat import (
+    SamplingSettings,
+    checkpoint_warning,
+    load_chat_model,
+    resolve_policy_stage,
+    start_reply,
+)
 from pipeline.errors import ConfigError
 from pipeline.orchestration.manifest import read_manifest
 
@@ -383,6 +390,9 @@ def serve_command(
 ) -> int:
     """`chatpipe serve`: load the run's policy and answer requests until Ctrl-C."""
     stage, folder = resolve_policy_stage(run_dir, stage)
+    warning = checkpoint_warning(run_dir, stage)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     model_name = model_name or f"{read_manifest(run_dir).run_name or Path(run_dir).name}-{stage}"
     model, tokenizer = load_chat_model(folder)
     try:

@@ -186,6 +186,13 @@ def new_manifest(run_name: str, config: dict[str, Any], config_source: str) -> M
     )
 
 
+def replace_stage(run_dir: str | Path, stage: str, entry: StageEntry) -> None:
+    """Write `entry` as the stage's whole record (no merge): how a failed rerun puts the old one back."""
+    manifest = read_manifest(run_dir)
+    manifest.stages[stage] = entry
+    write_manifest(run_dir, manifest)
+
+
 def update_stage(run_dir: str | Path, stage: str, **fields: Any) -> StageEntry:
     """Merge `fields` into a stage's entry and write the manifest; returns the new entry."""
     manifest = read_manifest(run_dir)
@@ -270,6 +277,21 @@ def output_folder(run_dir: str | Path, output: OutputRecord) -> Path:
     return folder if folder.is_absolute() else Path(run_dir) / folder
 
 
+def altered_files(run_dir: str | Path, output: OutputRecord) -> list[str]:
+    """The recorded files of a checkpoint that are now different or missing (sorted; empty if intact).
+
+    Always a full sha256 of each file: on the demo's largest checkpoint (a few MB) that takes
+    milliseconds, far less than starting the stage process it lets `chatpipe run` skip.
+    """
+    folder = output_folder(run_dir, output)
+    changed = []
+    for name, recorded in sorted(output.files.items()):
+        path = folder / name
+        if not path.is_file() or hash_file(path) != recorded:
+            changed.append(name)
+    return changed
+
+
 def resolve_input(run_dir: str | Path, manifest: Manifest, stage: str, verify: bool = True) -> InputRecord:
     """The output of `stage` as an input for a later stage: checked complete and unaltered.
 
@@ -293,9 +315,7 @@ def resolve_input(run_dir: str | Path, manifest: Manifest, stage: str, verify: b
     if not folder.is_dir():
         raise ManifestError(f"{where}: the {stage!r} checkpoint {folder} is missing; rerun stage {stage!r}")
     if verify:
-        found = hash_folder(folder)
-        recorded = entry.output.files
-        changed = sorted(name for name in recorded if found.get(name) != recorded[name])
+        changed = altered_files(run_dir, entry.output)
         if changed:
             raise ManifestError(
                 f"{where}: the {stage!r} checkpoint {folder} was altered since it was recorded "

@@ -3,14 +3,25 @@
 A stage's *config* is the slice of the run config its result depends on; its hash decides whether
 a completed stage is skipped (unchanged) or rerun (changed) by `chatpipe run`. Its *inputs* are the
 earlier stages whose checkpoints it consumes through the manifest.
+
+What is hashed identifies local data by its content, not by where it lies (`config_digest`): the
+same run dir used from another checkout or machine, or copied elsewhere with its data, is still up
+to date. (Runs recorded before this rule hashed absolute paths, so they rerun once.)
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.config import RunConfig
+from pydantic import BaseModel
+
+from pipeline.config import DataSource, RunConfig, config_hash
+from pipeline.orchestration.manifest import hash_file
 
 
 @dataclass(frozen=True)
@@ -30,9 +41,62 @@ class StageSpec:
         """The module `python -m` / `accelerate launch -m` runs."""
         return f"stages.{self.name}"
 
+    def config_digest(self, config: RunConfig) -> str:
+        """The hash that decides whether this stage's recorded result still fits `config`.
+
+        It is `config_hash` of the config slice with each local data path replaced by the sha256
+        of the data it names, so moving the data (or the run dir) changes nothing and editing it does.
+        """
+        digests = {source.path: data_digest(source) for source in data_sources(config) if source.path}
+        return config_hash(_replace_paths(self.config_slice(config), digests))
+
     def launch(self, config: RunConfig):
         section = getattr(config, self.name, None)
         return getattr(section, "launch", None)
+
+
+def data_sources(value: Any) -> list[DataSource]:
+    """Every DataSource in a config (or a section of one)."""
+    if isinstance(value, DataSource):
+        return [value]
+    if isinstance(value, BaseModel):
+        return [found for name in type(value).model_fields for found in data_sources(getattr(value, name))]
+    if isinstance(value, (list, tuple)):
+        return [found for item in value for found in data_sources(item)]
+    if isinstance(value, dict):
+        return [found for item in value.values() for found in data_sources(item)]
+    return []
+
+
+def data_digest(source: DataSource) -> str:
+    """`sha256:<hex>` over the names and contents of a local source's files (a file, folder or glob)."""
+    files = [Path(name) for name in source.files()]
+    listing = {path.name: _file_digest(str(path.resolve()), *_stamp(path)) for path in files}
+    return "sha256:" + hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    """A data file's sha256, computed once per process while its size and mtime stay the same."""
+    return hash_file(Path(path)) if size >= 0 else "missing"
+
+
+def _replace_paths(value: Any, digests: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        return digests.get(value, value)
+    if isinstance(value, dict):
+        return {key: _replace_paths(item, digests) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_paths(item, digests) for item in value]
+    return value
 
 
 def _tokenizer_slice(config: RunConfig) -> dict[str, Any]:

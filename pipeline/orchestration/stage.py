@@ -24,14 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
-from pipeline.config import RunConfig, config_hash, validate_config
+from pipeline.config import RunConfig, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
 from pipeline.orchestration.manifest import (
     Manifest,
+    StageEntry,
+    altered_files,
     now,
     output_folder,
     output_record,
     read_manifest,
+    replace_stage,
     resolve_input,
     update_stage,
 )
@@ -121,6 +124,10 @@ def plan_stage(
         return Decision("restart", "requested")
     if entry.output is None or not output_folder(run_dir, entry.output).is_dir():
         return Decision("restart", "its output folder is missing")
+    # A corrupted checkpoint must not be handed on (or chatted with) as if it were the recorded one.
+    changed = altered_files(run_dir, entry.output)
+    if changed:
+        return Decision("restart", f"its output was altered since it was recorded ({', '.join(changed[:3])})")
     return Decision("skip", "up to date")
 
 
@@ -150,21 +157,30 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     if not spec.enabled(config):
         raise ConfigError(f"stage {name!r} has no `{name}:` section in this run's config; add one to run it")
     sliced = spec.config_slice(config)
-    digest = config_hash(sliced)
+    digest = spec.config_digest(config)
     previous = manifest.stages.get(name)
     upstreams = spec.inputs_for(config)
     resuming = plan_stage(manifest, name, digest, upstreams, run_dir, requested=True).action == "resume"
     stage_dir = run_dir / name
+    aside = previous_output_path(run_dir, name)
 
     inputs = {
         upstream: resolve_input(run_dir, manifest, upstream, verify=state.is_main_process)
         for upstream in upstreams
     }
+    replacing: dict[str, Any] = {}
     if state.is_main_process:
         if not resuming and stage_dir.exists():
             # A fresh attempt (new config, or a rerun of a finished stage) must not resume from
-            # checkpoints of an earlier one.
-            shutil.rmtree(stage_dir)
+            # checkpoints of an earlier one. A completed output is moved aside, not deleted, until
+            # its replacement exists: a rerun that fails puts it back (see restore_previous_output).
+            if previous is not None and previous.status == "completed" and previous.output is not None:
+                if aside.exists():
+                    shutil.rmtree(aside)
+                stage_dir.rename(aside)
+                replacing = {"replacing": previous.to_json()}
+            else:
+                shutil.rmtree(stage_dir)
         stage_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
 
@@ -197,6 +213,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
             git_commit=git_commit(),
             wandb_run_id=tracker.run_id,
             log=str(log_path(run_dir, name)),
+            **replacing,
         )
     context = StageContext(
         name=name,
@@ -214,7 +231,9 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         state.wait_for_everyone()
     except BaseException as error:
         if state.is_main_process:
-            update_stage(run_dir, name, status="failed", error=f"{type(error).__name__}: {error}", finished_at=now())
+            reason = f"{type(error).__name__}: {error}"
+            entry = update_stage(run_dir, name, status="failed", error=reason, finished_at=now())
+            restore_previous_output(run_dir, name, entry, reason)
         tracker.finish(exit_code=1)
         raise
     if state.is_main_process:
@@ -223,7 +242,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         tracker.log_checkpoint(result.output_dir, name, output.digest, {"stage": name, "inputs": {
             upstream: record.digest for upstream, record in inputs.items()
         }})
-        update_stage(
+        entry = update_stage(
             run_dir,
             name,
             status="completed",
@@ -232,8 +251,39 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
             finished_at=now(),
             warnings=tracker.warnings,
         )
+        # The replacement is recorded; only now may the output it replaces go.
+        recorded = entry.to_json()
+        if recorded.pop("replacing", None) is not None:
+            replace_stage(run_dir, name, StageEntry.model_validate(recorded))
+        if aside.exists():
+            shutil.rmtree(aside)
     tracker.finish()
     return result
+
+
+def previous_output_path(run_dir: Path, name: str) -> Path:
+    """Where a completed stage's folder waits while a fresh attempt runs (`RUN_DIR/<stage>.previous`)."""
+    return Path(run_dir) / f"{name}.previous"
+
+
+def restore_previous_output(run_dir: Path, name: str, failed: StageEntry, reason: str) -> None:
+    """After a failed fresh attempt, put back the completed output it was replacing, folder and record.
+
+    Later stages consumed that output, so they stay valid. Without a folder set aside (the stage
+    had not completed before) the failed attempt is left as it is, to resume from.
+    """
+    aside = previous_output_path(run_dir, name)
+    previous = failed.to_json().get("replacing")
+    if previous is None or not aside.is_dir():
+        return
+    stage_dir = Path(run_dir) / name
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    aside.rename(stage_dir)
+    replace_stage(run_dir, name, StageEntry.model_validate({
+        **previous,
+        "error": f"a rerun failed ({reason}); the previous output was kept",
+    }))
 
 
 def resolve_mixed_precision(setting: str) -> str:
