@@ -30,6 +30,7 @@ from pipeline.orchestration.manifest import (
     manifest_path,
     new_manifest,
     read_manifest,
+    require_run,
     write_manifest,
 )
 from pipeline.orchestration.registry import STAGES, StageSpec, get_stage
@@ -147,7 +148,7 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str], sta
 
 def command_stage(name: str, run_dir: Path) -> int:
     spec = get_stage(name)
-    manifest = read_manifest(run_dir)
+    manifest = require_run(run_dir, read_manifest(run_dir))
     config = validate_config(manifest.config, source=f"{manifest_path(run_dir)} config")
     require_enabled(spec, config)
     return launch_stage(spec, config, run_dir.resolve())
@@ -155,7 +156,7 @@ def command_stage(name: str, run_dir: Path) -> int:
 
 def command_eval(run_dir: Path, preferences: str | None) -> int:
     """Run the eval stage on an existing run, adding an `eval:` section (defaults) if it has none."""
-    manifest = read_manifest(run_dir)
+    manifest = require_run(run_dir, read_manifest(run_dir))
     raw = manifest.config
     section = dict(raw.get("eval") or {})
     if preferences is not None:
@@ -167,7 +168,7 @@ def command_eval(run_dir: Path, preferences: str | None) -> int:
 
 
 def command_status(run_dir: Path) -> int:
-    print_status(read_manifest(run_dir))
+    print_status(require_run(run_dir, read_manifest(run_dir)))
     return 0
 
 

@@ -135,6 +135,17 @@ def read_manifest(run_dir: str | Path) -> Manifest:
         ) from None
 
 
+def require_run(run_dir: str | Path, manifest: Manifest) -> Manifest:
+    """`manifest`, if it records a run config; a manifest without one (`{"format": 1, "stages": {}}`)
+    describes no run, so a command that needs one refuses it naming the file."""
+    if not manifest.config:
+        raise ManifestError(
+            f"{manifest_path(run_dir)}: records no run config (`config` is missing or empty), so it describes no run; "
+            f"restore it, or record one with `chatpipe run CONFIG --run-dir {run_dir}`"
+        )
+    return manifest
+
+
 def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
     """Replace the manifest atomically: readers see the old file or the new one, never a mix."""
     path = manifest_path(run_dir)

@@ -35,6 +35,7 @@ from pipeline.orchestration.manifest import (
     output_record,
     read_manifest,
     replace_stage,
+    require_run,
     resolve_input,
     update_stage,
 )
@@ -151,7 +152,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     # ignores a torchrun world on a machine without GPUs and runs every process alone.
     state = PartialState(cpu=not torch.cuda.is_available())
     run_dir = run_dir.resolve()
-    manifest = read_manifest(run_dir)
+    manifest = require_run(run_dir, read_manifest(run_dir))
     config = validate_config(manifest.config, source=f"{run_dir}/manifest.json config")
     spec = get_stage(name)
     if not spec.enabled(config):

@@ -106,3 +106,76 @@ def test_status_shows_how_long_each_finished_stage_took(stages, write_config, tm
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["pretrain"][1] == "completed"
     assert any(cell.endswith("s") and cell[0].isdigit() for cell in rows["pretrain"][2:])
+
+
+def status_rows(capsys, run_dir):
+    cli.command_status(run_dir)
+    return {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[2:]}
+
+
+def test_a_failed_rerun_of_a_completed_stage_puts_its_output_and_record_back(stages, write_config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    before = read_manifest(run_dir).stages["tokenizer"]
+    stages.fail = {"tokenizer"}
+    assert run(capsys, write_config(), run_dir, only="tokenizer")[0] == 1
+
+    after = read_manifest(run_dir).stages["tokenizer"]
+    assert (after.status, after.output, after.config_hash) == ("completed", before.output, before.config_hash)
+    assert after.error == "a rerun failed (RuntimeError: out of memory); the previous output was kept"
+    assert (run_dir / "tokenizer" / "final" / "weights.txt").read_text() == "vocab v1"
+    assert not (run_dir / "tokenizer.previous").exists()
+    assert status_rows(capsys, run_dir) == {"tokenizer": "completed", "pretrain": "completed"}
+
+
+def test_a_successful_rerun_replaces_the_output_and_marks_later_stages_stale(stages, write_config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    stages.output["tokenizer"] = "vocab v2"
+    assert run(capsys, write_config(), run_dir, only="tokenizer")[0] == 0
+    assert (run_dir / "tokenizer" / "final" / "weights.txt").read_text() == "vocab v2"
+    assert not (run_dir / "tokenizer.previous").exists()
+    assert "replacing" not in read_manifest(run_dir).stages["tokenizer"].to_json()
+    assert status_rows(capsys, run_dir) == {"tokenizer": "completed", "pretrain": "stale"}
+
+    code, lines = run(capsys, write_config(), run_dir)
+    assert "chatpipe: pretrain: its input 'tokenizer' changed; running from scratch" in lines
+    assert status_rows(capsys, run_dir) == {"tokenizer": "completed", "pretrain": "completed"}
+
+
+WRONG_SHAPES = [
+    (b"\xff\xfe\x00garbage\x80", "not valid JSON"),
+    (b"[1, 2, 3]", "not a chatpipe manifest (format 'list'"),
+    (b'{"format": 1, "stages": {}}', "records no run config"),
+]
+
+
+# `run` is left out for the empty manifest: it records its config there, which makes the run dir usable.
+@pytest.mark.parametrize("command, content, problem", [
+    (command, content, problem) for command in ("status", "stage", "run") for content, problem in WRONG_SHAPES
+    if not (command == "run" and b"stages" in content)
+])
+def test_a_manifest_of_the_wrong_shape_is_one_message_naming_it(write_config, tmp_path, capsys, command, content, problem):
+    from pipeline.orchestration.manifest import manifest_path
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    manifest_path(run_dir).write_bytes(content)
+    argv = {"status": ["status", str(run_dir)], "stage": ["stage", "pretrain", "--run-dir", str(run_dir)],
+            "run": ["run", str(write_config()), "--run-dir", str(run_dir), "--only", "pretrain"]}[command]
+    code = cli.main(argv)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"chatpipe: {manifest_path(run_dir)}: ") and problem in err
+    assert len(err.strip().splitlines()) == 1
+    assert manifest_path(run_dir).read_bytes() == content
+
+
+@pytest.mark.parametrize("content", [content for content, _ in WRONG_SHAPES])
+def test_serve_refuses_a_manifest_of_the_wrong_shape_in_one_message_naming_it(tmp_path, capsys, content):
+    from pipeline.orchestration.manifest import manifest_path
+
+    manifest_path(tmp_path).write_bytes(content)
+    assert cli.main(["serve", str(tmp_path), "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"chatpipe: {manifest_path(tmp_path)}: ") and len(err.strip().splitlines()) == 1

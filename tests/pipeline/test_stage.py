@@ -84,3 +84,16 @@ def test_each_decision_reads_as_a_line_of_the_command_line():
     assert Decision("skip", "up to date").describe() == "up to date, skipped"
     assert Decision("resume", "it failed").describe() == "resuming from the last checkpoint (it failed)"
     assert Decision("restart", "config changed").describe() == "config changed; running from scratch"
+
+
+def test_a_completed_stage_whose_output_was_altered_runs_again(manifest, tmp_path):
+    from pipeline.orchestration.manifest import output_record
+
+    record_pretrain(manifest, tmp_path, "completed")
+    (tmp_path / "pretrain" / "final" / "model.safetensors").write_bytes(b"weights" * 100)
+    manifest.stages["pretrain"].output = output_record(tmp_path, tmp_path / "pretrain" / "final")
+    assert plan(manifest, tmp_path) == Decision("skip", "up to date")
+    (tmp_path / "pretrain" / "final" / "model.safetensors").write_bytes(b"weightz" * 100)
+    assert plan(manifest, tmp_path) == Decision(
+        "restart", "its output was altered since it was recorded (model.safetensors)"
+    )
