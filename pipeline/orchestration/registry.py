@@ -6,7 +6,8 @@ earlier stages whose checkpoints it consumes through the manifest.
 
 What is hashed identifies local data by its content, not by where it lies (`config_digest`): the
 same run dir used from another checkout or machine, or copied elsewhere with its data, is still up
-to date. (Runs recorded before this rule hashed absolute paths, so they rerun once.)
+to date. An accelerate config file is identified by its content the same way. (Runs recorded before this
+rule hashed absolute paths, so they rerun once.)
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class StageSpec:
         of the data it names, so moving the data (or the run dir) changes nothing and editing it does.
         """
         digests = {source.path: data_digest(source) for source in data_sources(config) if source.path}
+        launch = self.launch(config)
+        if launch is not None and launch.accelerate_config is not None:
+            # The launch layout is the file's content: a moved checkout with the same file is unchanged.
+            path = Path(launch.accelerate_config)
+            digests[launch.accelerate_config] = "sha256:" + _file_digest(str(path.resolve()), *_stamp(path))
         return config_hash(_replace_paths(self.config_slice(config), digests))
 
     def launch(self, config: RunConfig):

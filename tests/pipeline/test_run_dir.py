@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from pipeline.apps.chat import checkpoint_warning
+from pipeline.config import validate_config
 from pipeline.orchestration.manifest import altered_files, read_manifest
-from tests.conftest import chatpipe, tiny_config
+from pipeline.orchestration.registry import get_stage
+from tests.conftest import REPO_ROOT, chatpipe, tiny_config
 
 TINY_PRETRAIN = {"max_steps": 2, "eval_every": 2, "eval_batches": 1, "save_every": 2, "log_every": 1}
 
@@ -103,3 +105,15 @@ def test_a_failing_rerun_keeps_the_completed_output_and_its_record(copied_run):
     # The original config finds everything as it was.
     lines = stage_lines(chatpipe("run", str(config), "--run-dir", str(run_dir)))
     assert lines[:2] == ["chatpipe: tokenizer: up to date, skipped", "chatpipe: pretrain: up to date, skipped"]
+
+
+def test_an_accelerate_config_is_identified_by_its_content_not_its_path(tmp_path, shakespeare_excerpt):
+    def digest(folder, content):
+        folder.mkdir(exist_ok=True)
+        (folder / "layout.yaml").write_text(content)
+        raw = tiny_config(shakespeare_excerpt, pretrain={"launch": {"accelerate_config": str(folder / "layout.yaml")}})
+        return get_stage("pretrain").config_digest(validate_config(raw))
+
+    ddp = (REPO_ROOT / "configs" / "accelerate" / "ddp.yaml").read_text()
+    assert digest(tmp_path / "A", ddp) == digest(tmp_path / "B", ddp)
+    assert digest(tmp_path / "C", ddp.replace("num_processes: 8", "num_processes: 4")) != digest(tmp_path / "A", ddp)
