@@ -223,7 +223,8 @@ def test_bad_messages_are_400(port, messages, code):
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -1), ("temperature", "hot"), ("top_p", 2), ("max_tokens", 0), ("max_tokens", 1.5),
-    ("stream", "yes"), ("seed", True), ("seed", -1), ("n", 2), ("stop", ["\n"]),
+    ("stream", "yes"), ("seed", True), ("seed", -1), ("n", 0), ("n", 17), ("stop", 5), ("stop", ["a"] * 5),
+    ("logprobs", "yes"), ("top_logprobs", 21), ("top_logprobs", 2),
 ])
 def test_bad_parameters_are_400(port, field, value):
     status, payload = post_chat(port, {"model": MODEL_NAME, "messages": HELLO, field: value})
