@@ -278,6 +278,8 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (a garbage request line, headers too long, an unknown method) as JSON."""
         self.response_started, self.body_read = False, True  # nothing routed: no body is known to follow
+        if self.request_version == "HTTP/0.9":  # a line without a version: still send the JSON's headers
+            self.request_version = "HTTP/1.0"
         reason = message or self.responses.get(code, ("error",))[0]
         self.send_error_json(RequestError(code, f"{reason}: the request line or headers could not be read "
                                                 f"({(self.requestline or '')[:200]!r})", "invalid_request"))
