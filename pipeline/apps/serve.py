@@ -2,26 +2,31 @@
 
     chatpipe serve RUN_DIR [--stage ppo|sft|pretrain] [--host 127.0.0.1] [--port 8000]
 
-    POST /v1/chat/completions   {"model", "messages", "temperature"?, "top_p"?, "max_tokens"?,
-                                 "stream"?, "seed"?}: a chat.completion, or with "stream": true
-                                 server-sent chat.completion.chunk events ending in `data: [DONE]`
+    POST /v1/chat/completions   {"model", "messages", "temperature"?, "top_p"?, "top_k"?, "max_tokens"?,
+                                 "stream"?, "seed"?, "n"?, "stop"?, "logprobs"?, "top_logprobs"?}:
+                                 a chat.completion, or with "stream": true server-sent
+                                 chat.completion.chunk events ending in `data: [DONE]`
     GET  /v1/models             the one model served
 
-The standard library's ThreadingHTTPServer is enough for one model: requests are parsed in
-parallel, but generation holds a lock, so they are answered one at a time. Every bad request gets
-a 4xx JSON error `{"error": {"message", "type", "code"}}` saying what to fix; an unexpected failure
-is a 500 of the same shape, logged, never a traceback sent to the client.
+The standard library's ThreadingHTTPServer is enough for one model: each connection gets a
+thread that parses its request and renders its prompt (truncated to fit the context), then hands
+it to the batch scheduler (pipeline/apps/batching.py), which generates the requests that arrive
+together in one batched engine call. Every bad request gets a 4xx JSON error
+`{"error": {"message", "type", "code"}}` naming the field to fix, even a request line too broken to
+route; an unexpected failure is a 500 of the same shape, logged, never a traceback sent to the
+client. A field of OpenAI's API that this server does not implement is refused, never ignored.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import sys
-import threading
 import time
 import uuid
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -29,13 +34,8 @@ from urllib.parse import urlsplit
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.apps.chat import (
-    SamplingSettings,
-    checkpoint_warning,
-    load_chat_model,
-    resolve_policy_stage,
-    start_reply,
-)
+from pipeline.apps.batching import MAX_TOP_LOGPROBS, BatchScheduler, Job
+from pipeline.apps.chat import SamplingSettings, checkpoint_warning, fit_prompt, load_chat_model, resolve_policy_stage
 from pipeline.errors import ConfigError
 from pipeline.orchestration.manifest import read_manifest
 
@@ -47,6 +47,17 @@ CHAT_PATH = "/v1/chat/completions"
 # data resets the connection, and the client could lose our error response with it.
 DRAIN_LIMIT_BYTES = 64 << 20
 MODELS_PATH = "/v1/models"
+MAX_CHOICES = 16  # 'n' at most
+MAX_STOPS = 4  # as OpenAI: up to 4 stop sequences
+# Fields accepted when they ask for nothing (OpenAI's defaults); any other value is refused.
+NEUTRAL_FIELDS = {
+    "frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_bias": ({},), "tools": ([],),
+    "functions": ([],), "response_format": ({"type": "text"},), "store": (False,), "parallel_tool_calls": (True, False),
+}
+SUPPORTED_FIELDS = {
+    "model", "messages", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "stream",
+    "stream_options", "seed", "n", "stop", "logprobs", "top_logprobs", "user",
+}
 
 
 class RequestError(Exception):
@@ -58,9 +69,11 @@ class RequestError(Exception):
 
 
 class ChatServer(ThreadingHTTPServer):
-    """An HTTP server holding one model, its tokenizer and the lock that serialises generation."""
+    """An HTTP server holding one model, its tokenizer and the scheduler that batches generation."""
 
     daemon_threads = True  # a stuck client never keeps the process alive
+    # The default backlog of 5 reset 1 of 400 connections from 16 concurrent clients.
+    request_queue_size = 128
 
     def __init__(
         self,
@@ -69,12 +82,19 @@ class ChatServer(ThreadingHTTPServer):
         tokenizer: PreTrainedTokenizerBase,
         model_name: str,
         max_request_bytes: int,
+        max_messages: int,
+        batch_window_s: float,
+        max_batch_rows: int,
     ):
         super().__init__(address, ChatRequestHandler)
         self.model, self.tokenizer, self.model_name = model, tokenizer, model_name
-        self.max_request_bytes = max_request_bytes
-        self.generation_lock = threading.Lock()
+        self.max_request_bytes, self.max_messages = max_request_bytes, max_messages
+        self.scheduler = BatchScheduler(model, tokenizer, batch_window_s, max_batch_rows)
         self.created = int(time.time())
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.scheduler.close()
 
     def handle_error(self, request, client_address) -> None:
         # The default prints a traceback to stderr; the handler already answered what it could.
@@ -88,23 +108,42 @@ def make_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_request_bytes: int = 1_000_000,
+    max_messages: int = 1024,
+    batch_window_s: float = 0.005,
+    max_batch_rows: int = 32,
 ) -> ChatServer:
     """A server bound to host:port (0 = any free port, see `server.server_address`), not yet serving.
 
+    Requests arriving within `batch_window_s` of each other (or while a batch runs) are generated
+    together, up to `max_batch_rows` rows (a request with n choices is n rows).
     Run it with `serve_forever()` (in a thread, for tests), stop it with `shutdown()` and `server_close()`.
     """
     model.eval()
-    return ChatServer((host, port), model, tokenizer, model_name, max_request_bytes)
+    return ChatServer((host, port), model, tokenizer, model_name, max_request_bytes, max_messages,
+                      batch_window_s, max_batch_rows)
 
 
 # ---------------------------------------------------------------------------------------------
 # Requests
 
 
-def parse_messages(value: Any) -> list[dict[str, str]]:
+def check_text(text: str, where: str, code: str) -> str:
+    """`text`, refused if it holds a lone surrogate (JSON allows "\\ud800"; no tokenizer can encode it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise RequestError(400, f"{where} holds an unpaired surrogate {text[error.start]!r} at character "
+                                f"{error.start}; send valid Unicode text", code) from None
+    return text
+
+
+def parse_messages(value: Any, max_messages: int | None = None) -> list[dict[str, str]]:
     """OpenAI chat messages as role/content dicts; text content parts are joined."""
     if not isinstance(value, list) or not value:
         raise RequestError(400, "'messages' must be a non-empty list of {role, content} objects", "invalid_messages")
+    if max_messages is not None and len(value) > max_messages:
+        raise RequestError(400, f"'messages' has {len(value)} entries; this server takes at most {max_messages}: "
+                                f"drop or summarise early turns", "too_many_messages")
     messages = []
     for index, message in enumerate(value):
         where = f"messages[{index}]"
@@ -123,6 +162,7 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
             content = "".join(part["text"] for part in content)
         if not isinstance(content, str):
             raise RequestError(400, f"{where}.content must be a string", "invalid_messages")
+        check_text(content, f"{where}.content", "invalid_messages")
         messages.append({"role": role, "content": content})
     return messages
 
@@ -137,10 +177,46 @@ def _number(body: dict, key: str, kind: type, default):
     return kind(value)
 
 
-def parse_request(body: Any, model_name: str) -> tuple[list[dict], SamplingSettings, bool, int | None, bool]:
-    """(messages, settings, stream, seed, include_usage) from a chat completion request body."""
+@dataclass(frozen=True)
+class ChatRequest:
+    """A chat completion request, checked."""
+
+    messages: list[dict]
+    settings: SamplingSettings
+    stream: bool = False
+    seed: int | None = None
+    include_usage: bool = False
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs
+
+
+def parse_stop(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(stop, str) for stop in stops):
+        raise RequestError(400, "'stop' must be a string or a list of strings", "invalid_parameter")
+    if len(stops) > MAX_STOPS:
+        raise RequestError(400, f"'stop' has {len(stops)} sequences; send at most {MAX_STOPS}", "invalid_parameter")
+    for index, stop in enumerate(stops):
+        check_text(stop, f"'stop'[{index}]", "invalid_parameter")
+    return tuple(stop for stop in stops if stop)
+
+
+def parse_request(body: Any, model_name: str, max_messages: int | None = None) -> ChatRequest:
+    """A checked ChatRequest from a chat completion request body."""
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", "invalid_body")
+    for key, value in body.items():
+        if key in SUPPORTED_FIELDS or value is None:
+            continue
+        if key in NEUTRAL_FIELDS:
+            if value not in NEUTRAL_FIELDS[key]:
+                raise RequestError(400, f"'{key}' is not supported by this server; leave it out", "unsupported_parameter")
+            continue
+        raise RequestError(400, f"'{check_text(key, 'a field name', 'invalid_parameter')}' is not a field this server "
+                                f"supports; leave it out", "unsupported_parameter")
     model = body.get("model", model_name)
     if not isinstance(model, str):
         raise RequestError(400, "'model' must be a string", "invalid_parameter")
@@ -148,7 +224,7 @@ def parse_request(body: Any, model_name: str) -> tuple[list[dict], SamplingSetti
         raise RequestError(
             404, f"model {model!r} is not served here; this server serves {model_name!r}", "model_not_found"
         )
-    messages = parse_messages(body.get("messages"))
+    messages = parse_messages(body.get("messages"), max_messages)
     defaults = SamplingSettings()
     length_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, length_key, int, defaults.max_new_tokens)
@@ -163,11 +239,19 @@ def parse_request(body: Any, model_name: str) -> tuple[list[dict], SamplingSetti
         )
     except ConfigError as error:
         raise RequestError(400, str(error), "invalid_parameter") from None
-    if body.get("n") not in (None, 1):
-        raise RequestError(400, "'n' must be 1: this server returns one choice", "invalid_parameter")
-    if body.get("stop") not in (None, [], ""):
-        raise RequestError(400, "'stop' sequences are not supported; replies end at the model's end of turn",
-                           "invalid_parameter")
+    n = _number(body, "n", int, 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise RequestError(400, f"'n' is {n}; ask for 1 to {MAX_CHOICES} choices", "invalid_parameter")
+    stop = parse_stop(body.get("stop"))
+    logprobs = body.get("logprobs", False)
+    if not isinstance(logprobs, bool) and logprobs is not None:
+        raise RequestError(400, "'logprobs' must be true or false", "invalid_parameter")
+    top_logprobs = _number(body, "top_logprobs", int, None)
+    if top_logprobs is not None:
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(400, f"'top_logprobs' is {top_logprobs}; use 0 to {MAX_TOP_LOGPROBS}", "invalid_parameter")
+        if not logprobs:
+            raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "invalid_parameter")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false", "invalid_parameter")
@@ -176,7 +260,8 @@ def parse_request(body: Any, model_name: str) -> tuple[list[dict], SamplingSetti
         raise RequestError(400, f"'seed' {seed} is out of range; use 0 to 2**63 - 1", "invalid_parameter")
     options = body.get("stream_options") or {}
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
-    return messages, settings, stream, seed, include_usage
+    return ChatRequest(messages, settings, stream, seed, include_usage, n, stop,
+                       (top_logprobs or 0) if logprobs else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +275,15 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:
         logger.info("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a garbage request line, headers too long, an unknown method) as JSON."""
+        self.response_started, self.body_read = False, True  # nothing routed: no body is known to follow
+        if self.request_version == "HTTP/0.9":  # a line without a version: still send the JSON's headers
+            self.request_version = "HTTP/1.0"
+        reason = message or self.responses.get(code, ("error",))[0]
+        self.send_error_json(RequestError(code, f"{reason}: the request line or headers could not be read "
+                                                f"({(self.requestline or '')[:200]!r})", "invalid_request"))
 
     # Every method goes through one dispatcher, so a wrong method is a JSON 405, not a 501 page.
     def do_GET(self) -> None:
@@ -243,7 +337,7 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         if status == 405:
-            self.send_header("Allow", "POST" if urlsplit(self.path).path.rstrip("/") == CHAT_PATH else "GET")
+            self.send_header("Allow", "POST" if urlsplit(getattr(self, "path", "")).path.rstrip("/") == CHAT_PATH else "GET")
         self.end_headers()
         self.wfile.write(data)
 
@@ -310,70 +404,88 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
             raise RequestError(400, f"the request body is not valid JSON ({error})", "invalid_json") from None
 
     def chat_completions(self) -> None:
-        messages, settings, stream, seed, include_usage = parse_request(self.read_body(), self.server.model_name)
+        request = parse_request(self.read_body(), self.server.model_name, self.server.max_messages)
+        # Rendering and truncating the prompt happens here, in this request's thread: a long
+        # conversation never holds up the batch that other clients are waiting for.
+        prompt, max_new_tokens = fit_prompt(self.server.model, self.server.tokenizer, request.messages,
+                                            request.settings.max_new_tokens)
+        job = self.server.scheduler.submit(Job(
+            prompt, max_new_tokens, request.settings, request.n, request.seed, request.stop, request.top_logprobs,
+        ))
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        with self.server.generation_lock:
-            reply = start_reply(self.server.model, self.server.tokenizer, messages, settings, seed)
-            if stream:
-                self.stream_completion(reply, completion_id, created, include_usage)
+        try:
+            if request.stream:
+                self.stream_completion(job, request, completion_id, created, len(prompt))
                 return
-            content = "".join(reply)
+            contents, entries = [""] * request.n, [[] for _ in range(request.n)]
+            finish_reasons, generated = [None] * request.n, [0] * request.n
+            for delta in job:
+                contents[delta.choice] += delta.text
+                entries[delta.choice] += delta.logprobs
+                if delta.finish_reason is not None:
+                    finish_reasons[delta.choice], generated[delta.choice] = delta.finish_reason, delta.completion_tokens
+        finally:
+            job.cancel()  # a no-op once finished; stops the rows of a client that left
         self.send_json(200, {
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
             "model": self.server.model_name,
             "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": reply.finish_reason,
-            }],
-            "usage": usage(reply),
+                "index": index,
+                "message": {"role": "assistant", "content": contents[index]},
+                "logprobs": {"content": entries[index], "refusal": None} if request.top_logprobs is not None else None,
+                "finish_reason": finish_reasons[index],
+            } for index in range(request.n)],
+            "usage": usage(len(prompt), sum(generated)),
         })
 
-    def stream_completion(self, reply, completion_id: str, created: int, include_usage: bool) -> None:
-        def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+    def stream_completion(self, job: Job, request: ChatRequest, completion_id: str, created: int,
+                          prompt_tokens: int) -> None:
+        def chunk(index: int, delta: dict, finish_reason: str | None = None, logprobs: list | None = None) -> dict:
+            choice = {"index": index, "delta": delta, "finish_reason": finish_reason}
+            if request.top_logprobs is not None:
+                choice["logprobs"] = {"content": logprobs or [], "refusal": None} if logprobs is not None else None
             return {
                 "id": completion_id, "object": "chat.completion.chunk", "created": created,
-                "model": self.server.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+                "model": self.server.model_name, "choices": [choice],
             }
 
-        pieces = iter(reply)
-        try:
-            # Pull the first piece before committing to 200, so a failure to start is still a JSON error.
-            first = next(pieces, None)
-            self.response_started = True
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True  # the end of the stream is the end of the connection
-            self.send_event(chunk({"role": "assistant", "content": ""}))
-            if first is not None:
-                self.send_event(chunk({"content": first}))
-            for piece in pieces:
-                self.send_event(chunk({"content": piece}))
-            self.send_event(chunk({}, reply.finish_reason))
-            if include_usage:
-                self.send_event({**chunk({}), "choices": [], "usage": usage(reply)})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
-        finally:
-            reply.close()  # stops generation if the client went away mid-reply
+        deltas = iter(job)
+        # Wait for the first output before committing to 200, so a failure to start is still a JSON error.
+        first = next(deltas, None)
+        self.response_started = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True  # the end of the stream is the end of the connection
+        for index in range(request.n):
+            self.send_event(chunk(index, {"role": "assistant", "content": ""}))
+        generated = 0
+        for delta in itertools.chain([first] if first is not None else [], deltas):
+            if delta.text or delta.logprobs:
+                self.send_event(chunk(delta.choice, {"content": delta.text}, None, delta.logprobs))
+            if delta.finish_reason is not None:
+                generated += delta.completion_tokens
+                self.send_event(chunk(delta.choice, {}, delta.finish_reason))
+        if request.include_usage:
+            self.send_event({**chunk(0, {}), "choices": [], "usage": usage(prompt_tokens, generated)})
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
     def send_event(self, payload: dict) -> None:
         self.wfile.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
         self.wfile.flush()
 
 
-def usage(reply) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-        "total_tokens": reply.prompt_tokens + reply.completion_tokens,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }
 
 

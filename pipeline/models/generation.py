@@ -28,12 +28,18 @@ tokens). Anything else that wants reproducible replies passes its own `torch.Gen
 Positions count real tokens only (left padding does not shift them), as in every scoring and
 training pass, and the loop stops as soon as every row has produced its EOS, or when the
 `on_tokens` callback (streaming) returns True.
+
+Serving batches unrelated requests into one call, so it may also give each row its own
+`row_sampling` and `row_generators` (a seeded row draws one uniform per step from its own
+generator, exactly as it would alone), finish single rows (stop sequences, each row's own
+length, a client gone) by returning a (batch,) bool mask from `on_tokens`, and read each step's
+raw logits through `on_logits` (for the logprobs it reports). Left unset, nothing changes.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from transformers import DynamicCache
@@ -96,6 +102,27 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     return torch.searchsorted(cumulative, uniform * cumulative[:, -1:]).squeeze(1)
 
 
+def sample_rows(
+    logits: torch.Tensor, row_sampling: Sequence[Sampling], row_generators: Sequence[torch.Generator | None]
+) -> torch.Tensor:
+    """`sample_next` with each row's own settings and generator: (batch, vocab) -> (batch,).
+
+    Rows sharing settings and the global RNG are drawn together; a row with its own generator is
+    drawn alone, so its tokens do not depend on which other rows share the batch.
+    """
+    tokens = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+    shared: dict[Sampling, list[int]] = {}
+    for row, (sampling, generator) in enumerate(zip(row_sampling, row_generators)):
+        if generator is None:
+            shared.setdefault(sampling, []).append(row)
+        else:
+            tokens[row] = sample_next(logits[row:row + 1], sampling, generator)[0]
+    for sampling, rows in shared.items():
+        index = torch.tensor(rows, device=logits.device)
+        tokens[index] = sample_next(logits[index], sampling)
+    return tokens
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -107,12 +134,18 @@ def generate(
     eos_token_id: int,
     pad_token_id: int,
     generator: torch.Generator | None = None,
-    on_tokens: Callable[[torch.Tensor], bool | None] | None = None,
+    on_tokens: Callable[[torch.Tensor], bool | torch.Tensor | None] | None = None,
+    row_sampling: Sequence[Sampling] | None = None,
+    row_generators: Sequence[torch.Generator | None] | None = None,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Sampled continuations: (batch, max_new_tokens), pad after each row's EOS and after an early stop.
 
     input_ids, attention_mask: (batch, prompt_len), left-padded. `on_tokens` gets each step's
-    tokens, (batch,), as they are drawn (rows already finished hold pad); returning True stops.
+    tokens, (batch,), as they are drawn (rows already finished hold pad); returning True stops,
+    returning a (batch,) bool tensor finishes the rows it marks. `row_sampling` and
+    `row_generators` (one per row) replace `sampling` and `generator`. `on_logits` gets each
+    step's raw logits (batch, vocab) and tokens (batch,) before `on_tokens`.
     """
     batch = len(input_ids)
     responses = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=input_ids.device)
@@ -126,10 +159,19 @@ def generate(
             input_ids=step_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=cache, use_cache=True, logits_to_keep=1,
         ).logits[:, -1]
-        tokens = sample_next(logits, sampling, generator).masked_fill(finished, pad_token_id)
+        if row_sampling is None:
+            drawn = sample_next(logits, sampling, generator)
+        else:
+            drawn = sample_rows(logits, row_sampling, row_generators or [None] * batch)
+        tokens = drawn.masked_fill(finished, pad_token_id)
         responses[:, step] = tokens
         finished |= tokens == eos_token_id
-        stop = bool(on_tokens(tokens)) if on_tokens is not None else False
+        if on_logits is not None:
+            on_logits(logits, tokens)
+        stop = on_tokens(tokens) if on_tokens is not None else False
+        if isinstance(stop, torch.Tensor):  # rows the caller is done with
+            finished |= stop.to(finished.device)
+            stop = False
         if stop or step + 1 == max_new_tokens or bool(finished.all()):
             break
         # Rows already finished keep going on pad tokens; nothing after their EOS is read.

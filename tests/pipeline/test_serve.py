@@ -223,7 +223,8 @@ def test_bad_messages_are_400(port, messages, code):
 
 @pytest.mark.parametrize("field, value", [
     ("temperature", -1), ("temperature", "hot"), ("top_p", 2), ("max_tokens", 0), ("max_tokens", 1.5),
-    ("stream", "yes"), ("seed", True), ("seed", -1), ("n", 2), ("stop", ["\n"]),
+    ("stream", "yes"), ("seed", True), ("seed", -1), ("n", 0), ("n", 17), ("stop", 5), ("stop", ["a"] * 5),
+    ("logprobs", "yes"), ("top_logprobs", 21), ("top_logprobs", 2),
 ])
 def test_bad_parameters_are_400(port, field, value):
     status, payload = post_chat(port, {"model": MODEL_NAME, "messages": HELLO, field: value})
@@ -292,3 +293,209 @@ def test_serve_command_announces_its_address_and_serves(tiny_run):
             process.wait()
         process.stdout.close()
         process.stderr.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness: lone surrogates, broken request lines, many clients, long conversations
+
+
+def test_lone_surrogate_is_400_naming_the_field(port):
+    body = b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}], "max_tokens": 2}'
+    status, payload = post_chat(port, body)
+    assert_error(status, payload, 400, "invalid_messages")
+    assert "messages[0].content" in payload["error"]["message"]
+    status, payload = post_chat(port, b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udc00"]}')
+    assert_error(status, payload, 400, "invalid_parameter")
+    assert "stop" in payload["error"]["message"]
+
+
+def test_garbage_request_line_gets_json(port):
+    import socket
+
+    for line in (b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"FROB /v1/models HTTP/1.1\r\n\r\n"):
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+            connection.sendall(line)
+            data = b""
+            while chunk := connection.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"application/json" in head, data
+        payload = json.loads(body)
+        assert set(payload["error"]) == {"message", "type", "code"} and payload["error"]["message"]
+
+
+def test_many_concurrent_clients_all_succeed(port):
+    body = {"model": MODEL_NAME, "messages": HELLO, "max_tokens": 3, "temperature": 1.0}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda _: post_chat(port, body), range(48)))
+    assert [status for status, _ in results] == [200] * 48
+    assert all(completion["usage"]["completion_tokens"] == 3 for _, completion in results)
+
+
+def test_too_many_messages_is_400(loaded):
+    model, tokenizer = loaded
+    with running(make_server(model, tokenizer, MODEL_NAME, max_messages=10)) as port:
+        messages = [{"role": "user", "content": "hi"}] * 11
+        status, payload = post_chat(port, {"messages": messages})
+        assert_error(status, payload, 400, "too_many_messages")
+        assert "'messages'" in payload["error"]["message"]
+
+
+def test_long_conversation_does_not_hold_up_other_clients(loaded):
+    """2,000 short turns took 40 s to truncate, inside the generation lock, while a short request waited."""
+    import time
+
+    model, tokenizer = loaded
+    long_chat = [{"role": ("user", "assistant")[i % 2], "content": f"message {i}: hi there"} for i in range(2001)]
+    with running(make_server(model, tokenizer, MODEL_NAME, max_request_bytes=1_000_000, max_messages=4096)) as port:
+        with ThreadPoolExecutor(2) as pool:
+            started = time.perf_counter()
+            long_one = pool.submit(post_chat, port, {"messages": long_chat, "max_tokens": 2})
+            time.sleep(0.05)
+            short_status, _ = post_chat(port, {"messages": HELLO, "max_tokens": 2})
+            short_wait = time.perf_counter() - started
+            long_status, completion = long_one.result()
+    assert short_status == 200 and long_status == 200
+    assert completion["usage"]["prompt_tokens"] <= model.config.max_position_embeddings
+    assert short_wait < 10, short_wait
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI surface: stop, n, logprobs, unsupported fields
+
+
+def greedy_text(port, **fields) -> dict:
+    status, completion = post_chat(port, {"messages": HELLO, "temperature": 0, "max_tokens": 24, **fields})
+    assert status == 200, completion
+    return completion
+
+
+def test_stop_sequence_ends_the_reply_without_the_stop_text(port):
+    full = greedy_text(port)["choices"][0]["message"]["content"]
+    assert len(full) > 6
+    stop = full[3:5]
+    first = full.index(stop)
+    for stop_field in (stop, [stop], ["never-appears", stop]):
+        completion = greedy_text(port, stop=stop_field)
+        [choice] = completion["choices"]
+        assert choice["message"]["content"] == full[:first]
+        assert choice["finish_reason"] == "stop"
+        assert completion["usage"]["completion_tokens"] < 24
+
+
+def test_stop_sequence_in_a_stream(port):
+    full = greedy_text(port)["choices"][0]["message"]["content"]
+    stop = full[4:7]
+    status, _, data = request(port, "POST", "/v1/chat/completions",
+                              {"messages": HELLO, "temperature": 0, "max_tokens": 24, "stop": stop, "stream": True})
+    events = [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")[:-1]]
+    assert status == 200
+    content = "".join(event["choices"][0]["delta"].get("content", "") for event in events)
+    assert content == full[:full.index(stop)]
+    assert events[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_n_choices_are_separate_seeded_samples(port):
+    body = {"messages": HELLO, "temperature": 1.0, "max_tokens": 12, "n": 3, "seed": 5}
+    status, completion = post_chat(port, body)
+    assert status == 200
+    assert [choice["index"] for choice in completion["choices"]] == [0, 1, 2]
+    texts = [choice["message"]["content"] for choice in completion["choices"]]
+    assert len(set(texts)) > 1  # each choice its own sample
+    assert post_chat(port, body)[1]["choices"] == completion["choices"]  # and reproducible
+    alone = post_chat(port, {**body, "n": 1})[1]["choices"][0]["message"]["content"]
+    assert alone == texts[0]  # choice 0 is what the seed gives on its own
+    assert completion["usage"]["completion_tokens"] == 36
+
+
+def test_n_choices_stream(port):
+    status, _, data = request(port, "POST", "/v1/chat/completions",
+                              {"messages": HELLO, "temperature": 1.0, "max_tokens": 6, "n": 2, "seed": 3, "stream": True})
+    events = [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")[:-1]]
+    whole = post_chat(port, {"messages": HELLO, "temperature": 1.0, "max_tokens": 6, "n": 2, "seed": 3})[1]
+    for index in (0, 1):
+        mine = [event["choices"][0] for event in events if event["choices"][0]["index"] == index]
+        assert "".join(choice["delta"].get("content", "") for choice in mine) == \
+            whole["choices"][index]["message"]["content"]
+        assert mine[-1]["finish_reason"] == "length"
+
+
+def test_logprobs_are_the_models_own(port, loaded):
+    """Each token's logprob is log softmax of the raw logits (not the tempered ones), as OpenAI reports them."""
+    import torch
+
+    from pipeline.apps.batching import byte_symbols
+    from pipeline.apps.chat import prompt_ids
+
+    model, tokenizer = loaded
+    symbols = byte_symbols()
+
+    def token_id(entry: dict) -> int:
+        return tokenizer.convert_tokens_to_ids("".join(symbols[byte] for byte in entry["bytes"]))
+
+    completion = greedy_text(port, logprobs=True, top_logprobs=3, max_tokens=6)
+    [choice] = completion["choices"]
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == 6
+    text = b"".join(bytes(entry["bytes"]) for entry in entries).decode("utf-8", errors="replace")
+    assert text == choice["message"]["content"]
+    # Recompute with full forward passes (no KV cache, no batching): greedy tokens and their logprobs.
+    ids = prompt_ids(tokenizer, HELLO, None)
+    for entry in entries:
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        best = int(log_probs.argmax())
+        assert token_id(entry) == best
+        assert entry["logprob"] == pytest.approx(log_probs[best].item(), abs=1e-4)
+        assert len(entry["top_logprobs"]) == 3
+        assert [token_id(top) for top in entry["top_logprobs"]] == log_probs.topk(3).indices.tolist()
+        assert [top["logprob"] for top in entry["top_logprobs"]] == pytest.approx(log_probs.topk(3).values.tolist(), abs=1e-4)
+        ids.append(best)
+    # Sampled hot and filtered: the logprob is still the model's own, not the tempered one.
+    first = greedy_text(port, logprobs=True, temperature=1.5, top_p=0.5, seed=1, max_tokens=1)
+    entry = first["choices"][0]["logprobs"]["content"][0]
+    prompt = prompt_ids(tokenizer, HELLO, None)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(torch.tensor([prompt])).logits[0, -1].float(), dim=-1)
+    assert entry["logprob"] == pytest.approx(log_probs[token_id(entry)].item(), abs=1e-4)
+    assert entry["top_logprobs"] == []  # logprobs without top_logprobs: none listed
+    assert greedy_text(port)["choices"][0]["logprobs"] is None
+
+
+def test_logprobs_in_a_stream(port):
+    status, _, data = request(port, "POST", "/v1/chat/completions", {
+        "messages": HELLO, "temperature": 0, "max_tokens": 5, "logprobs": True, "stream": True})
+    events = [json.loads(block[len("data: "):]) for block in data.decode().strip().split("\n\n")[:-1]]
+    entries = [entry for event in events if event["choices"][0].get("logprobs")
+               for entry in event["choices"][0]["logprobs"]["content"]]
+    whole = greedy_text(port, logprobs=True, max_tokens=5)["choices"][0]["logprobs"]["content"]
+    assert status == 200 and [e["token"] for e in entries] == [e["token"] for e in whole]
+    assert [e["logprob"] for e in entries] == pytest.approx([e["logprob"] for e in whole])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f"}}]), ("frequency_penalty", 0.5),
+    ("logit_bias", {"5": 10}), ("response_format", {"type": "json_object"}), ("best_of", 2), ("echo", True),
+])
+def test_unsupported_fields_are_400_not_ignored(port, field, value):
+    status, payload = post_chat(port, {"messages": HELLO, field: value})
+    assert_error(status, payload, 400, "unsupported_parameter")
+    assert field in payload["error"]["message"]
+    assert greedy_text(port, frequency_penalty=0, user="someone", max_tokens=1)["choices"]
+
+
+def test_concurrent_requests_are_generated_in_one_batch(loaded):
+    """Requests arriving together share engine calls, and each still gets its own reply and length."""
+    model, tokenizer = loaded
+    prompts = [[{"role": "user", "content": f"Tell me of {name}"}] for name in ("Rome", "the king", "a ghost", "love")]
+    server = make_server(model, tokenizer, MODEL_NAME, batch_window_s=0.2)
+    with running(server) as port:
+        alone = [post_chat(port, {"messages": p, "temperature": 0, "max_tokens": 4 + i})[1] for i, p in enumerate(prompts)]
+        server.scheduler.batch_sizes.clear()
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(lambda i: post_chat(port, {"messages": prompts[i], "temperature": 0,
+                                                                 "max_tokens": 4 + i})[1], range(4)))
+        assert max(server.scheduler.batch_sizes) > 1, server.scheduler.batch_sizes
+    for solo, batched, length in zip(alone, together, range(4, 8)):
+        assert batched["usage"]["completion_tokens"] == length
+        assert batched["choices"][0]["message"]["content"] == solo["choices"][0]["message"]["content"]
