@@ -329,7 +329,10 @@ def test_many_concurrent_clients_all_succeed(port):
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda _: post_chat(port, body), range(48)))
     assert [status for status, _ in results] == [200] * 48
-    assert all(completion["usage"]["completion_tokens"] == 3 for _, completion in results)
+    # Every reply ran to max_tokens or ended at a sampled EOS (temperature 1 on a tiny model draws it at times).
+    for _, completion in results:
+        tokens, reason = completion["usage"]["completion_tokens"], completion["choices"][0]["finish_reason"]
+        assert (tokens, reason) == (3, "length") or (tokens <= 3 and reason == "stop"), (tokens, reason)
 
 
 def test_too_many_messages_is_400(loaded):
