@@ -3,9 +3,14 @@
     conversations, report = normalize_rows(load_source(source), source=source.path)
     conversations[0]  # [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 
-Four formats are read (`FORMATS`), each named after the columns that carry it:
+Five formats are read (`FORMATS`), each named after the columns that carry it:
 
-- `messages`: a list of `{"role", "content"}` dicts (the OpenAI / TRL conversational form).
+- `messages`: a list of `{"role", "content"}` dicts (the OpenAI / TRL conversational form). A
+  content may also be OpenAI content parts, `[{"type": "text", "text": ...}, ...]`: the text parts
+  are joined with a newline (as vLLM does); a part of another type (image_url, input_audio, ...)
+  makes the row unusable, since these models read text only.
+- `sharegpt`: a `conversations` list of `{"from", "value"}` dicts, `from` being human, gpt or
+  system (or user / assistant). Such turns are also accepted wherever a messages list is.
 - `prompt_response`: a prompt (a string, or a messages list for multi-turn context) and a response
   (a string, or one assistant message); `completion` is accepted for `response`.
 - `instruction` (Alpaca): `instruction`, optional `input`, `output`.
@@ -32,7 +37,7 @@ from data.rows import BadRows, RowError, RowReport
 from pipeline.config import CONVERSATION_FIELDS
 from pipeline.errors import DataError
 
-FORMATS = ("messages", "prompt_response", "instruction", "hh")
+FORMATS = ("messages", "sharegpt", "prompt_response", "instruction", "hh")
 FIELDS = CONVERSATION_FIELDS
 ROLES = ("system", "user", "assistant")
 # Only the aliases of formats people actually use (ShareGPT's human/gpt, Gemini's model); a role
@@ -42,6 +47,8 @@ RESPONSE_ALIASES = ("response", "completion")
 HH_COLUMNS = ("chosen", "text")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+# ShareGPT's keys for role and content.
+SHAREGPT_KEYS = {"role": "from", "content": "value"}
 
 
 class FormatError(DataError, ValueError):
@@ -92,7 +99,7 @@ def hh_column(names: Iterable[str], columns: dict[str, str] | None) -> str | Non
 def detect_format(column_names: list[str], columns: dict[str, str] | None = None) -> str:
     """The format (one of `FORMATS`) that a dataset's columns carry, after applying `columns`.
 
-    Checked in order: `messages`; `prompt` + `response`/`completion`; `instruction` + `output`;
+    Checked in order: `messages`; `conversations`; `prompt` + `response`/`completion`; `instruction` + `output`;
     `chosen` or `text` (HH text: its content is checked row by row, as the names cannot tell).
 
     >>> detect_format(["prompt", "completion"])
@@ -108,6 +115,8 @@ def detect_format(column_names: list[str], columns: dict[str, str] | None = None
 
     if present("messages"):
         return "messages"
+    if present("conversations"):
+        return "sharegpt"
     if present("prompt") and response_column(names, columns) is not None:
         return "prompt_response"
     if present("instruction") and present("output"):
@@ -117,6 +126,7 @@ def detect_format(column_names: list[str], columns: dict[str, str] | None = None
     raise FormatError(
         f"no conversation format fits the columns [{', '.join(column_names)}]; accepted formats: "
         f"messages (a 'messages' column of role/content lists), "
+        f"sharegpt (a 'conversations' column of from/value lists), "
         f"prompt_response ('prompt' + 'response' or 'completion'), "
         f"instruction ('instruction' + 'output', optional 'input'), "
         f"hh ('chosen' or 'text' holding '\\n\\nHuman: ...\\n\\nAssistant: ...' text). "
@@ -132,21 +142,52 @@ def detect_format(column_names: list[str], columns: dict[str, str] | None = None
 def normalize_message(message: object) -> dict:
     """One message as `{"role", "content"}` with the role alias resolved; RowError if malformed.
 
+    ShareGPT turns (`{"from", "value"}`) and OpenAI content parts are read too (`content_text`).
+
     >>> normalize_message({"role": "human", "content": "Hi", "name": "x"})
     {'role': 'user', 'content': 'Hi'}
+    >>> normalize_message({"from": "gpt", "value": "Hello"})
+    {'role': 'assistant', 'content': 'Hello'}
     """
     if not isinstance(message, dict):
         raise RowError(f"a message is {type(message).__name__}, not a dict with 'role' and 'content'")
-    for key in ("role", "content"):
+    sharegpt = message.get("role") is None and message.get("from") is not None
+    keys = SHAREGPT_KEYS if sharegpt else {"role": "role", "content": "content"}
+    for key in keys.values():
         if message.get(key) is None:
-            raise RowError(f"a message has no {key!r} (keys: {', '.join(map(str, message))})")
-    role = ROLE_ALIASES.get(message["role"], message["role"])
+            present = ", ".join(str(name) for name, value in message.items() if value is not None)
+            raise RowError(f"a message has no {key!r} (keys: {present})")
+    role = ROLE_ALIASES.get(message[keys["role"]], message[keys["role"]])
     if role not in ROLES:
-        raise RowError(f"unknown role {message['role']!r} (use {', '.join(ROLES)})")
-    content = message["content"]
-    if not isinstance(content, str):
-        raise RowError(f"{role} message content is {type(content).__name__}, not a string")
-    return {"role": role, "content": content}
+        raise RowError(f"unknown role {message[keys['role']]!r} (use {', '.join(ROLES)})")
+    return {"role": role, "content": content_text(message[keys["content"]], role)}
+
+
+def content_text(content: object, role: str) -> str:
+    """A message content as a string: the string itself, or OpenAI text parts joined with a newline.
+
+    Keys that are None are ignored (a dataset whose rows mix part types fills them in).
+
+    >>> content_text([{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}], "user")
+    'Hi\\nthere'
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise RowError(f"{role} message content is {type(content).__name__}, not a string or a list of text parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise RowError(f"{role} message has a content part that is not a dict with a 'type'")
+        if part["type"] != "text":
+            raise RowError(
+                f"{role} message has a {part['type']!r} content part; only text parts are read "
+                f"(remove the row or turn the part into text)"
+            )
+        if not isinstance(part.get("text"), str):
+            raise RowError(f"{role} message has a text part whose 'text' is {type(part.get('text')).__name__}, not a string")
+        texts.append(part["text"])
+    return "\n".join(texts)
 
 
 def validate_messages(messages: object) -> list[dict]:
@@ -246,6 +287,11 @@ def read_messages_row(row: dict, columns: dict[str, str] | None) -> list:
     return field_value(row, column_for("messages", columns))
 
 
+def read_sharegpt_row(row: dict, columns: dict[str, str] | None) -> list:
+    """A ShareGPT row: the `conversations` list of from/value turns (read by `normalize_message`)."""
+    return field_value(row, column_for("conversations", columns))
+
+
 def read_prompt_response_row(row: dict, columns: dict[str, str] | None) -> list[dict]:
     """A prompt (string or messages) and a response (string or one assistant message)."""
     prompt_column = column_for("prompt", columns)
@@ -298,6 +344,7 @@ def read_hh_row(row: dict, columns: dict[str, str] | None) -> list[dict]:
 
 FORMAT_READERS = {
     "messages": read_messages_row,
+    "sharegpt": read_sharegpt_row,
     "prompt_response": read_prompt_response_row,
     "instruction": read_instruction_row,
     "hh": read_hh_row,

@@ -8,7 +8,8 @@ Accepted rows:
 
 - pairwise: `{"prompt"?, "chosen", "rejected"}`, each side a string or a messages list. Anthropic
   HH text (`"\\n\\nHuman: ...\\n\\nAssistant: ..."`) carries the prompt inside both sides; the
-  shared prefix is the prompt (the shipped sample is this). An optional `margin` column gives
+  shared prefix is the prompt (the shipped sample is this). A messages list may be in ShareGPT
+  form (from/value) or hold OpenAI text parts, as in `data.conversations`. An optional `margin` column gives
   how much better `chosen` is.
 - ranked: `{"prompt", "completions": [c1..cK], "ranking": [...]}` with 2 <= K <= 9, where
   `ranking` is a best-to-worst order of completion indices, or (with `scores` instead, or
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from data.conversations import parse_hh, validate_messages
+from data.conversations import normalize_message, parse_hh, validate_messages
 from data.rows import BadRows, RowError, RowReport
 
 MIN_COMPLETIONS, MAX_COMPLETIONS = 2, 9
@@ -73,7 +74,7 @@ def prompt_messages(value: object) -> list[dict]:
             return without_trailing_assistant(parse_hh(value))
         return [{"role": "user", "content": value}]
     if isinstance(value, list):
-        return [dict(m) for m in value]
+        return [normalize_message(message) for message in value]
     raise RowError(f"prompt is {type(value).__name__}, not text or a messages list")
 
 

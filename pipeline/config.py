@@ -183,13 +183,13 @@ class PretrainConfig(Section):
 
 
 # The fields a conversation row can have; `columns` maps them to a dataset's own column names.
-CONVERSATION_FIELDS = ("messages", "prompt", "response", "instruction", "input", "output", "text", "system")
+CONVERSATION_FIELDS = ("messages", "conversations", "prompt", "response", "instruction", "input", "output", "text", "system")
 
 
 class ConversationData(DataSource):
     """Conversations: a DataSource plus how its rows map to chat messages (see data/conversations.py)."""
 
-    conversation_format: Literal["auto", "messages", "prompt_response", "instruction", "hh"] = Field(
+    conversation_format: Literal["auto", "messages", "sharegpt", "prompt_response", "instruction", "hh"] = Field(
         "auto", description="Row format; auto = from the column names."
     )
     columns: dict[str, str] = Field(
