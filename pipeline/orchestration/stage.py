@@ -162,6 +162,9 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     }
     if state.is_main_process:
         if not resuming and stage_dir.exists():
+            # Recorded as running before its folder goes, so a kill in between never leaves the
+            # manifest claiming a completed output that no longer exists.
+            update_stage(run_dir, name, status="running", output=None, finished_at=None)
             # A fresh attempt (new config, or a rerun of a finished stage) must not resume from
             # checkpoints of an earlier one.
             shutil.rmtree(stage_dir)
@@ -214,7 +217,10 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
         state.wait_for_everyone()
     except BaseException as error:
         if state.is_main_process:
-            update_stage(run_dir, name, status="failed", error=f"{type(error).__name__}: {error}", finished_at=now())
+            try:
+                update_stage(run_dir, name, status="failed", error=f"{type(error).__name__}: {error}", finished_at=now())
+            except ChatpipeError as unrecorded:  # a full disk: the error itself matters more
+                print(f"chatpipe: {name}: the failure could not be recorded ({unrecorded})", file=sys.stderr)
         tracker.finish(exit_code=1)
         raise
     if state.is_main_process:
