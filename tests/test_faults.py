@@ -146,7 +146,7 @@ def test_a_stage_killed_at_every_kill_point_still_finishes(upstream, tmp_path, s
 
 
 def roll_back_pretrain(run_dir) -> None:
-    """As if pretraining had been killed just after its step-30 checkpoint."""
+    """As if pretraining (30 steps) had been killed after its last checkpoint, step 20."""
     shutil.rmtree(run_dir / "pretrain" / "final")
     update_stage(run_dir, "pretrain", status="running", output=None)
 
@@ -155,40 +155,41 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(upstream, tmp_
     config, _ = upstream
     run_dir = copy_of(upstream, tmp_path)
     roll_back_pretrain(run_dir)
-    (run_dir / "pretrain" / "checkpoints" / "step-000030" / "optimizer.json").unlink()
+    (run_dir / "pretrain" / "checkpoints" / "step-000020" / "optimizer.json").unlink()
 
     output = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain")
     assert "Traceback" not in output.stdout + output.stderr
-    assert "step-000030 cannot be loaded" in output.stdout
-    assert f"pretrain: resuming from {(run_dir / 'pretrain' / 'checkpoints' / 'step-000020').resolve()}" in output.stdout
+    assert "step-000020 cannot be loaded (FileNotFoundError" in output.stdout
+    assert f"pretrain: resuming from {(run_dir / 'pretrain' / 'checkpoints' / 'step-000010').resolve()}" in output.stdout
     entry = read_manifest(run_dir).stages["pretrain"]
-    assert entry.status == "completed" and entry.metrics["resumed_from_step"] == 20
+    assert entry.status == "completed" and entry.metrics["resumed_from_step"] == 10
     assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")
 
 
 def test_a_full_disk_is_an_error_that_loses_nothing(upstream, tmp_path):
     run_dir = copy_of(upstream, tmp_path)
     checkpoints = run_dir / "pretrain" / "checkpoints"
-    shutil.rmtree(checkpoints / "step-000030")
+    shutil.rmtree(checkpoints / "step-000020")
     roll_back_pretrain(run_dir)
     others = completed_outputs(run_dir, but="pretrain")
 
-    # The disk fills up while the step-30 checkpoint is written, after its weights.
+    # The disk fills up while the step-20 checkpoint is written, after its weights.
     full = run_stage("pretrain", run_dir, "checkpoint:after-weights=enospc")
     assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-3000:]
-    message = full.stderr.strip().splitlines()[-1]
-    assert message.startswith("chatpipe: pretrain: ") and "disk is full" in message
-    assert str(checkpoints.resolve() / "step-000030.tmp") in message
+    assert "chatpipe: pretrain: " in full.stderr, full.stderr[-3000:]
+    message = full.stderr[full.stderr.index("chatpipe: pretrain: "):].strip()  # after any progress bar
+    assert "disk is full" in message and "\n" not in message
+    assert str(checkpoints.resolve() / "step-000020.tmp") in message
     assert "needs about" in message and "KiB" in message and "is free" in message and "rerun" in message
-    assert not (checkpoints / "step-000030.tmp").exists() and not (checkpoints / "step-000030").exists()
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000010", "step-000020"]
+    assert not (checkpoints / "step-000020.tmp").exists() and not (checkpoints / "step-000020").exists()
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000010"]
     entry = read_manifest(run_dir).stages["pretrain"]
     assert entry.status == "failed" and "disk is full" in entry.error
     assert completed_outputs(run_dir, but="pretrain") == others
 
-    # Space freed: the rerun resumes from step 20 and ends where the uninterrupted run ended.
+    # Space freed: the rerun resumes from step 10 and ends where the uninterrupted run ended.
     resumed = run_stage("pretrain", run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"pretrain: resuming from {(checkpoints / 'step-000020').resolve()}" in resumed.stdout
+    assert f"pretrain: resuming from {(checkpoints / 'step-000010').resolve()}" in resumed.stdout
     assert read_manifest(run_dir).stages["pretrain"].status == "completed"
     assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")

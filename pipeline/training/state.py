@@ -139,6 +139,8 @@ def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any]
         if accelerator.is_main_process:
             (partial / "state.json").write_text(json.dumps({"step": step, **state}, default=_json_default))
             fault_point("checkpoint:before-rename")
+            if final.exists():  # a damaged checkpoint of this step that resuming skipped: replaced
+                shutil.rmtree(final)
             partial.rename(final)
             prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
