@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -134,7 +135,51 @@ class ModelConfig(Section):
                 f"config keys {unknown} are not {self.architecture} config fields; "
                 f"allowed: {', '.join(sorted(known))}"
             )
+        problem = _architecture_config_problem(config_class, self.architecture, self.config)
+        if problem:
+            raise ValueError(problem)
         return self
+
+
+def _architecture_config_problem(config_class, architecture: str, values: dict[str, Any]) -> str | None:
+    """Why `values` cannot build `architecture`'s transformers config, or None: checked here so a
+    bad value fails at config time, naming its key, instead of as a traceback inside pretraining.
+
+    Each value must have the type of the field's default (an int where the default is an int...);
+    then the config object is built, which runs transformers' own checks (hidden size divisible
+    by the number of heads, and on recent versions the field types again).
+    """
+    defaults = config_class()
+    expected = {bool: (bool,), int: (int,), float: (int, float), str: (str,)}
+    for key, value in values.items():
+        default = getattr(defaults, key, None)
+        kinds = expected.get(type(default))
+        if kinds is None or value is None:
+            continue  # no default to compare with (None, a dict, a list): transformers decides below
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            hint = ""
+            if float in kinds and isinstance(value, str) and _is_number(value):
+                hint = f" (YAML reads {value} as text: write it with a dot, e.g. {float(value):.1e})"
+            return (
+                f"model.config.{key} = {value!r} is not a valid {architecture} {key}: expected "
+                f"{type(default).__name__} (like the default, {default!r}){hint}; fix it in the config or the --set"
+            )
+    try:
+        config_class(**values)
+    except Exception as error:  # transformers raises ValueError, TypeError or its strict-dataclass errors
+        reason = [line.strip().rstrip(".") for line in str(error).splitlines() if line.strip()][-1:] or [type(error).__name__]
+        field = re.search(r"field '(\w+)'", str(error))
+        where = f"model.config.{field.group(1)} = {values.get(field.group(1))!r}" if field else "model.config"
+        return f"{where} does not build a {architecture} config: {reason[0]}; fix it in the config or the --set"
+    return None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 class WandbConfig(Section):
@@ -515,7 +560,14 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
         node = child
-    node[leaf] = yaml.safe_load(value)
+    try:
+        node[leaf] = yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        problem = str(getattr(error, "problem", None) or error).strip()
+        raise ConfigError(
+            f"--set {override!r}: the value {value!r} is not valid YAML ({problem}); "
+            f"quote it to pass it as a string, e.g. --set '{key.strip()}=\"{value}\"'"
+        ) from None
 
 
 def config_hash(data: Any) -> str:

@@ -1,6 +1,6 @@
 """The import rules the layout promises: stages never import each other, and no layer imports one above it.
 
-Layers, lowest first: `pipeline.errors`, `pipeline.config`, `data`, `pipeline.models` and
+Layers, lowest first: `pipeline.errors` and `pipeline.faults`, `pipeline.config`, `data`, `pipeline.models` and
 `pipeline.training`, `reward_model`, `pipeline.orchestration`, `pipeline.apps`, and on top the
 `chatpipe` command line and the stages. Imports inside functions count too.
 """
@@ -13,6 +13,7 @@ PACKAGES = ("pipeline", "data", "reward_model", "stages")
 
 RANKS = {
     "pipeline.errors": 0,
+    "pipeline.faults": 0,
     "pipeline.config": 1,
     "data": 2,
     "pipeline.models": 3,

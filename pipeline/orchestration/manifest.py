@@ -15,13 +15,15 @@ into them, so a wrong shape is one `ManifestError` naming the file and the key i
 absent, keys this version does not know are kept), so runs of older and newer code share a run dir.
 
 Only the main process writes it, always atomically (temp file, fsync, rename), so a crash never
-leaves a torn manifest. A stage reads its inputs through `resolve_input`, which refuses an input
+leaves a torn manifest (CHATPIPE_FAULT=manifest:before-replace kills it just before the rename).
+A stage reads its inputs through `resolve_input`, which refuses an input
 that is missing, unfinished or altered since it was recorded.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import hashlib
 import json
 import os
@@ -32,6 +34,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from pipeline.errors import ManifestError
+from pipeline.faults import fault_point
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -158,7 +161,16 @@ def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
             temp.write(text)
             temp.flush()
             os.fsync(temp.fileno())
+        fault_point("manifest:before-replace")
         os.replace(temp_name, path)
+    except OSError as error:
+        Path(temp_name).unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC:
+            raise ManifestError(
+                f"{path}: the disk is full, so the manifest could not be updated (the previous one is intact); "
+                "free some space and rerun"
+            ) from None
+        raise
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise

@@ -175,13 +175,21 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
             # A fresh attempt (new config, or a rerun of a finished stage) must not resume from
             # checkpoints of an earlier one. A completed output is moved aside, not deleted, until
             # its replacement exists: a rerun that fails puts it back (see restore_previous_output).
-            if previous is not None and previous.status == "completed" and previous.output is not None:
-                if aside.exists():
-                    shutil.rmtree(aside)
-                stage_dir.rename(aside)
-                replacing = {"replacing": previous.to_json()}
+            # An attempt that was itself replacing one carries that record on.
+            record = previous.to_json() if previous is not None else {}
+            completed = previous is not None and previous.status == "completed" and previous.output is not None
+            kept = record if completed else record.get("replacing")
+            if kept is not None:
+                replacing = {"replacing": kept}
+            if completed and aside.exists():
+                shutil.rmtree(aside)  # left by an earlier replacement that succeeded
+            # Recorded as running (and what it replaces) before the folder moves, so a kill in
+            # between never leaves the manifest claiming a completed output that is gone.
+            update_stage(run_dir, name, status="running", output=None, finished_at=None, **replacing)
+            if kept is not None and not aside.exists():
+                stage_dir.rename(aside)  # the output being replaced
             else:
-                shutil.rmtree(stage_dir)
+                shutil.rmtree(stage_dir)  # checkpoints of an attempt that never completed
         stage_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
 
@@ -233,8 +241,11 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     except BaseException as error:
         if state.is_main_process:
             reason = f"{type(error).__name__}: {error}"
-            entry = update_stage(run_dir, name, status="failed", error=reason, finished_at=now())
-            restore_previous_output(run_dir, name, entry, reason)
+            try:
+                entry = update_stage(run_dir, name, status="failed", error=reason, finished_at=now())
+                restore_previous_output(run_dir, name, entry, reason)
+            except ChatpipeError as unrecorded:  # a full disk: the error itself matters more
+                print(f"chatpipe: {name}: the failure could not be recorded ({unrecorded})", file=sys.stderr)
         tracker.finish(exit_code=1)
         raise
     if state.is_main_process:

@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.training.state import Checkpointer
+from pipeline.faults import fault_point
+from pipeline.training.state import Checkpointer, removed_when_disk_full, tensor_bytes
 
 
 def micro_batch_position(step: int, micro: int, *, accumulation: int, world: int, rank: int, size: int) -> int:
@@ -252,6 +253,10 @@ def save_final_model(
         if generation_tokens:
             final.generation_config.pad_token_id = tokenizer.pad_token_id
             final.generation_config.eos_token_id = tokenizer.eos_token_id
-        final.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(output_dir)
+        # A full disk removes the half-written folder; the stage stays resumable from its checkpoints.
+        needed = tensor_bytes(state_dict.values() if state_dict is not None else final.parameters())
+        with removed_when_disk_full(Path(output_dir), needed, "final model"):
+            final.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+            fault_point("final:after-weights")
+            tokenizer.save_pretrained(output_dir)
     return final

@@ -11,12 +11,16 @@
 Every stage writes and reads these through one `Checkpointer`. A checkpoint is written to
 `step-N.tmp/` and renamed when complete, so a `kill -9` mid-save leaves the previous checkpoint as
 the latest; a complete checkpoint that fails to load (a file deleted or damaged since) is skipped
-for the next newest, with a message. Loading never unpickles anything.
+for the next newest, with a message. A full disk mid-save removes the partial folder and is a
+`DiskFullError` saying how much space the checkpoint needs and how much is free. Loading never
+unpickles anything. CHATPIPE_FAULT (pipeline/faults.py) can kill the writer at
+`checkpoint:after-weights` and `checkpoint:before-rename`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import random
 import re
@@ -30,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import ChatpipeError
+from pipeline.faults import fault_point
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 
@@ -112,12 +117,14 @@ def load_rng_state(folder: Path, process_index: int) -> None:
 
 
 @contextlib.contextmanager
-def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any], keep: int):
+def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any], keep: int, needed_bytes: int = 0):
     """Collective: yields a temporary folder to write into, then publishes it as `step-N`.
 
     Every process writes its part into the yielded folder; once all are done, the main process
     writes state.json (whose presence marks a complete checkpoint), renames the folder into place
-    and prunes old checkpoints. A crash before the rename leaves the previous checkpoint latest.
+    and prunes old checkpoints. A crash before the rename leaves the previous checkpoint latest;
+    a full disk removes the temporary folder and raises DiskFullError (`needed_bytes` estimates
+    the checkpoint's size for its message).
     """
     final = checkpoint_dir(root, step)
     partial = final.with_name(final.name + ".tmp")
@@ -125,14 +132,74 @@ def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any]
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    yield partial
-    save_rng_state(partial, accelerator.process_index)
+    with removed_when_disk_full(partial, needed_bytes, "checkpoint"):
+        yield partial
+        save_rng_state(partial, accelerator.process_index)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / "state.json").write_text(json.dumps({"step": step, **state}, default=_json_default))
+            fault_point("checkpoint:before-rename")
+            if final.exists():  # a damaged checkpoint of this step that resuming skipped: replaced
+                shutil.rmtree(final)
+            partial.rename(final)
+            prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "state.json").write_text(json.dumps({"step": step, **state}, default=_json_default))
-        partial.rename(final)
-        prune_checkpoints(root, keep)
-    accelerator.wait_for_everyone()
+
+
+class DiskFullError(ChatpipeError):
+    """The disk filled up while a checkpoint was written; what was written before is intact."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC from Python, or from safetensors' Rust writer (`... os error 28`, `StorageFull`)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return isinstance(error, SafetensorError) and any(
+        mark in text for mark in ("os error 28", "code: 28", "StorageFull", "No space left on device")
+    )
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free space on the disk holding `folder` (or its nearest existing parent)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def human_bytes(count: int | None) -> str:
+    if count is None:
+        return "an unknown amount"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+@contextlib.contextmanager
+def removed_when_disk_full(folder: Path, needed_bytes: int, what: str):
+    """Turn a full disk while writing `folder` into a DiskFullError, removing the partial `folder`."""
+    try:
+        yield
+    except (OSError, SafetensorError) as error:
+        if not is_disk_full(error):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)
+        raise DiskFullError(
+            f"{folder}: the disk is full; writing this {what} needs about {human_bytes(needed_bytes)} "
+            f"(weights and optimiser state) and {human_bytes(free_bytes(folder))} is free. The partial {what} "
+            f"was removed and earlier checkpoints and the manifest are intact: free some space "
+            f"(or move the run dir to a larger disk) and rerun to resume."
+        ) from None
 
 
 @dataclass
@@ -175,13 +242,18 @@ class Checkpointer:
 
     def save(self, step: int, *, model, optimizer, scheduler, tokenizer=None, state: dict[str, Any] | None = None) -> Path:
         accelerator = self.accelerator
-        with writing_checkpoint(self.root, step, accelerator, state or {"extra": {}}, self.keep) as folder:
+        # The checkpoint's size, for the message if the disk fills up: weights plus optimiser moments.
+        needed = tensor_bytes(model.parameters()) + tensor_bytes(
+            value for values in optimizer.state.values() for value in values.values()
+        )
+        with writing_checkpoint(self.root, step, accelerator, state or {"extra": {}}, self.keep, needed) as folder:
             state_dict = accelerator.get_state_dict(model)
             if accelerator.is_main_process:
                 for sub, module in self.modules(model).items():
                     prefix = self.parts[sub] + "." if self.parts[sub] else ""
                     part_state = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
                     module.save_pretrained(folder / sub, state_dict=part_state, safe_serialization=True)
+                fault_point("checkpoint:after-weights")
                 if tokenizer is not None:
                     tokenizer.save_pretrained(folder)
                 save_optimizer_state(folder, optimizer, scheduler)

@@ -131,3 +131,30 @@ def test_ppo_batch_arithmetic_errors_name_the_nested_keys(write_config):
     section = nest_ppo_keys({**PPO_FLAT, "rollout_batch_size": 15})[0]
     with pytest.raises(ConfigError, match=r"sampling\.rollout_batch_size must be a multiple of algorithm\.num_mini_batches"):
         load_config(write_config(ppo=section, reward=REWARD))
+
+
+def test_a_model_config_value_of_the_wrong_type_is_named_at_config_time(write_config):
+    # Before, `hidden_size=abc` passed validation and failed inside pretraining with a traceback.
+    with pytest.raises(ConfigError, match=r"model\.config\.hidden_size = 'abc' is not a valid llama hidden_size: expected int"):
+        load_config(write_config(), overrides=["model.config.hidden_size=abc"])
+    with pytest.raises(ConfigError, match=r"model\.config\.rms_norm_eps = '1e-5' .* write it with a dot, e\.g\. 1\.0e-05"):
+        load_config(write_config(), overrides=["model.config.rms_norm_eps=1e-5"])
+    # What only transformers knows is checked by building the config object.
+    with pytest.raises(ConfigError, match=r"model\.config does not build a llama config: .*not a multiple of the number of attention heads \(3\)"):
+        load_config(write_config(), overrides=["model.config.num_attention_heads=3"])
+    assert load_config(write_config(), overrides=["model.config.rms_norm_eps=0.00001"]).model.config["rms_norm_eps"] == 1e-5
+
+
+def test_an_override_that_is_not_yaml_says_to_quote_it(write_config):
+    with pytest.raises(ConfigError, match=r"--set 'pretrain.max_steps=\[1': the value '\[1' is not valid YAML .*quote it"):
+        load_config(write_config(), overrides=["pretrain.max_steps=[1"])
+
+
+def test_the_command_line_reports_a_bad_model_value_without_a_traceback(write_config, tmp_path):
+    from tests.conftest import chatpipe
+
+    result = chatpipe("run", str(write_config()), "--run-dir", str(tmp_path / "run"),
+                      "--set", "model.config.hidden_size=abc", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.config.hidden_size = 'abc'" in result.stderr
+    assert not (tmp_path / "run" / "pretrain").exists()

@@ -125,3 +125,34 @@ def test_parts_and_generators_round_trip(tmp_path):
     )
     assert restored.state["episode"] == 12
     assert torch.equal(torch.randperm(10, generator=other), expected)
+
+
+def test_a_full_disk_mid_checkpoint_removes_the_partial_folder_and_says_what_space_it_needs(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import pipeline.training.state as state
+    from pipeline.training.state import DiskFullError
+
+    accelerator, model, optimizer, scheduler = training_parts()
+    checkpointer = Checkpointer(tmp_path, accelerator, keep=3)
+    OptimizerStep(accelerator, model, optimizer, scheduler, 1.0)([torch.randint(0, 64, (2, 8))], lambda ids: (model(input_ids=ids, labels=ids).loss, {}))
+    checkpointer.save(1, model=model, optimizer=optimizer, scheduler=scheduler)
+
+    def full_disk(*args, **kwargs):  # what safetensors' Rust writer raises on ENOSPC
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(state, "save_file", full_disk)
+    with pytest.raises(DiskFullError) as raised:
+        checkpointer.save(2, model=model, optimizer=optimizer, scheduler=scheduler)
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'step-000002.tmp'}: the disk is full")
+    # Weights plus AdamW's two moments: about three times the parameters.
+    assert f"needs about {state.human_bytes(3 * parameters)}" in message and "is free" in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]
+    monkeypatch.undo()
+    assert checkpointer.restore(model, optimizer, scheduler).step == 1
+
+    monkeypatch.setattr(state, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("invalid tensor")))
+    with pytest.raises(SafetensorError):  # anything but a full disk is not disguised as one
+        checkpointer.save(3, model=model, optimizer=optimizer, scheduler=scheduler)

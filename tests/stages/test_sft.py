@@ -183,6 +183,7 @@ def test_crashed_sft_resumes_from_its_last_checkpoint(sft_run, tmp_path):
     update_stage(copy, "sft", status="running", output=None)
     output = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
     assert "sft: resuming from the last checkpoint (it was interrupted)" in output
+    assert f"sft: resuming from {(checkpoints / 'step-000010').resolve()} (step 10 of 30)" in output
     metrics = read_manifest(copy).stages["sft"].metrics
     assert metrics["resumed_from_step"] == 10 and metrics["steps"] == 30
     original = read_manifest(run_dir).stages["sft"].metrics
