@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -273,26 +274,34 @@ def test_errors_print_nothing(port, capfd):
 # The command
 
 
-def test_serve_command_announces_its_address_and_serves(tiny_run):
-    script = "import sys\nfrom pipeline.apps.serve import serve_command\nsys.exit(serve_command(sys.argv[1], port=0))\n"
-    process = subprocess.Popen(
-        [sys.executable, "-c", script, str(tiny_run)], cwd=REPO_ROOT,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def test_serve_command_announces_its_address_and_serves(tiny_run, tmp_path):
+    # SIGUSR1 dumps every thread's stack, so a shutdown that hangs says where.
+    script = (
+        "import faulthandler, signal, sys\nfaulthandler.register(signal.SIGUSR1)\n"
+        "from pipeline.apps.serve import serve_command\nsys.exit(serve_command(sys.argv[1], port=0))\n"
     )
-    try:
-        line = process.stdout.readline()
-        assert line.startswith("chatpipe: serving tiny-sft "), (line, process.stderr.read() if process.poll() is not None else "")
-        port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
-        status, completion = post_chat(port, {"model": "tiny-sft", "messages": HELLO, "max_tokens": 4})
-        assert status == 200 and completion["usage"]["completion_tokens"] == 4
-        os.kill(process.pid, signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stdout.close()
-        process.stderr.close()
+    with open(tmp_path / "stderr.txt", "w+") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", script, str(tiny_run)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True,
+        )
+        try:
+            line = process.stdout.readline()
+            assert line.startswith("chatpipe: serving tiny-sft "), (line, (tmp_path / "stderr.txt").read_text())
+            port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+            status, completion = post_chat(port, {"model": "tiny-sft", "messages": HELLO, "max_tokens": 4})
+            assert status == 200 and 1 <= completion["usage"]["completion_tokens"] <= 4
+            os.kill(process.pid, signal.SIGINT)
+            try:
+                assert process.wait(timeout=60) == 0
+            except subprocess.TimeoutExpired:
+                os.kill(process.pid, signal.SIGUSR1)
+                time.sleep(1)
+                pytest.fail("serve did not stop on Ctrl-C:\n" + (tmp_path / "stderr.txt").read_text()[-6000:])
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +355,6 @@ def test_too_many_messages_is_400(loaded):
 
 def test_long_conversation_does_not_hold_up_other_clients(loaded):
     """2,000 short turns took 40 s to truncate, inside the generation lock, while a short request waited."""
-    import time
-
     model, tokenizer = loaded
     long_chat = [{"role": ("user", "assistant")[i % 2], "content": f"message {i}: hi there"} for i in range(2001)]
     with running(make_server(model, tokenizer, MODEL_NAME, max_request_bytes=1_000_000, max_messages=4096)) as port:

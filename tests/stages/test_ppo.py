@@ -79,10 +79,10 @@ def test_ppo_records_lineage_and_evaluates_against_the_starting_policy(ppo_run):
 
 def test_held_out_prompts_travel_with_the_output_and_were_never_trained_on(ppo_run):
     config_path, run_dir = ppo_run
-    entry = read_manifest(run_dir)["stages"]["ppo"]
-    assert "held_out.jsonl" in entry["output"]["files"]  # covered by the output digest
+    entry = read_manifest(run_dir).stages["ppo"]
+    assert "held_out.jsonl" in entry.output.files  # covered by the output digest
     held_out = read_held_out(run_dir / "ppo" / "final")
-    assert len(held_out) == entry["metrics"]["validation_prompts"] > 0
+    assert len(held_out) == entry.metrics["validation_prompts"] > 0
     config = load_config(config_path)
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "pretrain" / "final")
     split = load_prompts(config.ppo.data, tokenizer, None, config.seed)
@@ -93,7 +93,7 @@ def test_held_out_prompts_travel_with_the_output_and_were_never_trained_on(ppo_r
     ]
     assert rendered == split.held_out
     assert not {tuple(ids) for ids in split.train} & {tuple(ids) for ids in rendered}
-    assert len(split.train) + len(split.held_out) == entry["metrics"]["train_prompts"] + entry["metrics"]["validation_prompts"]
+    assert len(split.train) + len(split.held_out) == entry.metrics["train_prompts"] + entry.metrics["validation_prompts"]
 
 
 def test_ppo_policy_loads_with_plain_transformers_and_samples_are_logged(ppo_run):
