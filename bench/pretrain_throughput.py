@@ -6,7 +6,7 @@
 Two loops train the same freshly initialised Llama on the same Tiny Shakespeare documents:
 
 - chatpipe: documents tokenized, joined with EOS and cut into blocks (`data.packing.pack_documents`),
-  batches drawn by `data.packing.batch_indices`, the model built by
+  batches drawn as the stage draws them (`pipeline.training.loop.step_indices`), the model built by
   `stages.pretrain.model.model_from_config`, AdamW and its schedule from `pipeline.training.optimization`,
   everything wrapped by accelerate as in the stage. The timed step is the stage's own
   `pipeline.training.loop.OptimizerStep` (micro-batches, no_sync, autocast, backward, clip,
@@ -149,26 +149,22 @@ class ChatpipeLoop:
         self.model.train()
         self.step_index = 0
 
-    def micro_batch_at(self, step: int, micro: int) -> torch.Tensor:
-        from data.packing import batch_indices
-
-        from pipeline.training.loop import micro_batch_position
+    def micro_batches_at(self, step: int) -> list[torch.Tensor]:
+        from pipeline.training.loop import step_indices
 
         section, accelerator = self.section, self.accelerator
-        micro_batch = section.per_device_batch_size
-        position = micro_batch_position(
-            step, micro, accumulation=section.gradient_accumulation_steps,
-            world=accelerator.num_processes, rank=accelerator.process_index, size=micro_batch,
+        steps = step_indices(
+            step, accelerator, accumulation=section.gradient_accumulation_steps,
+            size=section.per_device_batch_size, examples=len(self.blocks), seed=self.seed,
         )
-        indices = batch_indices(position, micro_batch, len(self.blocks), self.seed)
-        return torch.from_numpy(self.blocks[indices]).long().to(accelerator.device)
+        return [torch.from_numpy(self.blocks[indices]).long().to(accelerator.device) for indices in steps]
 
     def step(self) -> StepStats:
         section, model = self.section, self.model
         synchronize()
         started = time.perf_counter()
         # The stage's own optimiser step (pipeline/training/loop.py), over the stage's micro-batches.
-        micro_batches = [self.micro_batch_at(self.step_index, micro) for micro in range(section.gradient_accumulation_steps)]
+        micro_batches = self.micro_batches_at(self.step_index)
         self.optimizer_step(micro_batches, lambda blocks: (model(input_ids=blocks, labels=blocks).loss, {}))
         # Logging, eval and checkpoints are not timed.
         synchronize()

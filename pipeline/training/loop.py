@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from data.packing import batch_indices
 from pipeline.faults import fault_point
 from pipeline.training.state import Checkpointer, removed_when_disk_full, tensor_bytes
 
@@ -41,6 +43,24 @@ def micro_batch_position(step: int, micro: int, *, accumulation: int, world: int
     """
     micro_index = step * accumulation + micro
     return (micro_index * world + rank) * size
+
+
+def step_indices(step: int, accelerator, *, accumulation: int, size: int, examples: int, seed: int) -> list[np.ndarray]:
+    """This process's example indices for each of the `accumulation` micro-batches of optimiser step `step`.
+
+    `size` examples per micro-batch, drawn from the seeded order of `examples` items that every
+    process shares (one process's slice of each global batch; see micro_batch_position).
+    """
+    return [
+        batch_indices(
+            micro_batch_position(
+                step, micro, accumulation=accumulation,
+                world=accelerator.num_processes, rank=accelerator.process_index, size=size,
+            ),
+            size, examples, seed,
+        )
+        for micro in range(accumulation)
+    ]
 
 
 @dataclass

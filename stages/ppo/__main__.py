@@ -24,12 +24,11 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from data.held_out import write_held_out
-from data.packing import batch_indices
 from pipeline.errors import ConfigError
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import replicas_in_sync
-from pipeline.training.loop import Cadence, micro_batch_position, save_final_model
+from pipeline.training.loop import Cadence, save_final_model, step_indices
 from pipeline.training.state import Checkpointer
 from reward_model.functions import reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
@@ -66,8 +65,7 @@ def train(context: StageContext) -> StageResult:
 
     def queries_for(rollout: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This process's prompts for a rollout, each repeated samples_per_prompt times in a row."""
-        position = micro_batch_position(rollout, 0, accumulation=1, world=world, rank=accelerator.process_index, size=local_prompts)
-        indices = batch_indices(position, local_prompts, len(train_prompts), config.seed)
+        [indices] = step_indices(rollout, accelerator, accumulation=1, size=local_prompts, examples=len(train_prompts), seed=config.seed)
         chosen = [train_prompts[i] for i in indices for _ in range(section.sampling.samples_per_prompt)]
         return left_padded(chosen, tokenizer.pad_token_id)
 

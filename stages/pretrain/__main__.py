@@ -17,10 +17,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
-from data.packing import batch_indices
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
-from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
+from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer
@@ -55,15 +54,11 @@ def train(context: StageContext) -> StageResult:
 
     def micro_batches(step: int) -> list[torch.Tensor]:
         """This process's blocks for each micro-step of optimiser step `step` (0-based)."""
-        batches = []
-        for micro in range(section.gradient_accumulation_steps):
-            position = micro_batch_position(
-                step, micro, accumulation=section.gradient_accumulation_steps,
-                world=accelerator.num_processes, rank=accelerator.process_index, size=micro_batch,
-            )
-            indices = batch_indices(position, micro_batch, len(train_blocks), config.seed)
-            batches.append(torch.from_numpy(train_blocks[indices]).long().to(accelerator.device))
-        return batches
+        steps = step_indices(
+            step, accelerator, accumulation=section.gradient_accumulation_steps,
+            size=micro_batch, examples=len(train_blocks), seed=config.seed,
+        )
+        return [torch.from_numpy(train_blocks[indices]).long().to(accelerator.device) for indices in steps]
 
     def loss(blocks: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return model(input_ids=blocks, labels=blocks).loss, {}

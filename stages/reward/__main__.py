@@ -21,13 +21,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
-from data.packing import batch_indices
 from data.preferences import normalize_preferences
 from data.sources import load_source
 from data.splits import held_out_split
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
-from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
+from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer
 from reward_model.batching import collate_groups, encode_groups
@@ -87,12 +86,11 @@ def train(context: StageContext) -> StageResult:
     def micro_batches(step: int) -> list[dict]:
         """Whole prompts with all their completions, for each micro-step of optimiser step `step`."""
         batches = []
-        for micro in range(section.gradient_accumulation_steps):
-            position = micro_batch_position(
-                step, micro, accumulation=section.gradient_accumulation_steps,
-                world=accelerator.num_processes, rank=accelerator.process_index, size=section.prompts_per_batch,
-            )
-            indices = batch_indices(position, section.prompts_per_batch, len(train_encoded), config.seed)
+        steps = step_indices(
+            step, accelerator, accumulation=section.gradient_accumulation_steps,
+            size=section.prompts_per_batch, examples=len(train_encoded), seed=config.seed,
+        )
+        for indices in steps:
             batch = collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, section.margin)
             batches.append({k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()})
         return batches

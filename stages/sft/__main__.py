@@ -30,12 +30,11 @@ from accelerate.utils import set_seed
 from transformers import AutoTokenizer, get_scheduler
 
 from data.chat_tokens import load_conversations, tokenize_conversations
-from data.packing import batch_indices
 from data.splits import held_out_split
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
-from pipeline.training.loop import Cadence, OptimizerStep, fit, micro_batch_position, save_final_model
+from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw
 from pipeline.training.state import Checkpointer
@@ -93,14 +92,11 @@ def train(context: StageContext) -> StageResult:
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def micro_batches(step: int) -> list[dict]:
-        batches = []
-        for micro in range(section.gradient_accumulation_steps):
-            position = micro_batch_position(
-                step, micro, accumulation=section.gradient_accumulation_steps,
-                world=accelerator.num_processes, rank=accelerator.process_index, size=micro_batch,
-            )
-            indices = batch_indices(position, micro_batch, len(train_rows), config.seed)
-            batches.append(collate_conversations([train_rows[i] for i in indices], tokenizer.pad_token_id))
+        steps = step_indices(
+            step, accelerator, accumulation=section.gradient_accumulation_steps,
+            size=micro_batch, examples=len(train_rows), seed=config.seed,
+        )
+        batches = [collate_conversations([train_rows[i] for i in indices], tokenizer.pad_token_id) for indices in steps]
         step_tokens = max(1, sum(batch["loss_tokens"] for batch in batches))
         return [{**batch, "step_tokens": step_tokens} for batch in batches]
 

@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pipeline.training.loop import Cadence, OptimizerStep, micro_batch_position
+from pipeline.training.loop import Cadence, OptimizerStep, micro_batch_position, step_indices
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer, CheckpointError
 
@@ -80,6 +80,25 @@ def test_cadence_and_positions():
         for step in range(3) for micro in range(2) for rank in range(2)
     )
     assert positions == list(range(0, 48, 4))
+
+
+def test_step_indices_give_each_process_its_slice_of_one_shared_order():
+    """Two processes with two micro-steps of 3 read, between them, the order one process reads alone."""
+    from types import SimpleNamespace
+
+    from data.packing import batch_indices
+
+    def process(rank: int, world: int) -> SimpleNamespace:
+        return SimpleNamespace(process_index=rank, num_processes=world)
+
+    alone = [step_indices(step, process(0, 1), accumulation=1, size=12, examples=20, seed=5)[0] for step in range(3)]
+    assert [i.tolist() for i in alone] == [batch_indices(12 * step, 12, 20, 5).tolist() for step in range(3)]
+    for step in range(3):
+        shards = [step_indices(step, process(rank, 2), accumulation=2, size=3, examples=20, seed=5) for rank in range(2)]
+        assert [len(micro) for shard in shards for micro in shard] == [3, 3, 3, 3]
+        # Micro-step by micro-step, rank 0 then rank 1: the single process's batch, in its order.
+        interleaved = [index for micro in range(2) for rank in range(2) for index in shards[rank][micro].tolist()]
+        assert interleaved == alone[step].tolist()
 
 
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
