@@ -1,12 +1,14 @@
 """Aggregate tokens/s of `chatpipe serve` for 1 and 16 concurrent clients, with and without batching.
 
-    python bench/serve_concurrency.py [--hidden 32 --layers 2] [--tokens 32] [--requests 32]
+    python bench/serve_concurrency.py [--hidden 32 --layers 2] [--tokens 32] [--requests 32] [--rounds 3]
 
 A random Llama sized to a BPE tokenizer trained on the Shakespeare sample is served in this
 process (the server's threads) and called over real HTTP by client threads. "Unbatched" is the
 same server with max_batch_rows=1, i.e. one request per engine call as before the scheduler.
 Each client asks for `--tokens` tokens at temperature 1 (a random model rarely ends its turn).
-Prints one JSON line per setting: aggregate completion tokens/s and mean request latency.
+Prints one JSON line per setting and round (aggregate completion tokens/s, mean request latency),
+then the ratios measured within each round: what 16 clients get against one client, what batching
+gives 16 clients, and what it costs a single client (the scheduler's collection window).
 """
 
 from __future__ import annotations
@@ -70,26 +72,44 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="Settings alternate within each round; ratios are per round.")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the model (default: torch's).")
     args = parser.parse_args()
+
+    import torch
 
     from pipeline.apps.serve import make_server
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = build(args.hidden, args.layers)
+    servers = {}
     for label, rows in (("batched", 32), ("unbatched", 1)):
         server = make_server(model, tokenizer, "bench", max_batch_rows=rows)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
-        thread.start()
-        port = server.server_address[1]
-        try:
-            call(port, 4, 0)  # warm up
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[label] = server
+        call(server.server_address[1], 4, 0)  # warm up
+    ratios = {"batched 16 / batched 1": [], "batched 16 / unbatched 16": [], "batched 1 / unbatched 1": []}
+    try:
+        for round_index in range(args.rounds):
+            rates = {}
             for clients in (1, 16):
-                requests = args.requests if clients > 1 else max(4, args.requests // 4)
-                result = measure(port, clients, requests, args.tokens)
-                print(json.dumps({"server": label, "hidden": args.hidden, "layers": args.layers, "clients": clients,
-                                  "requests": requests, "max_tokens": args.tokens, **result}), flush=True)
-        finally:
+                for label, server in servers.items():
+                    requests = args.requests if clients > 1 else max(4, args.requests // 4)
+                    result = measure(server.server_address[1], clients, requests, args.tokens)
+                    rates[label, clients] = result["tokens_per_s"]
+                    print(json.dumps({"round": round_index, "server": label, "hidden": args.hidden, "layers": args.layers,
+                                      "threads": torch.get_num_threads(), "clients": clients, "requests": requests,
+                                      "max_tokens": args.tokens, **result}), flush=True)
+            ratios["batched 16 / batched 1"].append(rates["batched", 16] / rates["batched", 1])
+            ratios["batched 16 / unbatched 16"].append(rates["batched", 16] / rates["unbatched", 16])
+            ratios["batched 1 / unbatched 1"].append(rates["batched", 1] / rates["unbatched", 1])
+    finally:
+        for server in servers.values():
             server.shutdown()
             server.server_close()
+    for name, values in ratios.items():
+        print(f"{name:>26}: median {statistics.median(values):.2f}x  (per round: {', '.join(f'{v:.2f}x' for v in values)})")
 
 
 if __name__ == "__main__":

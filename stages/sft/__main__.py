@@ -17,6 +17,11 @@ half-written `checkpoint-N` that broke every later run. On the core, SFT checkpo
 same atomic, pickle-free `step-N` folders as every other stage's, the engine differences live in
 one place, and the loss is the one the Trainer computed: the mean over every assistant token of
 the optimiser step (`num_items_in_batch`), not a mean of micro-batch means.
+
+Measured on the demo (configs/tiny.yaml, 238 steps, 2-core CPU, the two alternated twice in one
+session): the Trainer-based stage ran 2.43 and 2.37 steps/s (110 s wall), this one 3.61 and
+3.34 (77 and 82 s), about 1.4x. The held-out loss moved 3.5369 -> 3.5346 because the batches now
+come in the seeded order every stage draws from (`step_indices`), not the Trainer's sampler.
 """
 
 from __future__ import annotations
