@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: demo test install clean
 
@@ -25,10 +26,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+# The tests also launch DeepSpeed ZeRO-2/3 on CPU processes: DeepSpeed without compiled ops.
+$(TEST_STAMP): $(STAMP)
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet -e ".[test,deepspeed]"
+	touch $(TEST_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/chatpipe run configs/tiny.yaml --run-dir runs/tiny
 
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest
 
 clean:

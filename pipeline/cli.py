@@ -23,7 +23,7 @@ from pathlib import Path
 
 from pipeline.config import LaunchConfig, RunConfig, load_config, validate_config
 from pipeline.errors import ChatpipeError, ConfigError
-from pipeline.orchestration.launcher import run_logged, stage_command
+from pipeline.orchestration.launcher import run_logged, stage_launch
 from pipeline.orchestration.manifest import (
     Manifest,
     StageEntry,
@@ -191,7 +191,10 @@ def require_enabled(spec: StageSpec, config: RunConfig) -> None:
 def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     launch = spec.launch(config) or LaunchConfig()
     log = log_path(run_dir, spec.name)
-    code = run_logged(stage_command(spec.module, launch, run_dir), log)
+    started = stage_launch(spec.module, launch, run_dir)
+    for note in started.notes:
+        print(f"chatpipe: {spec.name}: {note}")
+    code = run_logged(started.command, log, env=started.env)
     if code != 0:
         print(f"chatpipe: stage {spec.name!r} failed (exit code {code}); log: {log}", file=sys.stderr)
         entry = read_manifest(run_dir).stages.get(spec.name)

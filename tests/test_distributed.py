@@ -10,6 +10,8 @@ from tests.conftest import chatpipe, tiny_config, tiny_sft_section
 from tests.stages.test_ppo import ppo_section
 from tests.stages.test_reward import marker_preferences
 
+pytestmark = pytest.mark.distributed
+
 TWO = {"num_processes": 2, "launcher": "torchrun"}
 
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from data.packing import batch_indices
 from pipeline.faults import fault_point
-from pipeline.training.state import Checkpointer, removed_when_disk_full, tensor_bytes
+from pipeline.training.state import Checkpointer, CheckpointError, removed_when_disk_full, tensor_bytes
 
 
 def micro_batch_position(step: int, micro: int, *, accumulation: int, world: int, rank: int, size: int) -> int:
@@ -113,7 +113,7 @@ class OptimizerStep:
             with contextlib.nullcontext() if last else accelerator.no_sync(self.model), accelerator.autocast():
                 loss, stats = loss_fn(batch)
                 weigh = (lambda value: value / count) if weights is None else (lambda value, w=weights[index]: value * w)
-                accelerator.backward(weigh(loss))
+                self.backward(weigh(loss), last)
             loss_total += weigh(loss.detach())
             for key, value in stats.items():
                 stats_total[key] = stats_total.get(key, torch.zeros((), device=accelerator.device)) + weigh(value.detach())
@@ -123,6 +123,20 @@ class OptimizerStep:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutput(loss_total, stats_total, micro_stats, grad_norms)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        """Backward for one micro-batch; under DeepSpeed the engine steps on the last one only.
+
+        accelerate's DeepSpeed backward steps the engine whenever accelerate thinks gradients
+        sync, which with hand-made accumulation is every micro-batch; here the boundary is the
+        optimiser step's last micro-batch. DeepSpeed's own gradient_accumulation_steps is held
+        at 1 (fit_deepspeed_batch), so it does not divide the already weighted loss again.
+        """
+        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
+        if engine is None:
+            self.accelerator.backward(loss)
+        else:
+            engine.backward(loss, sync_gradients=last)
 
     def clip(self) -> dict[str, torch.Tensor | None]:
         if self.clip_groups is None:
@@ -153,6 +167,32 @@ class Cadence:
     def save(self, done: int) -> bool:
         """A resumable checkpoint; none at the end, where the final model is written instead."""
         return done % self.save_every == 0 and done < self.total
+
+
+def sharded_engine(accelerator) -> str | None:
+    """The name of the engine when it shards optimiser state across processes (FSDP, DeepSpeed ZeRO), else None."""
+    kind = str(getattr(accelerator, "distributed_type", ""))
+    if kind.endswith("DEEPSPEED"):
+        plugin = accelerator.state.deepspeed_plugin
+        return f"DeepSpeed ZeRO-{plugin.zero_stage}"
+    if kind.endswith("FSDP"):
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return None
+
+
+def require_checkpointable(accelerator, cadence: Cadence, name: str) -> None:
+    """Refuse, before training, a run that would write resumable checkpoints chatpipe cannot write yet.
+
+    A checkpoint holds the optimiser state as one file written by the main process; under FSDP and
+    ZeRO each process holds only its shard of that state, so such a checkpoint would resume wrong.
+    """
+    engine = sharded_engine(accelerator)
+    if engine is not None and cadence.save_every < cadence.total:
+        raise CheckpointError(
+            f"{name}: resumable checkpoints are not written under {engine} yet (each process holds a shard of the "
+            f"optimiser state); set {name}.save_every to at least the run's {cadence.total} steps to train without "
+            f"them (the final model is still saved), or launch this stage with DDP"
+        )
 
 
 @dataclass
@@ -189,6 +229,7 @@ def fit(
     run resumes from the newest complete checkpoint at the same step with the same data ahead.
     """
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
+    require_checkpointable(accelerator, cadence, name)
     start, resumed_from, first_eval = 0, None, None
     restored = checkpointer.restore(model, optimizer, scheduler)
     if restored is not None:

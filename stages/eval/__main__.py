@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
@@ -32,6 +31,7 @@ from pipeline.models.generation import Sampling, seeded_generator
 from pipeline.models.logprobs import logprobs_from_logits, masked_sum, response_logits
 from pipeline.models.responses import response_logprobs, sample_responses, score_in_micro_batches
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
+from pipeline.training.distributed import make_accelerator
 from pipeline.training.metrics import perplexity
 from reward_model.batching import encode_groups
 from reward_model.evaluation import evaluate_preferences
@@ -97,7 +97,7 @@ def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_
 
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.eval
-    accelerator = Accelerator()
+    accelerator = make_accelerator()
     set_seed(config.seed)
     device = accelerator.device
     reference_dir = context.inputs[config.policy_stage]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -27,7 +26,7 @@ from data.held_out import write_held_out
 from pipeline.errors import ConfigError
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import replicas_in_sync
+from pipeline.training.distributed import make_accelerator, replicas_in_sync
 from pipeline.training.loop import Cadence, save_final_model, step_indices
 from pipeline.training.state import Checkpointer
 from reward_model.functions import reward_model_function
@@ -44,7 +43,7 @@ def train(context: StageContext) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 
     # ---------------------------------------------------------------------------------- setup
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
+    accelerator = make_accelerator(resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)
     world = accelerator.num_processes
     if section.sampling.rollout_batch_size % (world * section.sampling.samples_per_prompt):

@@ -112,7 +112,7 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0, fused=fused_adamw_supported(trainable))
         schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.algorithm.lr_schedule == "linear" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        fit_deepspeed_batch(accelerator, config.algorithm.micro_batch_size)
+        fit_deepspeed_batch(accelerator, config.algorithm.micro_batch_size, config.algorithm.max_grad_norm)
         self.model, self.optimizer = accelerator.prepare(wrapper, optimizer)
         # Policy and value gradients are clipped apart: their scales differ.
         self.optimizer_step = OptimizerStep(

@@ -13,12 +13,11 @@ Output: RUN_DIR/pretrain/final, a Hugging Face model folder with the tokenizer.
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
+from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, whole_model_init
 from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, warmup_cosine
@@ -35,7 +34,7 @@ def train(context: StageContext) -> StageResult:
         return adopt(context, tokenizer)
 
     # ---------------------------------------------------------------------------------- setup
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
+    accelerator = make_accelerator(resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)  # the same initial weights on every process
 
     # ----------------------------------------------------------------------------------- data
@@ -45,11 +44,14 @@ def train(context: StageContext) -> StageResult:
     tokens_per_step = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps * section.block_size
 
     # ---------------------------------------------------------------------------------- model
-    model = model_from_config(config.model, tokenizer)
+    # Initialised whole on every process, also under ZeRO-3 (whose zero.Init would draw each shard
+    # apart): every engine starts from the same weights, so runs compare and resume alike.
+    with whole_model_init():
+        model = model_from_config(config.model, tokenizer)
     n_parameters = count_parameters(model)
     optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
     scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
-    fit_deepspeed_batch(accelerator, section.per_device_batch_size)
+    fit_deepspeed_batch(accelerator, section.per_device_batch_size, section.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def micro_batches(step: int) -> list[torch.Tensor]:

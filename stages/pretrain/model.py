@@ -40,4 +40,5 @@ def adopt_base_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
 
 
 def count_parameters(model: PreTrainedModel) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Whole parameters, also for a ZeRO-3 partitioned model (whose tensors are empty placeholders)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

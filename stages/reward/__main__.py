@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
@@ -25,7 +24,7 @@ from data.preferences import normalize_preferences
 from data.sources import load_source
 from data.splits import held_out_split
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
+from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, whole_model_init
 from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer
@@ -54,7 +53,7 @@ def train(context: StageContext) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(backbone_dir)
 
     # ---------------------------------------------------------------------------------- setup
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
+    accelerator = make_accelerator(resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)
 
     # ----------------------------------------------------------------------------------- data
@@ -70,7 +69,10 @@ def train(context: StageContext) -> StageResult:
     total_steps = section.max_steps or max(1, math.ceil(section.epochs * len(train_encoded) / groups_per_step))
 
     # ---------------------------------------------------------------------------------- model
-    model = build_reward_model(backbone_dir, pad_token_id=tokenizer.pad_token_id)
+    # Assembled whole (the backbone's weights copied into a new model with a fresh head), also
+    # under ZeRO-3, whose zero.Init would leave the copy nothing to land in and draw the head apart.
+    with whole_model_init():
+        model = build_reward_model(backbone_dir, pad_token_id=tokenizer.pad_token_id)
     if section.lora is not None:
         from peft import LoraConfig, get_peft_model
 
@@ -80,7 +82,7 @@ def train(context: StageContext) -> StageResult:
         ))
     optimizer = adamw(model, section.learning_rate, section.weight_decay)
     scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
-    fit_deepspeed_batch(accelerator, section.prompts_per_batch)
+    fit_deepspeed_batch(accelerator, section.prompts_per_batch, section.max_grad_norm)
     scorer, optimizer = accelerator.prepare(TokenScorer(model), optimizer)
 
     def micro_batches(step: int) -> list[dict]:

@@ -30,7 +30,6 @@ import json
 import math
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, get_scheduler
 
@@ -38,7 +37,7 @@ from data.chat_tokens import load_conversations, tokenize_conversations
 from data.splits import held_out_split
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync
+from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, shards_parameters
 from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw
@@ -53,7 +52,7 @@ def train(context: StageContext) -> StageResult:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
 
     # ---------------------------------------------------------------------------------- setup
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
+    accelerator = make_accelerator(resolve_mixed_precision(section.launch.mixed_precision))
     set_seed(config.seed)
 
     # ----------------------------------------------------------------------------------- data
@@ -93,7 +92,7 @@ def train(context: StageContext) -> StageResult:
         section.lr_scheduler, optimizer, num_warmup_steps=math.ceil(section.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    fit_deepspeed_batch(accelerator, micro_batch)
+    fit_deepspeed_batch(accelerator, micro_batch, section.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     def micro_batches(step: int) -> list[dict]:
@@ -143,13 +142,16 @@ def train(context: StageContext) -> StageResult:
         write_adapter_note(context.output_dir, base_dir, context.input_digests["pretrain"])
 
     # -------------------------------------------------------------------------------- samples
-    if context.is_main and section.sample_prompts:
+    # Sharded weights (FSDP, ZeRO-3) are gathered inside each forward pass, a collective: every
+    # process then generates the same seeded replies in lockstep, and the main process writes them.
+    if section.sample_prompts and (context.is_main or shards_parameters(accelerator)):
         prompts = sample_rows(
             validation_conversations, section.sample_prompts, tokenizer, section.max_length - section.sample_max_new_tokens
         )
         replies = generate_replies(
             trained, tokenizer, [prompt for prompt, _ in prompts], section.sample_max_new_tokens, seed=config.seed,
         )
+    if context.is_main and section.sample_prompts:
         samples = [
             {"prompt": prompt, "reference": reference, "reply": reply}
             for (prompt, reference), reply in zip(prompts, replies)

@@ -1,0 +1,166 @@
+"""Every distributed engine, rehearsed on two CPU processes the way a user launches it.
+
+The shipped accelerate files (configs/accelerate/{ddp,fsdp,deepspeed_zero2,deepspeed_zero3}.yaml),
+named in a stage's launch section as they are, on a machine without GPUs: the launcher starts
+torchrun with the environment `accelerate launch` would set, adapted to CPU (gloo, fp32).
+
+One seed and the same global batch of 16 blocks per step: one process accumulating two
+micro-batches of 8, and two processes with 8 each. Measured on this machine (fp32, 8 steps):
+DDP, FSDP2 and ZeRO-2 give the single process's train losses and final weights bit for bit;
+ZeRO-3 differs by up to 4.8e-7 in loss and 6e-8 in weights (its gathered sums round differently).
+On configs/tiny.yaml's model over 20 steps the engines agreed with DDP within 2e-6 in loss and
+2.4e-7 in weights. The tolerances below leave room for other CPUs and thread counts.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.orchestration.manifest import read_manifest
+from tests.conftest import REPO_ROOT, chatpipe, tiny_config, tiny_sft_section
+from tests.stages.test_reward import marker_preferences
+
+pytestmark = pytest.mark.distributed
+
+ENGINES = {"ddp": "DDP", "fsdp": "FSDP2", "deepspeed_zero2": "DeepSpeed ZeRO-2", "deepspeed_zero3": "DeepSpeed ZeRO-3"}
+SHARDING = ["fsdp", "deepspeed_zero3"]  # the engines that hold only a shard of the weights per process
+STEPS = 8
+LOSS_TOLERANCE = 1e-4  # against one process; measured up to 4.8e-7
+WEIGHT_TOLERANCE = 1e-5  # against one process; measured up to 6e-8
+
+
+def two_processes(engine: str) -> dict:
+    return {"num_processes": 2, "accelerate_config": str(REPO_ROOT / "configs" / "accelerate" / f"{engine}.yaml")}
+
+
+def run_config(folder, corpus, engine: str | None, **pretrain) -> dict:
+    """Pretraining of STEPS steps of 16 blocks (one process: 2 micro-batches of 8), then SFT and reward."""
+    launch = two_processes(engine) if engine else {"num_processes": 1}
+    accumulation = 1 if engine else 2
+    return tiny_config(
+        corpus,
+        pretrain={"max_steps": STEPS, "warmup_steps": 2, "eval_every": STEPS, "save_every": STEPS, "log_every": 1,
+                  "gradient_accumulation_steps": accumulation, "launch": launch, **pretrain},
+        sft=tiny_sft_section(max_steps=4, eval_every=4, save_every=4, sample_prompts=1, launch=launch),
+        reward={
+            "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "sft",
+            "max_length": 64, "max_steps": 4, "learning_rate": 3e-3, "eval_every": 4, "save_every": 4, "launch": launch,
+        },
+    )
+
+
+def write(folder, name: str, config: dict):
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenized(tmp_path_factory, shakespeare_excerpt):
+    """A run dir whose tokenizer is trained (the same for every engine), and its folder."""
+    folder = tmp_path_factory.mktemp("engines")
+    config = write(folder, "one", run_config(folder, shakespeare_excerpt, None))
+    chatpipe("run", str(config), "--run-dir", str(folder / "base"), "--only", "tokenizer")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pretrained(tokenized, shakespeare_excerpt):
+    """{engine or 'one': (config, run dir, chatpipe stdout)} after pretraining under each."""
+    runs = {}
+    for engine in (None, *ENGINES):
+        name = engine or "one"
+        config = write(tokenized, name, run_config(tokenized, shakespeare_excerpt, engine))
+        run_dir = tokenized / name
+        shutil.copytree(tokenized / "base", run_dir)
+        result = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain")
+        runs[name] = (config, run_dir, result.stdout)
+    return runs
+
+
+def train_losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    return [row["train/loss"] for row in rows if "train/loss" in row]
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    weights = load_file(str(run_dir / "pretrain" / "final" / "model.safetensors"))
+    weights.pop("lm_head.weight", None)  # tied to the embeddings: saved once or twice, the same tensor
+    return weights
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_each_engine_pretrains_like_one_process(pretrained, engine):
+    _, run_dir, stdout = pretrained[engine]
+    # The shipped file works as it is: the launcher says what it adapted for CPU.
+    assert f"no GPU here: {ENGINES[engine]} from " in stdout and "rehearsed on 2 CPU processes (gloo)" in stdout
+    assert "bf16 from " in stdout and "runs in fp32" in stdout
+    entry = read_manifest(run_dir).stages["pretrain"]
+    assert entry.status == "completed" and entry.world_size == 2
+    # Gathered whole on every process (FSDP2 and ZeRO-3 hold shards), the weights agree everywhere.
+    assert entry.metrics["replicas_in_sync"] is True
+    assert entry.metrics["parameters"] == read_manifest(pretrained["one"][1]).stages["pretrain"].metrics["parameters"]
+
+    reference = pretrained["one"][1]
+    losses, expected = train_losses(run_dir), train_losses(reference)
+    assert len(losses) == len(expected) == STEPS
+    assert max(abs(a - b) for a, b in zip(losses, expected)) < LOSS_TOLERANCE, (losses, expected)
+    ours, theirs = final_weights(run_dir), final_weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
+
+
+def test_the_saved_folder_loads_with_from_pretrained_and_holds_the_trained_weights(pretrained):
+    from transformers import AutoModelForCausalLM
+
+    for engine in ("fsdp", "deepspeed_zero3"):
+        folder = pretrained[engine][1] / "pretrain" / "final"
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        saved = final_weights(pretrained[engine][1])
+        loaded = dict(model.named_parameters())
+        assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items())
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(pretrained):
+    """SFT then the reward model on the pretrained runs of the sharding engines."""
+    for engine in SHARDING:
+        config, run_dir, _ = pretrained[engine]
+        for stage in ("sft", "reward"):
+            chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", stage)
+    return {engine: pretrained[engine][1] for engine in SHARDING}
+
+
+@pytest.mark.parametrize("engine", SHARDING)
+def test_sft_and_reward_train_on_sharded_weights(fine_tuned, engine):
+    run_dir = fine_tuned[engine]
+    for stage in ("sft", "reward"):
+        entry = read_manifest(run_dir).stages[stage]
+        assert entry.status == "completed" and entry.world_size == 2 and entry.metrics["replicas_in_sync"] is True
+    # SFT's sample replies are generated by both processes in lockstep from the sharded model.
+    samples = [json.loads(line) for line in (run_dir / "sft" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 1 and isinstance(samples[0]["reply"], str)
+
+
+def test_fsdp_and_zero3_fine_tune_alike(fine_tuned):
+    """The same start, data and seed: both engines end SFT and reward training alike."""
+    first, second = (read_manifest(fine_tuned[engine]).stages for engine in SHARDING)
+    assert abs(first["sft"].metrics["eval_loss"] - second["sft"].metrics["eval_loss"]) < LOSS_TOLERANCE
+    assert first["reward"].metrics["accuracy"] == second["reward"].metrics["accuracy"]
+    assert abs(first["reward"].metrics["mean_margin"] - second["reward"].metrics["mean_margin"]) < 1e-3
+
+
+def test_resumable_checkpoints_under_a_sharded_engine_are_refused_before_training(tokenized, shakespeare_excerpt):
+    config = write(tokenized, "fsdp-checkpoints", run_config(tokenized, shakespeare_excerpt, "fsdp", save_every=4))
+    run_dir = tokenized / "fsdp-checkpoints"
+    shutil.copytree(tokenized / "base", run_dir)
+    result = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain", check=False)
+    assert result.returncode != 0
+    log = (run_dir / "logs" / "pretrain.log").read_text()
+    assert "pretrain: resumable checkpoints are not written under FSDP2 yet" in log
+    assert "set pretrain.save_every to at least the run's 8 steps" in log
+    assert not (run_dir / "pretrain" / "checkpoints").exists() or not any((run_dir / "pretrain" / "checkpoints").iterdir())
