@@ -275,9 +275,12 @@ def test_errors_print_nothing(port, capfd):
 
 
 def test_serve_command_announces_its_address_and_serves(tiny_run, tmp_path):
-    # SIGUSR1 dumps every thread's stack, so a shutdown that hangs says where.
+    # SIGUSR1 dumps every thread's stack, so a shutdown that hangs says where. SIGINT gets Python's
+    # own handler back: a suite started as a background job (`make test &`) hands its children SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt for it (the old flake: serve never stopped).
     script = (
         "import faulthandler, signal, sys\nfaulthandler.register(signal.SIGUSR1)\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "from pipeline.apps.serve import serve_command\nsys.exit(serve_command(sys.argv[1], port=0))\n"
     )
     with open(tmp_path / "stderr.txt", "w+") as stderr:
