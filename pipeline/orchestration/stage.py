@@ -142,6 +142,21 @@ def run_stage(name: str, train: Callable[[StageContext], StageResult], argv: lis
     except ChatpipeError as error:
         print(f"chatpipe: {name}: {error}", file=sys.stderr)
         sys.exit(2)
+    leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits, after a stage that completed.
+
+    Left to interpreter shutdown, a communication backend's threads (gloo's, DeepSpeed's
+    shared-memory ones on CPU) can be destroyed while still joinable, and the process aborts
+    ("terminate called without an active exception") after its work is done and recorded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], StageResult]) -> StageResult:
