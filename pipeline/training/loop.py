@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from data.packing import batch_indices
 from pipeline.faults import fault_point
+from pipeline.training.distributed import shards_parameters, whole_model_init
 from pipeline.training.state import Checkpointer, CheckpointError, removed_when_disk_full, tensor_bytes
 
 
@@ -298,19 +299,23 @@ def save_final_model(
     process first (`get_state_dict`: whole tensors also under FSDP and ZeRO-3). With LoRA,
     `lora_save="merged"` folds the adapter into the weights and "adapter" keeps the adapter alone.
     `generation_tokens` records the pad and EOS ids in the generation config, so `generate` stops
-    at EOS. Returns the saved (unwrapped) model.
+    at EOS. Returns the saved (unwrapped) model; under sharding with LoRA, the main process's
+    rebuilt copy.
     """
     accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model) if lora_save is None else None
+    sharded = shards_parameters(accelerator)
+    state_dict = accelerator.get_state_dict(model) if lora_save is None or sharded else None
     final = accelerator.unwrap_model(model)
     for attribute in filter(None, part.split(".")):
         final = getattr(final, attribute)
-    if lora_save == "merged":
+    if lora_save == "merged" and not sharded:
         final = final.merge_and_unload()
     if accelerator.is_main_process:
         if state_dict is not None and part:
             prefix = part + "."
             state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+        if lora_save is not None and sharded:
+            final, state_dict = lora_from_gathered(final, state_dict, lora_save)
         if generation_tokens:
             final.generation_config.pad_token_id = tokenizer.pad_token_id
             final.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -321,3 +326,22 @@ def save_final_model(
             fault_point("final:after-weights")
             tokenizer.save_pretrained(output_dir)
     return final
+
+
+def lora_from_gathered(peft_model, state_dict: dict[str, torch.Tensor], lora_save: str):
+    """(model to save, state dict to save it with) for a LoRA model whose weights were sharded.
+
+    The model's own parameters are shards (FSDP2) or empty placeholders (ZeRO-3), so saving them
+    would write nothing useful. "adapter": PEFT saves the adapter's entries of the gathered whole
+    state dict. "merged": a whole copy is built on this process, loaded with it, and merged.
+    """
+    if lora_save == "adapter":
+        return peft_model, state_dict
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with whole_model_init():
+        base = AutoModelForCausalLM.from_config(peft_model.get_base_model().config)
+    whole = get_peft_model(base, peft_model.peft_config[peft_model.active_adapter])
+    whole.load_state_dict(state_dict)
+    return whole.merge_and_unload(), None
