@@ -460,35 +460,7 @@ class PPOConfig(Section):
             raise ValueError("sampling.rollout_batch_size must be a multiple of sampling.samples_per_prompt")
         if sampling.rollout_batch_size % self.algorithm.num_mini_batches:
             raise ValueError("sampling.rollout_batch_size must be a multiple of algorithm.num_mini_batches")
-        refuse_sharded_generation("ppo", self.launch)
         return self
-
-
-def sharded_engine_of(accelerate_config: str | None) -> str | None:
-    """"FSDP" or "DeepSpeed ZeRO-3" when an accelerate config file shards the weights, else None."""
-    if accelerate_config is None:
-        return None
-    try:
-        settings = yaml.safe_load(Path(accelerate_config).read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return None  # the launcher reports a file it cannot read
-    kind = settings.get("distributed_type") if isinstance(settings, dict) else None
-    if kind == "FSDP":
-        return "FSDP"
-    if kind == "DEEPSPEED" and (settings.get("deepspeed_config") or {}).get("zero_stage") == 3:
-        return "DeepSpeed ZeRO-3"
-    return None
-
-
-def refuse_sharded_generation(stage: str, launch: LaunchConfig) -> None:
-    """PPO and eval generate on every process from its own prompts: not yet under sharded weights."""
-    engine = sharded_engine_of(launch.accelerate_config)
-    if engine is not None:
-        raise ValueError(
-            f"launch.accelerate_config: the {stage} stage does not run under {engine} yet: each process generates "
-            f"from its own prompts, and with sharded weights every forward pass is a collective all processes must "
-            f"join in step; launch {stage} with configs/accelerate/ddp.yaml (or without an accelerate config)"
-        )
 
 
 class EvalConfig(BadRowPolicy):
@@ -507,11 +479,6 @@ class EvalConfig(BadRowPolicy):
     )
     preferences: PreferenceData | None = Field(None, description="Held-out preference pairs to measure the reward model's accuracy on.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
-
-    @model_validator(mode="after")
-    def _engine(self) -> "EvalConfig":
-        refuse_sharded_generation("eval", self.launch)
-        return self
 
 
 class RunConfig(Section):

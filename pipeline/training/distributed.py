@@ -8,6 +8,7 @@ pipeline/orchestration/launcher.py) is set up in one place, on GPUs and on CPU p
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import torch
@@ -42,7 +43,9 @@ def make_accelerator(mixed_precision: str | None = None):
     if not on_cpu_processes or engine == "ddp":
         return Accelerator(mixed_precision=mixed_precision)
     if engine == "deepspeed":
-        return Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        accelerator = Accelerator(mixed_precision=mixed_precision, kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+        rehearse_every_partition(accelerator)
+        return accelerator
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=True)
     plugin = FullyShardedDataParallelPlugin()
     for shared in (AcceleratorState._shared_state, PartialState._shared_state):
@@ -51,29 +54,56 @@ def make_accelerator(mixed_precision: str | None = None):
     return accelerator
 
 
+def rehearse_every_partition(accelerator) -> None:
+    """On a CPU rehearsal of ZeRO-3, partition every parameter, however small.
+
+    DeepSpeed keeps parameters under `stage3_param_persistence_threshold` elements (default
+    100,000) whole on every process. On a real model that is the norms and biases; on a
+    rehearsal-size model it is every parameter, and the rehearsal would never gather, partition
+    or save a sharded weight. A threshold the config sets itself is left alone.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    zero = plugin.deepspeed_config.setdefault("zero_optimization", {})
+    if plugin.zero_stage == 3 and "stage3_param_persistence_threshold" not in zero:
+        zero["stage3_param_persistence_threshold"] = 0
+        accelerator.print(
+            "chatpipe: ZeRO-3 rehearsal: every parameter is partitioned (stage3_param_persistence_threshold 0; "
+            "DeepSpeed's default keeps parameters under 100,000 elements whole, here all of them)"
+        )
+
+
 @contextlib.contextmanager
 def whole_model_init():
-    """Context: models built inside are created whole, not partitioned by ZeRO-3's `zero.Init`.
+    """Context: models built or loaded inside are whole on every process, whatever the engine.
 
-    Under ZeRO-3 with `zero3_init_flag`, transformers builds models already sharded, which draws
-    a freshly initialised model's weights differently from every other engine. Loading trained
-    weights (`from_pretrained`) keeps the flag's memory saving; a model initialised from scratch
-    is built here instead. (accelerate's `zero3_init_context_manager(enable=False)` leaves
-    transformers' switch on, so this turns transformers' own switch off and back.) A no-op
-    without DeepSpeed.
+    - Under ZeRO-3 with `zero3_init_flag`, transformers builds models already partitioned by
+      `zero.Init`, which draws a freshly initialised model's weights differently from every other
+      engine. Loading trained weights to train them keeps the flag's memory saving; a model
+      initialised from scratch, or one used whole (eval), is built here instead. (accelerate's
+      `zero3_init_context_manager(enable=False)` leaves transformers' switch on, so this turns
+      transformers' own switch off and back.)
+    - Under FSDP with `cpu_ram_efficient_loading`, transformers loads real weights on rank 0 only
+      (the others get empty tensors that FSDP's preparation fills from rank 0); here every process
+      loads them.
+
+    A no-op under DDP.
     """
     from transformers.integrations import deepspeed as hf_deepspeed
 
     reference = hf_deepspeed._hf_deepspeed_config_weak_ref
     config = reference() if reference is not None else None
-    if config is None:
-        yield
-        return
-    hf_deepspeed.unset_hf_deepspeed_config()
+    efficient_loading = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    if config is not None:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    if efficient_loading is not None:
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     try:
         yield
     finally:
-        hf_deepspeed.set_hf_deepspeed_config(config)
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
+        if efficient_loading is not None:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = efficient_loading
 
 
 def full_parameters(model: torch.nn.Module):
@@ -98,13 +128,120 @@ def full_parameters(model: torch.nn.Module):
     return gathered()
 
 
+@contextlib.contextmanager
+def whole_for_rollout(accelerator, model: torch.nn.Module):
+    """Context: the prepared model, unwrapped, with whole weights on every process and local forwards.
+
+    Generation runs a forward pass per token, and each process stops when its own replies end, so
+    no forward pass inside may be a collective. Collective on entry and exit: every process enters.
+
+    - DeepSpeed ZeRO-3: the parameters are gathered once (`GatheredParameters`), and the engine's
+      per-module fetch/release hooks are taken off for the context (they would re-partition after
+      each module), then put back.
+    - FSDP2: every FSDP unit is unsharded once and told not to reshard after forward; on exit each is
+      resharded and gets back the plugin's `reshard_after_forward`.
+    - DDP, ZeRO-2: the weights are whole already; nothing happens.
+
+    The whole model is held for the length of the context, as DDP holds it all the time.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        offload = model.optimizer.parameter_offload
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            offload._remove_module_hooks()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield unwrapped
+            finally:
+                offload.setup_zero_stage3_hooks()
+        return
+    if str(accelerator.distributed_type).endswith("FSDP"):
+        from torch.distributed.fsdp import FSDPModule
+
+        units = [module for module in model.modules() if isinstance(module, FSDPModule)]
+        model._get_fsdp_state()._lazy_init()  # the root is the root, even if a unit runs forward first
+        for unit in units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        try:
+            yield unwrapped
+        finally:
+            for unit in units:
+                unit.reshard()
+                unit.set_reshard_after_forward(accelerator.state.fsdp_plugin.reshard_after_forward, recurse=False)
+        return
+    yield unwrapped
+
+
+def prepare_frozen(accelerator, model: torch.nn.Module):
+    """A model that is never trained (PPO's reference and reward model), placed in place the way the engine places weights.
+
+    - DeepSpeed ZeRO-3: sharded like the trained model, as a ZeRO-3 inference engine built from
+      the run's DeepSpeed config (no optimizer), so no process holds a whole copy.
+    - FSDP2: sharded with `fully_shard` by accelerate's FSDP2 preparation.
+    - Otherwise: whole on this process's device.
+
+    The module itself is changed (ZeRO-3's hooks and partitioned parameters, FSDP2's sharded
+    parameters), so code that holds it calls the placed model; the return value is what to call.
+    Under sharding its forward passes are collectives: every process makes the same calls. Call it
+    after the trained model is prepared (DeepSpeed's `auto` settings are resolved then).
+    """
+    model.requires_grad_(False).eval()
+    if zero_stage(accelerator) == 3:
+        import deepspeed
+
+        config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            config.pop(key, None)
+        inner = getattr(model, "pretrained_model", model)  # a TokenScorer holds its Hugging Face model
+        hidden = getattr(getattr(inner, "config", None), "hidden_size", None)
+        for key, value in (
+            ("reduce_bucket_size", hidden * hidden if hidden else 5e8),
+            ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden) if hidden else 5e8),
+            ("stage3_param_persistence_threshold", 10 * hidden if hidden else 1e5),
+        ):
+            if config["zero_optimization"].get(key) == "auto":
+                config["zero_optimization"][key] = value
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.eval()
+    if str(accelerator.distributed_type).endswith("FSDP"):
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        return fsdp2_prepare_model(accelerator, model.to(accelerator.device)).eval()
+    return model.to(accelerator.device)
+
+
+def zero_stage(accelerator) -> int | None:
+    """DeepSpeed's ZeRO stage for this run, or None without DeepSpeed."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return plugin.zero_stage if plugin is not None and str(accelerator.distributed_type).endswith("DEEPSPEED") else None
+
+
+def held_fraction(model: torch.nn.Module) -> float:
+    """The share of the model's parameter elements this process holds: 1.0 whole, about 1/N sharded N ways.
+
+    ZeRO-3 keeps a partition of each parameter (`ds_tensor`; small ones it keeps whole, `ds_persist`),
+    FSDP2 a DTensor shard; other engines hold every element.
+    """
+    held = total = 0
+    for parameter in model.parameters():
+        if hasattr(parameter, "ds_id"):
+            whole = parameter.ds_numel
+            local = whole if getattr(parameter, "ds_persist", False) else parameter.ds_tensor.numel()
+        elif hasattr(parameter, "to_local"):
+            whole, local = parameter.numel(), parameter.to_local().numel()
+        else:
+            whole = local = parameter.numel()
+        held, total = held + local, total + whole
+    return held / max(total, 1)
+
+
 def shards_parameters(accelerator) -> bool:
     """Whether each process holds only a shard of the weights (FSDP, ZeRO-3), so that a forward
     pass is a collective every process must take part in."""
-    kind = str(accelerator.distributed_type)
-    if kind.endswith("FSDP"):
-        return True
-    return kind.endswith("DEEPSPEED") and accelerator.state.deepspeed_plugin.zero_stage == 3
+    return str(accelerator.distributed_type).endswith("FSDP") or zero_stage(accelerator) == 3
 
 
 def replicas_in_sync(model: torch.nn.Module, device: torch.device) -> bool:

@@ -31,7 +31,7 @@ from pipeline.models.generation import Sampling, seeded_generator
 from pipeline.models.logprobs import logprobs_from_logits, masked_sum, response_logits
 from pipeline.models.responses import response_logprobs, sample_responses, score_in_micro_batches
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
-from pipeline.training.distributed import make_accelerator
+from pipeline.training.distributed import make_accelerator, whole_model_init
 from pipeline.training.metrics import perplexity
 from reward_model.batching import encode_groups
 from reward_model.evaluation import evaluate_preferences
@@ -116,14 +116,17 @@ def train(context: StageContext) -> StageResult:
     usable = usable[: section.num_prompts]
     conversations, prompts = [c for c, _ in usable], [ids for _, ids in usable]
 
-    judges = {"reward": TokenScorer(load_reward_model(reward_dir)).eval().to(device)}
-    if section.judge_reward_model:
-        judges["judge"] = TokenScorer(load_reward_model(section.judge_reward_model)).eval().to(device)
-    reference = load_causal_lm(reference_dir).eval().to(device)
+    # Eval trains nothing, so under any engine each process holds whole models and runs them itself.
+    with whole_model_init():
+        judges = {"reward": TokenScorer(load_reward_model(reward_dir)).eval().to(device)}
+        if section.judge_reward_model:
+            judges["judge"] = TokenScorer(load_reward_model(section.judge_reward_model)).eval().to(device)
+        reference = load_causal_lm(reference_dir).eval().to(device)
 
     results, metrics = {}, {"prompts": len(prompts)}
     for name, folder in policies.items():
-        policy = reference if folder == reference_dir else load_causal_lm(folder).eval().to(device)
+        with whole_model_init():
+            policy = reference if folder == reference_dir else load_causal_lm(folder).eval().to(device)
         out = answer(policy, reference, reward_model_function(judges["reward"]), tokenizer, prompts, section, accelerator, config.seed)
         if "judge" in judges:
             out["judge_scores"] = rescore(judges["judge"], tokenizer, prompts, out["replies"], device)

@@ -26,8 +26,8 @@ from data.held_out import write_held_out
 from pipeline.errors import ConfigError
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import make_accelerator, replicas_in_sync
-from pipeline.training.loop import Cadence, save_final_model, step_indices
+from pipeline.training.distributed import held_fraction, make_accelerator, replicas_in_sync, zero_stage
+from pipeline.training.loop import Cadence, require_checkpointable, save_final_model, step_indices
 from pipeline.training.state import Checkpointer
 from reward_model.functions import reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
@@ -55,10 +55,14 @@ def train(context: StageContext) -> StageResult:
     local_prompts = local_episodes // section.sampling.samples_per_prompt
     rollouts = max(1, section.sampling.total_episodes // section.sampling.rollout_batch_size)
     cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
+    require_checkpointable(accelerator, cadence, "ppo")
 
     # ----------------------------------------------------------------------------------- data
     prompts = load_prompts(section.data, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
     train_prompts, held_out = prompts.train, prompts.held_out[: section.eval_prompts]
+    # An equal share per process: under sharding engines scoring is a collective, so every process
+    # scores the same number of batches (at most world - 1 prompts are left out).
+    held_out = held_out[: len(held_out) - len(held_out) % world]
     mine = held_out[accelerator.process_index :: world]
     eval_batches = [left_padded(mine[i : i + local_episodes], tokenizer.pad_token_id) for i in range(0, len(mine), local_episodes)]
 
@@ -82,13 +86,20 @@ def train(context: StageContext) -> StageResult:
     else:
         reference = load_causal_lm(policy_dir)
     value = TokenScorer(load_reward_model(reward_dir)) if section.algorithm.estimator == "ppo" else None
-    reward_model = TokenScorer(load_reward_model(reward_dir)).eval().requires_grad_(False).to(accelerator.device)
+    reward_model = TokenScorer(load_reward_model(reward_dir))
     trainer = RLTrainer(
         policy, reference, value, reward_model_function(reward_model), tokenizer, section, accelerator,
         score_mean=reward_stats.mean, score_std=reward_stats.std,
         total_updates=rollouts * section.algorithm.ppo_epochs * section.algorithm.num_mini_batches,
-        seed=config.seed, reference_context=reference_context,
+        seed=config.seed, reference_context=reference_context, reward_model=reward_model,
     )
+    if value is not None and zero_stage(accelerator) is not None:
+        accelerator.print("ppo: DeepSpeed clips the policy's and the value model's gradients together "
+                          f"(one norm, at most {section.algorithm.max_grad_norm}), not apart as other engines do")
+    # What each process holds of each model: 1.0 whole, about 1/N under ZeRO-3 and FSDP2 on N processes.
+    held = {"held/trained": held_fraction(trainer.model), "held/reward": held_fraction(reward_model)}
+    if reference is not None:
+        held["held/reference"] = held_fraction(reference)
 
     # The policy and value model travel in one prepared module; each keeps its own folder.
     checkpointer = Checkpointer(
@@ -153,6 +164,7 @@ def train(context: StageContext) -> StageResult:
         "kl_coef": trainer.kl_controller.value,
         "eval_prompts": len(held_out),
         **prompts.counts,
+        **held,
         "resumed_from_step": resumed_from,
     })
 

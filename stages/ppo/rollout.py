@@ -1,8 +1,8 @@
 """Experience making: prompts in, a batch of scored, advantage-annotated responses out.
 
-    maker = ExperienceMaker(policy, reference, value, reward_fn, tokenizer, config, accelerator,
+    maker = ExperienceMaker(trained, reference, reward_fn, tokenizer, config, accelerator,
                             score_mean=stats.mean, score_std=stats.std)
-    experience = maker.make(query_ids, query_mask, kl_coef)     # one rollout on this process
+    experience = maker.experience(maker.score(query_ids, query_mask), kl_coef)   # one rollout on this process
 
 The implementation details that make RLHF PPO work (Huang et al., "The N Implementation
 Details of RLHF with PPO") live here:
@@ -122,14 +122,18 @@ class ScoredResponses:
 class ExperienceMaker:
     """Produces Experience from prompts; never changes a model."""
 
-    def __init__(self, policy, reference, value, reward_fn: RewardFunction, tokenizer, config: PPOConfig, accelerator, *,
-                 score_mean: float = 0.0, score_std: float = 1.0,
+    def __init__(self, trained: Callable[[], contextlib.AbstractContextManager], reference, reward_fn: RewardFunction,
+                 tokenizer, config: PPOConfig, accelerator, *, score_mean: float = 0.0, score_std: float = 1.0,
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None):
-        """policy: the unwrapped causal LM to sample from; reference: a frozen copy, or None when
-        `reference_context()` turns the policy into the reference (LoRA with the adapter disabled);
-        value: a TokenScorer (PPO) or None; score_mean, score_std: the reward model's score
-        statistics, used when `config.reward.normalize_scores`."""
-        self.policy, self.reference, self.value = policy, reference, value
+        """trained: a context that yields the trained models with whole weights and local forward
+        passes (an object with `.policy`, the causal LM sampled from, and `.value`, a TokenScorer
+        or None); reference: a frozen copy of the policy, or None when `reference_context()` turns
+        the policy into the reference (LoRA with the adapter disabled); score_mean, score_std: the
+        reward model's score statistics, used when `config.reward.normalize_scores`.
+
+        Under sharding engines the reference and the reward function's model are sharded, so their
+        forward passes are collectives: every process scores the same number of micro-batches."""
+        self.trained, self.reference = trained, reference
         self.reward_fn, self.tokenizer, self.config, self.accelerator = reward_fn, tokenizer, config, accelerator
         self.reference_context = reference_context or contextlib.nullcontext
         self.sampling = Sampling(temperature=config.sampling.temperature)
@@ -137,29 +141,33 @@ class ExperienceMaker:
         self.score_std = score_std if config.reward.normalize_scores and score_std > 0 else 1.0
 
     @torch.no_grad()
-    def score(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generation_model=None,
-              generator: torch.Generator | None = None) -> ScoredResponses:
-        """Sample one response per query (from `generation_model`, the policy gathered for
-        generation, when given; drawing from `generator`, else the global RNG) and score it with
-        the policy, the reference, the value model and the reward function."""
-        config, tokenizer = self.config, self.tokenizer
-        responses = sample_responses(
-            generation_model or self.policy, query_ids, query_mask, max_new_tokens=config.sampling.response_length,
-            sampling=self.sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-            generator=generator,
-        )
-        logprobs = response_logprobs(self.policy, responses, config.sampling.temperature, config.algorithm.micro_batch_size)
-        with self.reference_context():
-            reference = self.reference if self.reference is not None else self.policy
-            ref_logprobs = response_logprobs(reference, responses, config.sampling.temperature, config.algorithm.micro_batch_size)
-        values = None
-        if self.value is not None:
-            def value_of(queries, query_mask, tokens, token_mask):
-                ids, mask = torch.cat([queries, tokens], dim=1), torch.cat([query_mask, token_mask], dim=1)
-                return response_values(self.value, ids, mask, tokens.shape[1])
+    def score(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generator: torch.Generator | None = None) -> ScoredResponses:
+        """Sample one response per query (drawing from `generator`, else the global RNG) and score
+        it with the policy, the reference, the value model and the reward function.
 
-            values = score_in_micro_batches(responses, config.algorithm.micro_batch_size, value_of, per_token=True)
-        raw_scores = score_in_micro_batches(responses, config.algorithm.micro_batch_size, self.reward_fn, per_token=False)
+        Everything that reads the trained weights runs inside one `trained()` context (one gather
+        per rollout under ZeRO-3 and FSDP2, never one per token); the frozen models run after it."""
+        config, tokenizer, micro = self.config, self.tokenizer, self.config.algorithm.micro_batch_size
+        ref_logprobs = values = None
+        with self.trained() as models:
+            responses = sample_responses(
+                models.policy, query_ids, query_mask, max_new_tokens=config.sampling.response_length,
+                sampling=self.sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                generator=generator,
+            )
+            logprobs = response_logprobs(models.policy, responses, config.sampling.temperature, micro)
+            if self.reference is None:
+                with self.reference_context():
+                    ref_logprobs = response_logprobs(models.policy, responses, config.sampling.temperature, micro)
+            if models.value is not None:
+                def value_of(queries, query_mask, tokens, token_mask):
+                    ids, mask = torch.cat([queries, tokens], dim=1), torch.cat([query_mask, token_mask], dim=1)
+                    return response_values(models.value, ids, mask, tokens.shape[1])
+
+                values = score_in_micro_batches(responses, micro, value_of, per_token=True)
+        if self.reference is not None:
+            ref_logprobs = response_logprobs(self.reference, responses, config.sampling.temperature, micro)
+        raw_scores = score_in_micro_batches(responses, micro, self.reward_fn, per_token=False)
         return ScoredResponses(responses, logprobs, ref_logprobs, values, raw_scores)
 
     def experience(self, scored: ScoredResponses, kl_coef: float) -> Experience:

@@ -11,7 +11,7 @@ groups) and separate gradient clipping.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import time
 
 import torch
@@ -21,7 +21,7 @@ from pipeline.config import PPOConfig
 from pipeline.models.generation import seeded_generator
 from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, response_logits, token_logprobs
 from pipeline.models.responses import Responses, length_sorted_micro_batches
-from pipeline.training.distributed import fit_deepspeed_batch
+from pipeline.training.distributed import fit_deepspeed_batch, prepare_frozen, whole_for_rollout
 from pipeline.training.loop import OptimizerStep
 from pipeline.training.optimization import fused_adamw_supported
 from reward_model.functions import RewardFunction
@@ -62,24 +62,6 @@ def disable_dropout(model: nn.Module) -> None:
                 setattr(config, key, 0.0)
 
 
-@contextlib.contextmanager
-def unwrapped_for_generation(accelerator, model: nn.Module):
-    """The policy, unwrapped, with ZeRO-3's sharded weights gathered for the length of generation.
-
-    Without the gather, each ZeRO-3 process holds a shard and `generate` would need every process
-    to run the same number of steps (or hang).
-    """
-    unwrapped = accelerator.unwrap_model(model)
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is not None and plugin.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.policy.parameters())):
-            yield unwrapped.policy
-    else:
-        yield unwrapped.policy
-
-
 class RLTrainer:
     def __init__(
         self,
@@ -96,13 +78,14 @@ class RLTrainer:
         total_updates: int,
         seed: int = 0,
         reference_context=None,
+        reward_model: nn.Module | None = None,
     ):
+        """reward_model: the model behind `reward_fn`, if any, placed like the reference (sharded
+        under ZeRO-3 and FSDP2)."""
         self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
         for model in (policy, reference, value):
             if model is not None:
                 disable_dropout(model)
-        if reference is not None:
-            reference.requires_grad_(False).eval().to(accelerator.device)
         use_value = config.algorithm.estimator == "ppo"
         wrapper = PolicyAndValue(policy, value if use_value else None)
         groups = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": config.algorithm.policy_learning_rate}]
@@ -124,10 +107,14 @@ class RLTrainer:
             if config.reward.adaptive_kl
             else FixedKLController(config.reward.kl_coef)
         )
-        unwrapped = accelerator.unwrap_model(self.model)
+        # Frozen models are placed after the trained one (DeepSpeed's `auto` settings are resolved by
+        # then), in place: the reward function keeps calling the module it holds.
+        for frozen in (reference, reward_model):
+            if frozen is not None:
+                prepare_frozen(accelerator, frozen)
         self.maker = ExperienceMaker(
-            unwrapped.policy, reference, unwrapped.value, reward_fn, tokenizer, config, accelerator,
-            score_mean=score_mean, score_std=score_std, reference_context=reference_context,
+            functools.partial(whole_for_rollout, accelerator, self.model), reference, reward_fn, tokenizer,
+            config, accelerator, score_mean=score_mean, score_std=score_std, reference_context=reference_context,
         )
         self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
         self.episode = 0
@@ -135,8 +122,7 @@ class RLTrainer:
     # ------------------------------------------------------------------------------ rollout
     def rollout(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Experience:
         self.model.eval()
-        with unwrapped_for_generation(self.accelerator, self.model) as generation_model:
-            scored = self.maker.score(query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device), generation_model)
+        scored = self.maker.score(query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device))
         return self.maker.experience(scored, self.kl_controller.value)
 
     # ------------------------------------------------------------------------------- update
@@ -262,8 +248,7 @@ def evaluate_policy(trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor,
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # n, score, kl, length, eos
     samples = []
     for query_ids, query_mask in prompt_batches:
-        with unwrapped_for_generation(accelerator, trainer.model) as generation_model:
-            scored = trainer.maker.score(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generation_model, generator)
+        scored = trainer.maker.score(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generator)
         responses, mask = scored.responses, scored.responses.response_mask
         sequence_kl = masked_sum(scored.logprobs - scored.ref_logprobs, mask, dim=1)
         totals += torch.stack([

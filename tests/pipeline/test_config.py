@@ -158,17 +158,3 @@ def test_the_command_line_reports_a_bad_model_value_without_a_traceback(write_co
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model.config.hidden_size = 'abc'" in result.stderr
     assert not (tmp_path / "run" / "pretrain").exists()
-
-
-@pytest.mark.parametrize("engine, name", [("fsdp", "FSDP"), ("deepspeed_zero3", "DeepSpeed ZeRO-3")])
-def test_generation_stages_under_sharded_weights_are_refused_at_config_time(write_config, engine, name):
-    """PPO and eval generate per process from their own prompts: under sharding that would hang, so it is refused."""
-    ppo = nest_ppo_keys(PPO_FLAT)[0]
-    launch = {"num_processes": 2, "accelerate_config": str(REPO_ROOT / "configs" / "accelerate" / f"{engine}.yaml")}
-    with pytest.raises(ConfigError, match=rf"ppo: launch\.accelerate_config: the ppo stage does not run under {name} yet.*ddp\.yaml"):
-        load_config(write_config(ppo={**ppo, "launch": launch}, reward=REWARD))
-    with pytest.raises(ConfigError, match=rf"eval: launch\.accelerate_config: the eval stage does not run under {name} yet"):
-        load_config(write_config(eval={"launch": launch}))
-    # Training stages run under the same file, and PPO under DDP.
-    ddp = {"num_processes": 2, "accelerate_config": str(REPO_ROOT / "configs" / "accelerate" / "ddp.yaml")}
-    assert load_config(write_config(pretrain={"launch": launch}, ppo={**ppo, "launch": ddp}, reward=REWARD)).ppo.launch.num_processes == 2
