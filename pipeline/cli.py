@@ -194,7 +194,7 @@ def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     started = stage_launch(spec.module, launch, run_dir)
     for note in started.notes:
         print(f"chatpipe: {spec.name}: {note}")
-    code = run_logged(started.command, log, env=started.env)
+    code = run_logged(started.command, log, env=started.env, alongside=started.other_machines)
     if code != 0:
         print(f"chatpipe: stage {spec.name!r} failed (exit code {code}); log: {log}", file=sys.stderr)
         entry = read_manifest(run_dir).stages.get(spec.name)

@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from pipeline.config import LaunchConfig
-from pipeline.orchestration.launcher import cpu_rehearsal_environment, stage_launch
+from pipeline.errors import ConfigError
+from pipeline.orchestration.launcher import cpu_rehearsal, stage_launch
 from tests.conftest import REPO_ROOT
 
 ACCELERATE = REPO_ROOT / "configs" / "accelerate"
@@ -23,7 +24,9 @@ ACCELERATE = REPO_ROOT / "configs" / "accelerate"
     ],
 )
 def test_a_shipped_accelerate_file_becomes_the_environment_accelerate_launch_would_set(engine, expected, absent):
-    env, notes = cpu_rehearsal_environment(str(ACCELERATE / f"{engine}.yaml"), 2)
+    rehearsal = cpu_rehearsal(str(ACCELERATE / f"{engine}.yaml"), 2)
+    env, notes = rehearsal.env, rehearsal.notes
+    assert rehearsal.machines == 1
     assert {key: env.get(key) for key in expected} == expected
     assert not set(absent) & set(env)
     # bf16 in the file runs in fp32 on CPU, and the user is told.
@@ -49,6 +52,20 @@ def test_without_gpus_an_accelerate_config_starts_under_torchrun_with_that_envir
     assert on_gpus.command[on_gpus.command.index("--config_file") + 1] == str(ACCELERATE / "fsdp.yaml")
 
 
-def test_a_multi_node_file_is_rehearsed_on_this_machine(tmp_path):
-    env, notes = cpu_rehearsal_environment(str(ACCELERATE / "multi_node.yaml"), 2)
-    assert any("machines; rehearsing on this one" in note for note in notes)
+def test_a_multi_node_file_is_rehearsed_as_that_many_torchrun_launches(tmp_path, monkeypatch):
+    """multi_node.yaml (2 machines): one torchrun launch per machine, --nnodes 2, meeting at 127.0.0.1."""
+    monkeypatch.setattr("pipeline.orchestration.launcher.has_gpu", lambda: False)
+    launch = LaunchConfig(num_processes=2, accelerate_config=str(ACCELERATE / "multi_node.yaml"))
+    started = stage_launch("stages.pretrain", launch, tmp_path)
+    assert len(started.other_machines) == 1
+    for rank, command in enumerate([started.command, *started.other_machines]):
+        flags = dict(zip(command[3:13:2], command[4:13:2]))
+        assert flags == {"--nnodes": "2", "--node_rank": str(rank), "--master_addr": "127.0.0.1",
+                         "--master_port": flags["--master_port"], "--nproc_per_node": "1"}
+        assert command[-4:] == ["-m", "stages.pretrain", "--run-dir", str(tmp_path)]
+    assert started.command[10] == started.other_machines[0][10]  # one meeting point
+    assert any("rehearsed as 2 torchrun launches on this one" in note for note in started.notes)
+    assert "MASTER_ADDR" not in started.env and started.env["ACCELERATE_MIXED_PRECISION"] == "no"
+    # num_processes counts processes on all machines, so it must split evenly over them.
+    with pytest.raises(ConfigError, match="does not split over the 2 machines.*multiple of 2"):
+        cpu_rehearsal(str(ACCELERATE / "multi_node.yaml"), 3)
