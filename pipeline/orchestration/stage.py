@@ -252,7 +252,7 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     )
     try:
         result = train(context)
-        state.wait_for_everyone()
+        result.metrics.update(peak_memory(state))
     except BaseException as error:
         if state.is_main_process:
             reason = f"{type(error).__name__}: {error}"
@@ -286,6 +286,27 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
             shutil.rmtree(aside)
     tracker.finish()
     return result
+
+
+def peak_memory(state) -> dict[str, float]:
+    """The stage's peak memory per process, the largest over all processes, in MiB (collective).
+
+    `peak_rss_mib`: the resident set's high-water mark (host memory); `peak_gpu_mib`: the most
+    the accelerator's allocator held, where there is one.
+    """
+    import resource
+
+    import torch
+    from accelerate.utils import gather
+
+    peaks = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]  # KiB on Linux
+    if torch.cuda.is_available():
+        peaks.append(torch.cuda.max_memory_allocated() / 2**20)
+    mine = torch.tensor([peaks], dtype=torch.float64, device=state.device)
+    everyone = gather(mine) if state.num_processes > 1 else mine
+    largest = everyone.max(dim=0).values.tolist()
+    names = ["peak_rss_mib", "peak_gpu_mib"][: len(largest)]
+    return {name: round(value, 1) for name, value in zip(names, largest)}
 
 
 def previous_output_path(run_dir: Path, name: str) -> Path:
