@@ -19,6 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from pipeline.orchestration.manifest import read_manifest
 from tests.conftest import REPO_ROOT, chatpipe, tiny_config, tiny_sft_section
@@ -115,14 +116,29 @@ def test_each_engine_pretrains_like_one_process(pretrained, engine):
 
 
 def test_the_saved_folder_loads_with_from_pretrained_and_holds_the_trained_weights(pretrained):
-    from transformers import AutoModelForCausalLM
-
     for engine in ("fsdp", "deepspeed_zero3"):
         folder = pretrained[engine][1] / "pretrain" / "final"
         model = AutoModelForCausalLM.from_pretrained(folder)
         saved = final_weights(pretrained[engine][1])
         loaded = dict(model.named_parameters())
         assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items())
+
+
+def test_two_machines_rehearsed_on_one_train_like_ddp(pretrained, tokenized, shakespeare_excerpt):
+    """configs/accelerate/multi_node.yaml as it is: two torchrun launches (--nnodes 2, one process
+    each) meet at 127.0.0.1 and pretrain exactly as two DDP processes on one machine do."""
+    config = write(tokenized, "multi_node", run_config(tokenized, shakespeare_excerpt, "multi_node"))
+    run_dir = tokenized / "multi_node"
+    shutil.copytree(tokenized / "base", run_dir)
+    result = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain")
+    assert "describes 2 machines: rehearsed as 2 torchrun launches on this one" in result.stdout
+    assert "--node_rank 1" in (run_dir / "logs" / "pretrain.machine1.log").read_text()
+    entry = read_manifest(run_dir).stages["pretrain"]
+    assert entry.status == "completed" and entry.world_size == 2 and entry.metrics["replicas_in_sync"] is True
+    ddp = pretrained["ddp"][1]
+    assert train_losses(run_dir) == train_losses(ddp)
+    ours, theirs = final_weights(run_dir), final_weights(ddp)
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +180,124 @@ def test_resumable_checkpoints_under_a_sharded_engine_are_refused_before_trainin
     assert "pretrain: resumable checkpoints are not written under FSDP2 yet" in log
     assert "set pretrain.save_every to at least the run's 8 steps" in log
     assert not (run_dir / "pretrain" / "checkpoints").exists() or not any((run_dir / "pretrain" / "checkpoints").iterdir())
+
+
+# ---------------------------------------------------------------------------------------- RLHF
+# PPO and eval start from one run (tokenizer, pretrain and reward on one process), copied for each
+# engine, so every difference below is the engine's.
+
+
+@pytest.fixture(scope="module")
+def rlhf_base(tmp_path_factory, shakespeare_excerpt):
+    """(config, run dir) with a pretrained policy and a reward model, and a ppo and eval section."""
+    from tests.stages.test_ppo import ppo_section
+
+    folder = tmp_path_factory.mktemp("rlhf_engines")
+    raw = tiny_config(
+        shakespeare_excerpt,
+        reward={
+            "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
+            "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 20,
+        },
+        ppo=ppo_section(save_every=100),
+        eval={"num_prompts": 8, "response_length": 8, "batch_size": 4},
+    )
+    config = write(folder, "rlhf", raw)
+    for stage in ("tokenizer", "pretrain", "reward"):
+        chatpipe("run", str(config), "--run-dir", str(folder / "base"), "--only", stage)
+    return config, folder
+
+
+def launched(stage: str, engine: str) -> list[str]:
+    return ["--set", f"{stage}.launch.num_processes=2",
+            "--set", f"{stage}.launch.accelerate_config={REPO_ROOT / 'configs' / 'accelerate' / f'{engine}.yaml'}"]
+
+
+def rlhf_run(rlhf_base, name: str, stage: str, engine: str, *settings: str, source: str = "base"):
+    """Run `stage` under `engine` on a copy of the base run (or of run `source`); returns (run dir, stdout)."""
+    config, folder = rlhf_base
+    run_dir = folder / name
+    shutil.copytree(folder / source, run_dir)
+    result = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", stage, *launched(stage, engine), *settings)
+    return run_dir, result.stdout
+
+
+@pytest.fixture(scope="module")
+def ppo_runs(rlhf_base):
+    """{engine: (run dir, stdout)} after PPO on two processes under each engine."""
+    return {engine: rlhf_run(rlhf_base, f"ppo-{engine}", "ppo", engine) for engine in ENGINES}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_ppo_completes_under_every_engine(ppo_runs, engine):
+    run_dir, _ = ppo_runs[engine]
+    entry = read_manifest(run_dir).stages["ppo"]
+    assert entry.status == "completed" and entry.world_size == 2
+    assert entry.metrics["episodes"] == 64 and entry.metrics["replicas_in_sync"] is True
+    # Sharded for real: under FSDP2 and ZeRO-3 the trained, reference and reward models are each
+    # split over the two processes; no process holds a whole copy of any of them.
+    expected = 0.5 if engine in SHARDING else 1.0
+    for model in ("trained", "reference", "reward"):
+        assert entry.metrics[f"held/{model}"] == pytest.approx(expected, abs=0.01), model
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "final")
+    start = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "final")
+    assert any(not torch.equal(p, start.get_parameter(n)) for n, p in policy.named_parameters())
+
+
+def test_ppo_agrees_across_engines(ppo_runs):
+    """FSDP2 gives DDP's run exactly; both DeepSpeed stages agree with each other, and differ from DDP
+    only because DeepSpeed clips the policy's and the value model's gradients with one norm."""
+    metrics = {engine: read_manifest(run_dir).stages["ppo"].metrics for engine, (run_dir, _) in ppo_runs.items()}
+    for key in ("initial_score", "score", "kl"):
+        assert metrics["fsdp"][key] == pytest.approx(metrics["ddp"][key], abs=1e-5), key
+        assert metrics["deepspeed_zero3"][key] == pytest.approx(metrics["deepspeed_zero2"][key], abs=1e-5), key
+    assert metrics["deepspeed_zero2"]["initial_score"] == pytest.approx(metrics["ddp"]["initial_score"], abs=1e-5)
+    assert "DeepSpeed clips the policy's and the value model's gradients together" in ppo_runs["deepspeed_zero3"][1]
+    assert "ZeRO-3 rehearsal: every parameter is partitioned" in ppo_runs["deepspeed_zero3"][1]
+
+
+def test_without_clipping_deepspeed_runs_ppo_like_ddp(rlhf_base):
+    """The one difference above, removed: with clipping out of reach, ZeRO-2 and DDP agree."""
+    unclipped = ("--set", "ppo.algorithm.max_grad_norm=1e9")
+    runs = [rlhf_run(rlhf_base, f"unclipped-{engine}", "ppo", engine, *unclipped)[0] for engine in ("ddp", "deepspeed_zero2")]
+    first, second = (read_manifest(run_dir).stages["ppo"].metrics for run_dir in runs)
+    for key in ("score", "kl", "score_gain"):
+        assert second[key] == pytest.approx(first[key], abs=1e-5), key
+
+
+@pytest.mark.parametrize("engine, estimator", [("fsdp", "rloo"), ("deepspeed_zero3", "grpo")])
+def test_critic_free_estimators_run_sharded(rlhf_base, engine, estimator):
+    run_dir, _ = rlhf_run(rlhf_base, f"{estimator}-{engine}", "ppo", engine,
+                          "--set", f"ppo.algorithm.estimator={estimator}", "--set", "ppo.sampling.samples_per_prompt=4")
+    entry = read_manifest(run_dir).stages["ppo"]
+    assert entry.status == "completed" and entry.metrics["estimator"] == estimator and entry.metrics["replicas_in_sync"]
+    assert "held/trained" in entry.metrics and entry.metrics["held/trained"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_lora_policies_trained_sharded_save_the_weights_they_trained(rlhf_base):
+    """A LoRA policy's shards are gathered before saving: the adapter (FSDP2) and the merged model
+    (ZeRO-3) hold the weights a DDP run saves, not empty placeholders."""
+    saved = {}
+    for engine, save in (("ddp", "adapter"), ("fsdp", "adapter"), ("ddp", "merged"), ("deepspeed_zero3", "merged")):
+        run_dir, _ = rlhf_run(rlhf_base, f"lora-{save}-{engine}", "ppo", engine, "--set", f"ppo.lora={{r: 4, alpha: 8, save: {save}}}")
+        name = "adapter_model.safetensors" if save == "adapter" else "model.safetensors"
+        saved[engine, save] = load_file(str(run_dir / "ppo" / "final" / name))
+    for engine, save in (("fsdp", "adapter"), ("deepspeed_zero3", "merged")):
+        ours, theirs = saved[engine, save], saved["ddp", save]
+        assert ours.keys() == theirs.keys() and all(tensor.numel() > 0 for tensor in ours.values())
+        assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
+
+
+@pytest.mark.parametrize("engine", SHARDING)
+def test_eval_under_a_sharding_engine_matches_one_process(ppo_runs, rlhf_base, engine):
+    """Eval trains nothing: under any engine each process runs whole models, and the numbers are one process's."""
+    config, folder = rlhf_base
+    one = folder / f"eval-one-{engine}"
+    shutil.copytree(ppo_runs["ddp"][0], one)
+    chatpipe("run", str(config), "--run-dir", str(one), "--only", "eval")
+    run_dir, _ = rlhf_run(rlhf_base, f"eval-{engine}", "eval", engine, source="ppo-ddp")
+    ours, theirs = (read_manifest(d).stages["eval"].metrics for d in (run_dir, one))
+    assert read_manifest(run_dir).stages["eval"].world_size == 2
+    for memory in ("peak_rss_mib", "peak_gpu_mib"):  # each process's own
+        ours.pop(memory, None), theirs.pop(memory, None)
+    assert ours == theirs and "win_rate" in ours
