@@ -1,12 +1,16 @@
 """Two CPU processes over gloo (torchrun), as a multi-GPU run would use them: SFT and PPO."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from pipeline.orchestration.manifest import hash_folder, read_manifest
-from tests.conftest import chatpipe, tiny_config, tiny_sft_section
+from pipeline.orchestration.manifest import hash_folder, read_manifest, update_stage
+from tests.conftest import REPO_ROOT, chatpipe, tiny_config, tiny_sft_section
 from tests.stages.test_ppo import ppo_section
 from tests.stages.test_reward import marker_preferences
 
@@ -61,3 +65,16 @@ def test_sft_checkpoints_carry_each_process_rng(two_process_run):
     checkpoint = two_process_run / "sft" / "checkpoints" / "step-000005"
     assert (checkpoint / "rng-rank0.safetensors").exists() and (checkpoint / "rng-rank1.safetensors").exists()
     assert len(list(checkpoint.glob("model*.safetensors"))) == 1
+
+
+def test_a_checkpoint_of_two_processes_is_refused_by_one(two_process_run, tmp_path):
+    """Resuming on another number of processes is refused, naming the checkpoint and its world size."""
+    copy = tmp_path / "run"
+    shutil.copytree(two_process_run, copy)
+    update_stage(copy, "sft", status="failed", error="killed (test)")
+    result = subprocess.run([sys.executable, "-m", "stages.sft", "--run-dir", str(copy)], cwd=REPO_ROOT,
+                            capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "step-000005 was written by 2 process(es) and this launch has 1" in result.stderr
+    assert "resume with launch.num_processes=2" in result.stderr
+    assert (copy / "sft" / "checkpoints" / "step-000005" / "state.json").exists()  # nothing was lost

@@ -246,7 +246,8 @@ class Checkpointer:
         needed = tensor_bytes(model.parameters()) + tensor_bytes(
             value for values in optimizer.state.values() for value in values.values()
         )
-        with writing_checkpoint(self.root, step, accelerator, state or {"extra": {}}, self.keep, needed) as folder:
+        state = {"extra": {}, **(state or {}), "world_size": accelerator.num_processes}
+        with writing_checkpoint(self.root, step, accelerator, state, self.keep, needed) as folder:
             state_dict = accelerator.get_state_dict(model)
             if accelerator.is_main_process:
                 for sub, module in self.modules(model).items():
@@ -271,6 +272,7 @@ class Checkpointer:
         """
         damaged = []
         for path in complete_checkpoints(self.root):
+            self.require_same_world(path)
             try:
                 return Restored(path, *self.load(path, model, optimizer, scheduler))
             except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
@@ -282,6 +284,25 @@ class Checkpointer:
                 f"delete them to start the stage over"
             )
         return None
+
+    def require_same_world(self, path: Path) -> None:
+        """Refuse a checkpoint written by a different number of processes.
+
+        Each process's data position, RNG streams and (under sharding) share of the weights and
+        optimiser state follow from the world size, so a resumed run with another one would not
+        be the run that was interrupted. Checkpoints from before the world size was recorded pass.
+        """
+        try:
+            written = json.loads((path / "state.json").read_text()).get("world_size")
+        except (OSError, ValueError):
+            return  # a damaged state.json: load() reports it and falls back
+        current = self.accelerator.num_processes
+        if written is not None and written != current:
+            raise CheckpointError(
+                f"{path} was written by {written} process(es) and this launch has {current}: resume with "
+                f"launch.num_processes={written} (each process's data, RNG and shard of the state follow from it), "
+                f"or delete {self.root} to start the stage over"
+            )
 
     def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
         state = json.loads((path / "state.json").read_text())
