@@ -181,19 +181,23 @@ def sharded_engine(accelerator) -> str | None:
     return None
 
 
-def require_checkpointable(accelerator, cadence: Cadence, name: str) -> None:
+def require_checkpointable(accelerator, cadence: Cadence, name: str, model: torch.nn.Module | None = None) -> None:
     """Refuse, before training, a run that would write resumable checkpoints chatpipe cannot write yet.
 
-    A checkpoint holds the optimiser state as one file written by the main process; under FSDP and
-    ZeRO each process holds only its shard of that state, so such a checkpoint would resume wrong.
+    Under FSDP2 a checkpoint holds the whole weights and optimiser state (gathered, and sharded
+    again on resume); under DeepSpeed ZeRO, and for LoRA under FSDP2, each process's shard of
+    the optimiser state cannot be saved yet, so such a checkpoint would resume wrong.
     """
     engine = sharded_engine(accelerator)
-    if engine is not None and cadence.save_every < cadence.total:
-        raise CheckpointError(
-            f"{name}: resumable checkpoints are not written under {engine} yet (each process holds a shard of the "
-            f"optimiser state); set {name}.save_every to at least the run's {cadence.total} steps to train without "
-            f"them (the final model is still saved), or launch this stage with DDP"
-        )
+    lora = model is not None and any(".lora_" in parameter for parameter, _ in model.named_parameters())
+    if engine is None or (engine.startswith("FSDP") and not lora) or cadence.save_every >= cadence.total:
+        return
+    what = f"{engine} with LoRA" if engine.startswith("FSDP") else engine
+    raise CheckpointError(
+        f"{name}: resumable checkpoints are not written under {what} yet (each process holds a shard of the "
+        f"optimiser state); set {name}.save_every to at least the run's {cadence.total} steps to train without "
+        f"them (the final model is still saved), or launch this stage with DDP or FSDP2"
+    )
 
 
 @dataclass
@@ -230,7 +234,7 @@ def fit(
     run resumes from the newest complete checkpoint at the same step with the same data ahead.
     """
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
-    require_checkpointable(accelerator, cadence, name)
+    require_checkpointable(accelerator, cadence, name, model)
     start, resumed_from, first_eval = 0, None, None
     restored = checkpointer.restore(model, optimizer, scheduler)
     if restored is not None:

@@ -3,7 +3,8 @@
     RUN_DIR/<stage>/checkpoints/step-000200/
         model.safetensors, config.json, ...   the model (save_pretrained: loads with from_pretrained);
                                                PPO keeps two, in policy/ and value/
-        optimizer.safetensors                  optimiser tensors (AdamW moments, step counts)
+        optimizer.safetensors                  optimiser tensors (AdamW moments, step counts); under
+                                               FSDP2 gathered whole and named `<parameter>::<key>`
         optimizer.json                         optimiser param groups and scalars, scheduler state
         rng-rank0.safetensors, rng-rank0.json  each process's torch and Python RNG state
         state.json                             step and extras; written last, so its presence marks a complete checkpoint
@@ -249,6 +250,7 @@ class Checkpointer:
         state = {"extra": {}, **(state or {}), "world_size": accelerator.num_processes}
         with writing_checkpoint(self.root, step, accelerator, state, self.keep, needed) as folder:
             state_dict = accelerator.get_state_dict(model)
+            sharded_optimizer = whole_optimizer_state(model, optimizer) if is_fsdp2(model) else None
             if accelerator.is_main_process:
                 for sub, module in self.modules(model).items():
                     prefix = self.parts[sub] + "." if self.parts[sub] else ""
@@ -257,7 +259,10 @@ class Checkpointer:
                 fault_point("checkpoint:after-weights")
                 if tokenizer is not None:
                     tokenizer.save_pretrained(folder)
-                save_optimizer_state(folder, optimizer, scheduler)
+                if sharded_optimizer is None:
+                    save_optimizer_state(folder, optimizer, scheduler)
+                else:
+                    save_whole_optimizer_state(folder, sharded_optimizer, scheduler)
             for name, generator in self.generators.items():
                 generator_file = folder / f"{name}-rank{accelerator.process_index}.json"
                 generator_file.write_text(json.dumps(generator.get_state().tolist()))
@@ -306,15 +311,79 @@ class Checkpointer:
 
     def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
         state = json.loads((path / "state.json").read_text())
-        for sub, module in self.modules(model).items():
-            load_model_weights(path / sub, module)
-        load_optimizer_state(path, optimizer, scheduler)
+        if is_fsdp2(model):
+            self.load_sharded(path, model, optimizer, scheduler)
+        else:
+            for sub, module in self.modules(model).items():
+                load_model_weights(path / sub, module)
+            load_optimizer_state(path, optimizer, scheduler)
         load_rng_state(path, self.accelerator.process_index)
         for name, generator in self.generators.items():
             generator_file = path / f"{name}-rank{self.accelerator.process_index}.json"
             if generator_file.exists():  # resumed with more processes than saved: a fresh stream
                 generator.set_state(torch.tensor(json.loads(generator_file.read_text()), dtype=torch.uint8))
         return state["step"], state
+
+
+    def load_sharded(self, path: Path, model, optimizer, scheduler) -> None:
+        """FSDP2: every process reads the whole weights and optimiser state and keeps its shards."""
+        from torch.distributed.tensor import distribute_tensor
+
+        weights = {}
+        for sub in self.modules(model):
+            prefix = self.parts[sub] + "." if self.parts[sub] else ""
+            for shard in sorted((path / sub).glob("model*.safetensors")):
+                weights.update({prefix + key: value for key, value in load_file(str(shard)).items()})
+        moments = load_file(str(path / "optimizer.safetensors"))
+        meta = json.loads((path / "optimizer.json").read_text())
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():  # tied weights once, under their first name
+                if name not in weights:
+                    raise RuntimeError(f"{path}: checkpoint has no weights for {name}")
+                parameter.copy_(distribute_tensor(weights[name].to(parameter.dtype), parameter.device_mesh, parameter.placements))
+                state = {}
+                for key in meta["state_keys"].get(name, []):
+                    value = moments[f"{name}::{key}"]
+                    like = parameter if value.shape == parameter.shape else None
+                    state[key] = distribute_tensor(value, like.device_mesh, like.placements) if like is not None else value
+                if state:
+                    optimizer.state[parameter] = state
+        for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        if scheduler is not None and meta.get("scheduler") is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+
+
+def is_fsdp2(model: torch.nn.Module) -> bool:
+    """Whether the prepared model is sharded by FSDP2 (`fully_shard`)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def whole_optimizer_state(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Collective (FSDP2): the optimiser state gathered whole, as (tensors named `<parameter>::<key>`, JSON).
+
+    Every process gathers each sharded moment (`full_tensor`); the main process writes them. Keyed
+    by parameter name, so a checkpoint does not depend on how the state was sharded.
+    """
+    tensors, state_keys = {}, {}
+    for name, parameter in model.named_parameters():
+        for key, value in optimizer.state.get(parameter, {}).items():
+            if isinstance(value, torch.Tensor):
+                whole = value.full_tensor() if hasattr(value, "full_tensor") else value
+                tensors[f"{name}::{key}"] = whole.detach().cpu().contiguous()
+                state_keys.setdefault(name, []).append(key)
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    return tensors, {"layout": "whole tensors by parameter name", "state_keys": state_keys, "param_groups": groups}
+
+
+def save_whole_optimizer_state(folder: Path, whole: tuple[dict[str, torch.Tensor], dict[str, Any]], scheduler=None) -> None:
+    """optimizer.safetensors (whole tensors by parameter name) + optimizer.json (param groups, scheduler)."""
+    tensors, meta = whole
+    save_file(tensors, str(Path(folder) / "optimizer.safetensors"))
+    meta = {**meta, "scheduler": scheduler.state_dict() if scheduler is not None else None}
+    (Path(folder) / "optimizer.json").write_text(json.dumps(meta, default=_json_default))
 
 
 class CheckpointError(ChatpipeError):

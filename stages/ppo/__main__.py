@@ -55,7 +55,6 @@ def train(context: StageContext) -> StageResult:
     local_prompts = local_episodes // section.sampling.samples_per_prompt
     rollouts = max(1, section.sampling.total_episodes // section.sampling.rollout_batch_size)
     cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
-    require_checkpointable(accelerator, cadence, "ppo")
 
     # ----------------------------------------------------------------------------------- data
     prompts = load_prompts(section.data, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
@@ -102,6 +101,7 @@ def train(context: StageContext) -> StageResult:
         held["held/reference"] = held_fraction(reference)
 
     # The policy and value model travel in one prepared module; each keeps its own folder.
+    require_checkpointable(accelerator, cadence, "ppo", trainer.model)
     checkpointer = Checkpointer(
         context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints,
         parts={"policy": "policy", "value": "value.pretrained_model"}, generators={"generator": trainer.generator},
