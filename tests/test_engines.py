@@ -170,29 +170,19 @@ def test_fsdp_and_zero3_fine_tune_alike(fine_tuned):
     assert abs(first["reward"].metrics["mean_margin"] - second["reward"].metrics["mean_margin"]) < 1e-3
 
 
-def test_resumable_checkpoints_under_zero_are_refused_before_training(tokenized, shakespeare_excerpt):
-    config = write(tokenized, "zero3-checkpoints", run_config(tokenized, shakespeare_excerpt, "deepspeed_zero3", save_every=4))
-    run_dir = tokenized / "zero3-checkpoints"
-    shutil.copytree(tokenized / "base", run_dir)
-    result = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain", check=False)
-    assert result.returncode != 0
-    log = (run_dir / "logs" / "pretrain.log").read_text()
-    assert "pretrain: resumable checkpoints are not written under DeepSpeed ZeRO-3 yet" in log
-    assert "set pretrain.save_every to at least the run's 8 steps" in log
-    assert not (run_dir / "pretrain" / "checkpoints").exists() or not any((run_dir / "pretrain" / "checkpoints").iterdir())
-
-
-def test_an_fsdp2_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tokenized, shakespeare_excerpt):
-    """FSDP2 checkpoints hold the whole weights and optimiser state (gathered by name, sharded again
-    on resume): killed (-9) after its step-4 checkpoint, the run resumes there and ends bit-equal."""
-    config = write(tokenized, "fsdp-checkpoints", run_config(tokenized, shakespeare_excerpt, "fsdp", save_every=4))
+@pytest.mark.parametrize("engine", ["fsdp", "deepspeed_zero2", "deepspeed_zero3"])
+def test_a_sharded_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tokenized, shakespeare_excerpt, engine):
+    """Checkpoints under FSDP2 and ZeRO hold the whole weights and optimiser state (gathered by
+    parameter name; ZeRO: its fp32 master weights and Adam moments), sharded again on resume:
+    killed (-9) after its step-4 checkpoint, the run resumes there and ends bit-equal."""
+    config = write(tokenized, f"{engine}-checkpoints", run_config(tokenized, shakespeare_excerpt, engine, save_every=4))
     runs = {}
     for name in ("uninterrupted", "killed"):
-        run_dir = runs[name] = tokenized / f"fsdp-{name}"
+        run_dir = runs[name] = tokenized / f"{engine}-{name}"
         shutil.copytree(tokenized / "base", run_dir)
         if name == "killed":
-            env = {"CHATPIPE_FAULT": "final:after-weights"}
-            killed = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain", check=False, env=env)
+            killed = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain", check=False,
+                              env={"CHATPIPE_FAULT": "final:after-weights"})
             assert killed.returncode != 0 and read_manifest(run_dir).stages["pretrain"].status != "completed"
             assert (run_dir / "pretrain" / "checkpoints" / "step-000004" / "optimizer.safetensors").exists()
         chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "pretrain")
@@ -202,6 +192,18 @@ def test_an_fsdp2_run_killed_after_a_checkpoint_resumes_to_the_same_weights(toke
     ours, theirs = final_weights(runs["killed"]), final_weights(runs["uninterrupted"])
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert train_losses(runs["killed"])[-4:] == train_losses(runs["uninterrupted"])[-4:]
+
+
+def test_resumable_lora_checkpoints_under_sharding_are_refused_before_training(pretrained):
+    config, source, _ = pretrained["deepspeed_zero3"]
+    run_dir = source.parent / "zero3-lora-checkpoints"
+    shutil.copytree(source, run_dir)
+    result = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "sft", "--set", "sft.save_every=2",
+                      "--set", "sft.lora={r: 4, alpha: 8}", check=False)
+    assert result.returncode != 0
+    log = (run_dir / "logs" / "sft.log").read_text()
+    assert "sft: resumable checkpoints are not written under DeepSpeed ZeRO-3 with LoRA yet" in log
+    assert "set sft.save_every to at least the run's 4 steps" in log
 
 
 # ---------------------------------------------------------------------------------------- RLHF
@@ -278,13 +280,14 @@ def test_ppo_agrees_across_engines(ppo_runs):
     assert "ZeRO-3 rehearsal: every parameter is partitioned" in ppo_runs["deepspeed_zero3"][1]
 
 
-def test_ppo_under_fsdp2_killed_after_a_checkpoint_resumes_to_the_same_policy(rlhf_base, ppo_runs):
+@pytest.mark.parametrize("engine", SHARDING)
+def test_sharded_ppo_killed_after_a_checkpoint_resumes_to_the_same_policy(rlhf_base, ppo_runs, engine):
     """Rollout 2's checkpoint (whole policy, value model and optimiser state, each process's RNG and
     shuffling stream), a kill -9 at the final save, a rerun: the policy of the uninterrupted run."""
     config, folder = rlhf_base
-    run_dir = folder / "ppo-fsdp-killed"
+    run_dir = folder / f"ppo-{engine}-killed"
     shutil.copytree(folder / "base", run_dir)
-    settings = [*launched("ppo", "fsdp"), "--set", "ppo.save_every=2"]
+    settings = [*launched("ppo", engine), "--set", "ppo.save_every=2"]
     killed = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "ppo", *settings,
                       check=False, env={"CHATPIPE_FAULT": "final:after-weights"})
     assert killed.returncode != 0
@@ -292,7 +295,7 @@ def test_ppo_under_fsdp2_killed_after_a_checkpoint_resumes_to_the_same_policy(rl
     assert "ppo: resuming from" in resumed.stdout and "(rollout 2 of 4, episode 32)" in resumed.stdout
     assert read_manifest(run_dir).stages["ppo"].metrics["resumed_from_step"] == 2
     ours = load_file(str(run_dir / "ppo" / "final" / "model.safetensors"))
-    theirs = load_file(str(ppo_runs["fsdp"][0] / "ppo" / "final" / "model.safetensors"))
+    theirs = load_file(str(ppo_runs[engine][0] / "ppo" / "final" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 

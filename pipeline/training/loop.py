@@ -184,19 +184,19 @@ def sharded_engine(accelerator) -> str | None:
 def require_checkpointable(accelerator, cadence: Cadence, name: str, model: torch.nn.Module | None = None) -> None:
     """Refuse, before training, a run that would write resumable checkpoints chatpipe cannot write yet.
 
-    Under FSDP2 a checkpoint holds the whole weights and optimiser state (gathered, and sharded
-    again on resume); under DeepSpeed ZeRO, and for LoRA under FSDP2, each process's shard of
-    the optimiser state cannot be saved yet, so such a checkpoint would resume wrong.
+    Under FSDP2 and DeepSpeed ZeRO a checkpoint holds the whole weights and optimiser state
+    (gathered by parameter name, sharded again on resume; pipeline/training/state.py). A LoRA
+    model's adapter checkpoint under those engines cannot be restored into shards yet.
     """
     engine = sharded_engine(accelerator)
     lora = model is not None and any(".lora_" in parameter for parameter, _ in model.named_parameters())
-    if engine is None or (engine.startswith("FSDP") and not lora) or cadence.save_every >= cadence.total:
+    if engine is None or not lora or cadence.save_every >= cadence.total:
         return
-    what = f"{engine} with LoRA" if engine.startswith("FSDP") else engine
+    what = f"{engine} with LoRA"
     raise CheckpointError(
         f"{name}: resumable checkpoints are not written under {what} yet (each process holds a shard of the "
         f"optimiser state); set {name}.save_every to at least the run's {cadence.total} steps to train without "
-        f"them (the final model is still saved), or launch this stage with DDP or FSDP2"
+        f"them (the final model is still saved), or launch this stage with DDP"
     )
 
 

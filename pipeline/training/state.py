@@ -4,7 +4,8 @@
         model.safetensors, config.json, ...   the model (save_pretrained: loads with from_pretrained);
                                                PPO keeps two, in policy/ and value/
         optimizer.safetensors                  optimiser tensors (AdamW moments, step counts); under
-                                               FSDP2 gathered whole and named `<parameter>::<key>`
+                                               FSDP2 and ZeRO gathered whole and named `<parameter>::<key>`
+                                               (ZeRO adds each parameter's fp32 master weights, `::fp32`)
         optimizer.json                         optimiser param groups and scalars, scheduler state
         rng-rank0.safetensors, rng-rank0.json  each process's torch and Python RNG state
         state.json                             step and extras; written last, so its presence marks a complete checkpoint
@@ -250,7 +251,11 @@ class Checkpointer:
         state = {"extra": {}, **(state or {}), "world_size": accelerator.num_processes}
         with writing_checkpoint(self.root, step, accelerator, state, self.keep, needed) as folder:
             state_dict = accelerator.get_state_dict(model)
-            sharded_optimizer = whole_optimizer_state(model, optimizer) if is_fsdp2(model) else None
+            sharded_optimizer = None
+            if is_fsdp2(model):
+                sharded_optimizer = whole_optimizer_state(model, optimizer)
+            elif is_deepspeed(model):
+                sharded_optimizer = whole_zero_state(model)
             if accelerator.is_main_process:
                 for sub, module in self.modules(model).items():
                     prefix = self.parts[sub] + "." if self.parts[sub] else ""
@@ -313,6 +318,8 @@ class Checkpointer:
         state = json.loads((path / "state.json").read_text())
         if is_fsdp2(model):
             self.load_sharded(path, model, optimizer, scheduler)
+        elif is_deepspeed(model):
+            self.load_zero(path, model, scheduler)
         else:
             for sub, module in self.modules(model).items():
                 load_model_weights(path / sub, module)
@@ -352,6 +359,92 @@ class Checkpointer:
             group.update({key: value for key, value in saved.items() if key != "params"})
         if scheduler is not None and meta.get("scheduler") is not None:
             scheduler.load_state_dict(meta["scheduler"])
+
+
+    def load_zero(self, path: Path, engine, scheduler) -> None:
+        """DeepSpeed ZeRO: the whole weights into each process's parameters (ZeRO-3: its partitions),
+        and the whole fp32 master weights and Adam moments into its partitions of the optimiser."""
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        weights = {}
+        for sub in self.modules(engine):
+            prefix = self.parts[sub] + "." if self.parts[sub] else ""
+            for shard in sorted((path / sub).glob("model*.safetensors")):
+                weights.update({prefix + key: value for key, value in load_file(str(shard)).items()})
+        state = load_file(str(path / "optimizer.safetensors"))
+        meta = json.loads((path / "optimizer.json").read_text())
+        device = self.accelerator.device
+        link_zero_optimizer_state(engine, meta["state_keys"])
+        for name, parameter in engine.module.named_parameters():
+            if name not in weights:
+                raise RuntimeError(f"{path}: checkpoint has no weights for {name}")
+            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
+                parameter.data.copy_(weights[name].to(parameter.dtype))  # every process holds the same values
+            if f"{name}::fp32" in state:
+                safe_set_full_fp32_param(parameter, state[f"{name}::fp32"].to(device))
+                for key in meta["state_keys"]:
+                    safe_set_full_optimizer_state(parameter, state[f"{name}::{key}"].to(device), key)
+        base = engine.optimizer.optimizer  # the torch optimiser inside ZeRO's
+        for group, saved in zip(base.param_groups, meta["param_groups"]):
+            group.update({key: value for key, value in saved.items() if key != "params"})
+        for values in base.state.values():
+            if "step" in values:
+                values["step"] = torch.as_tensor(meta["step"], dtype=torch.float32) if isinstance(values["step"], torch.Tensor) else meta["step"]
+        if scheduler is not None and meta.get("scheduler") is not None:
+            scheduler.load_state_dict(meta["scheduler"])
+
+
+def is_deepspeed(model: torch.nn.Module) -> bool:
+    """Whether the prepared model is a DeepSpeed engine (ZeRO stage 1, 2 or 3)."""
+    return hasattr(model, "zero_optimization_stage")
+
+
+def link_zero_optimizer_state(engine, keys: list[str] | tuple[str, ...] = ()) -> None:
+    """Make sure the optimiser state holds `keys`, and (ZeRO-1/2) point every parameter at its fragment of it.
+
+    The torch optimiser inside ZeRO keeps its state per flat fp32 partition and makes it on its
+    first step, so a fresh process resuming has none: the entries the checkpoint fills are made
+    here, as zeros. DeepSpeed links each parameter to its fragments once, after the first step; a
+    parameter whose state did not exist then (seen: a layer norm in the second parameter group)
+    keeps an empty link, so the links are made again. ZeRO-3 looks fragments up on each call.
+    """
+    optimizer = engine.optimizer
+    base = optimizer.optimizer
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or [
+        flat for group in base.param_groups for flat in group["params"]
+    ]
+    for flat in flats:
+        state = base.state[flat]
+        for key in keys:
+            if key not in state:
+                state[key] = torch.zeros_like(flat)
+        if keys and "step" not in state:
+            state["step"] = torch.tensor(0.0)
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def whole_zero_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Collective (DeepSpeed ZeRO): fp32 master weights and Adam moments gathered whole, by parameter name."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    link_zero_optimizer_state(engine)
+    base = engine.optimizer.optimizer
+    keys = sorted({key for values in base.state.values() for key, value in values.items()
+                   if isinstance(value, torch.Tensor) and value.dim() > 0})
+    tensors = {}
+    for name, parameter in engine.module.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        tensors[f"{name}::fp32"] = safe_get_full_fp32_param(parameter).detach().cpu().contiguous()
+        for key in keys:
+            tensors[f"{name}::{key}"] = safe_get_full_optimizer_state(parameter, key).detach().cpu().contiguous()
+    steps = [values["step"] for values in base.state.values() if "step" in values]
+    step = float(steps[0]) if steps else 0
+    groups = [{key: value for key, value in group.items() if key != "params"} for group in base.param_groups]
+    return tensors, {"layout": "whole tensors by parameter name", "state_keys": keys, "param_groups": groups, "step": step}
 
 
 def is_fsdp2(model: torch.nn.Module) -> bool:
