@@ -214,18 +214,11 @@ def test_resumable_lora_checkpoints_under_sharding_are_refused_before_training(p
 @pytest.fixture(scope="module")
 def rlhf_base(tmp_path_factory, shakespeare_excerpt):
     """(config, run dir) with a pretrained policy and a reward model, and a ppo and eval section."""
-    from tests.stages.test_ppo import ppo_section
+    from tests.stages.test_ppo import ppo_section, rlhf_config
 
     folder = tmp_path_factory.mktemp("rlhf_engines")
-    raw = tiny_config(
-        shakespeare_excerpt,
-        reward={
-            "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
-            "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 20,
-        },
-        ppo=ppo_section(save_every=100),
-        eval={"num_prompts": 8, "response_length": 8, "batch_size": 4},
-    )
+    raw = rlhf_config(folder, shakespeare_excerpt, ppo=ppo_section(save_every=100),
+                      eval={"num_prompts": 8, "response_length": 8, "batch_size": 4})
     config = write(folder, "rlhf", raw)
     for stage in ("tokenizer", "pretrain", "reward"):
         chatpipe("run", str(config), "--run-dir", str(folder / "base"), "--only", stage)

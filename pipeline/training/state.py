@@ -331,16 +331,20 @@ class Checkpointer:
                 generator.set_state(torch.tensor(json.loads(generator_file.read_text()), dtype=torch.uint8))
         return state["step"], state
 
-
-    def load_sharded(self, path: Path, model, optimizer, scheduler) -> None:
-        """FSDP2: every process reads the whole weights and optimiser state and keeps its shards."""
-        from torch.distributed.tensor import distribute_tensor
-
+    def whole_weights(self, path: Path, model) -> dict[str, torch.Tensor]:
+        """The checkpoint's whole weights, named as in the prepared `model` (each part under its prefix)."""
         weights = {}
         for sub in self.modules(model):
             prefix = self.parts[sub] + "." if self.parts[sub] else ""
             for shard in sorted((path / sub).glob("model*.safetensors")):
                 weights.update({prefix + key: value for key, value in load_file(str(shard)).items()})
+        return weights
+
+    def load_sharded(self, path: Path, model, optimizer, scheduler) -> None:
+        """FSDP2: every process reads the whole weights and optimiser state and keeps its shards."""
+        from torch.distributed.tensor import distribute_tensor
+
+        weights = self.whole_weights(path, model)
         moments = load_file(str(path / "optimizer.safetensors"))
         meta = json.loads((path / "optimizer.json").read_text())
         with torch.no_grad():
@@ -350,16 +354,12 @@ class Checkpointer:
                 parameter.copy_(distribute_tensor(weights[name].to(parameter.dtype), parameter.device_mesh, parameter.placements))
                 state = {}
                 for key in meta["state_keys"].get(name, []):
-                    value = moments[f"{name}::{key}"]
-                    like = parameter if value.shape == parameter.shape else None
-                    state[key] = distribute_tensor(value, like.device_mesh, like.placements) if like is not None else value
+                    value = moments[f"{name}::{key}"]  # moments shard like their parameter; a step count stays whole
+                    sharded = value.shape == parameter.shape
+                    state[key] = distribute_tensor(value, parameter.device_mesh, parameter.placements) if sharded else value
                 if state:
                     optimizer.state[parameter] = state
-        for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-            group.update({key: value for key, value in saved.items() if key != "params"})
-        if scheduler is not None and meta.get("scheduler") is not None:
-            scheduler.load_state_dict(meta["scheduler"])
-
+        restore_hyperparameters(optimizer.param_groups, meta, scheduler)
 
     def load_zero(self, path: Path, engine, scheduler) -> None:
         """DeepSpeed ZeRO: the whole weights into each process's parameters (ZeRO-3: its partitions),
@@ -367,11 +367,7 @@ class Checkpointer:
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
-        weights = {}
-        for sub in self.modules(engine):
-            prefix = self.parts[sub] + "." if self.parts[sub] else ""
-            for shard in sorted((path / sub).glob("model*.safetensors")):
-                weights.update({prefix + key: value for key, value in load_file(str(shard)).items()})
+        weights = self.whole_weights(path, engine)
         state = load_file(str(path / "optimizer.safetensors"))
         meta = json.loads((path / "optimizer.json").read_text())
         device = self.accelerator.device
@@ -386,13 +382,18 @@ class Checkpointer:
                 for key in meta["state_keys"]:
                     safe_set_full_optimizer_state(parameter, state[f"{name}::{key}"].to(device), key)
         base = engine.optimizer.optimizer  # the torch optimiser inside ZeRO's
-        for group, saved in zip(base.param_groups, meta["param_groups"]):
-            group.update({key: value for key, value in saved.items() if key != "params"})
+        restore_hyperparameters(base.param_groups, meta, scheduler)
         for values in base.state.values():
             if "step" in values:
                 values["step"] = torch.as_tensor(meta["step"], dtype=torch.float32) if isinstance(values["step"], torch.Tensor) else meta["step"]
-        if scheduler is not None and meta.get("scheduler") is not None:
-            scheduler.load_state_dict(meta["scheduler"])
+
+
+def restore_hyperparameters(param_groups: list[dict], meta: dict[str, Any], scheduler=None) -> None:
+    """A whole-state checkpoint's learning rates and other group settings (not its parameters), and the scheduler."""
+    for group, saved in zip(param_groups, meta["param_groups"]):
+        group.update({key: value for key, value in saved.items() if key != "params"})
+    if scheduler is not None and meta.get("scheduler") is not None:
+        scheduler.load_state_dict(meta["scheduler"])
 
 
 def is_deepspeed(model: torch.nn.Module) -> bool:

@@ -41,17 +41,20 @@ def ppo_section(**updates) -> dict:
     return nest_ppo_keys(section)[0]
 
 
+def rlhf_config(folder, corpus, **sections) -> dict:
+    """A tiny run whose reward model learns marker preferences from the pretrained model, with a
+    ppo section; `sections` add or replace sections (e.g. ppo=ppo_section(...), eval={...})."""
+    reward = {
+        "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
+        "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 20,
+    }
+    return tiny_config(corpus, reward=reward, **{"ppo": ppo_section(), **sections})
+
+
 @pytest.fixture(scope="module")
 def ppo_run(tmp_path_factory, shakespeare_excerpt):
     folder = tmp_path_factory.mktemp("ppo_run")
-    raw = tiny_config(
-        shakespeare_excerpt,
-        reward={
-            "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
-            "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 20,
-        },
-        ppo=ppo_section(),
-    )
+    raw = rlhf_config(folder, shakespeare_excerpt)
     config = folder / "run.yaml"
     config.write_text(yaml.safe_dump(raw))
     run_dir = folder / "run"
