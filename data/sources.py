@@ -1,4 +1,4 @@
-"""Load a `DataSource` (local files or a hub dataset) as a `datasets.Dataset`.
+"""Load a `DataSource` (local files or a hub dataset) as a `datasets.Dataset`, or stream its texts.
 
 Local and hub data go through the same `datasets.load_dataset` path, so what the tests exercise
 with local files is what runs against the hub. Errors name the file and the fix.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import datasets
 
@@ -128,73 +129,89 @@ def local_format(source: DataSource) -> str:
     return formats.pop()
 
 
+def open_source(source: DataSource, cache_dir: str | Path | None = None, *, streaming: bool = False):
+    """`datasets.load_dataset` for a source: a Dataset, or with `streaming` an IterableDataset.
+
+    Streaming reads rows as they are needed: from the hub without downloading the whole config,
+    from local files without writing an Arrow copy of them.
+    """
+    if source.hub is not None:
+        return datasets.load_dataset(
+            source.hub, source.hub_config, split=source.split, revision=source.revision, cache_dir=cache_dir,
+            streaming=streaming,
+        )
+    builder = local_format(source)
+    if builder in ("json", "text"):
+        for path in source.files():
+            check_local_file(path)
+    options = {"sample_by": source.sample_by} if builder == "text" else {}
+    return datasets.load_dataset(
+        builder, data_files={"train": source.files()}, split="train", cache_dir=cache_dir, streaming=streaming, **options
+    )
+
+
+def load_failure(source: DataSource, error: Exception) -> DataError:
+    """A DataError saying which source failed and why (the bad line of a JSON file, if one is)."""
+    origin = source.hub or source.path
+    if source.hub is None and local_format(source) == "json":
+        for path in source.files():
+            reason = explain_json_failure(path)
+            if reason is not None:
+                return DataError(f"{path}: {reason}; fix or delete that line")
+    cause = innermost(error)
+    return DataError(
+        f"{origin}: could not load dataset ({type(error).__name__}: {error}"
+        + (f"; caused by {type(cause).__name__}: {cause}" if cause is not error else "")
+        + ")"
+    )
+
+
 def load_source(source: DataSource, cache_dir: str | Path | None = None) -> datasets.Dataset:
     """The rows of a data source (all columns), limited to `max_rows` when set."""
     try:
-        if source.hub is not None:
-            dataset = datasets.load_dataset(
-                source.hub, source.hub_config, split=source.split, revision=source.revision, cache_dir=cache_dir
-            )
-        else:
-            builder = local_format(source)
-            if builder in ("json", "text"):
-                for path in source.files():
-                    check_local_file(path)
-            options = {"sample_by": source.sample_by} if builder == "text" else {}
-            dataset = datasets.load_dataset(
-                builder, data_files={"train": source.files()}, split="train", cache_dir=cache_dir, **options
-            )
+        dataset = open_source(source, cache_dir)
     except DataError:
         raise
     except Exception as error:  # datasets raises many kinds; say which source failed and why
-        origin = source.hub or source.path
-        if source.hub is None and local_format(source) == "json":
-            for path in source.files():
-                reason = explain_json_failure(path)
-                if reason is not None:
-                    raise DataError(f"{path}: {reason}; fix or delete that line") from None
-        cause = innermost(error)
-        raise DataError(
-            f"{origin}: could not load dataset ({type(error).__name__}: {error}"
-            + (f"; caused by {type(cause).__name__}: {cause}" if cause is not error else "")
-            + ")"
-        ) from None
+        raise load_failure(source, error) from None
     if source.max_rows is not None and len(dataset) > source.max_rows:
         dataset = dataset.select(range(source.max_rows))
     return dataset
 
 
-def load_texts(source: DataSource, cache_dir: str | Path | None = None) -> datasets.Dataset:
-    """A dataset with one string column, `text`, from the source's `text_field`."""
-    dataset = load_source(source, cache_dir=cache_dir)
-    if source.text_field not in dataset.column_names:
-        origin = source.hub or source.path
-        raise DataError(
-            f"{origin}: no column {source.text_field!r} (columns: {', '.join(dataset.column_names)}); "
-            f"set `text_field:` to the column holding the text"
-        )
-    if source.text_field != "text" and "text" in dataset.column_names:
-        dataset = dataset.remove_columns("text")
-    dataset = dataset.select_columns([source.text_field])
-    if source.text_field != "text":
-        dataset = dataset.rename_column(source.text_field, "text")
-    return dataset
+def stream_texts(
+    source: DataSource, cache_dir: str | Path | None = None, *, max_chars: int | None = None, batch_size: int = 1000
+) -> Iterator[list[str]]:
+    """Batches of the source's documents (its `text_field`), streamed: never the whole corpus in memory.
 
-
-def iter_text(dataset: datasets.Dataset, max_chars: int | None = None, batch_size: int = 1000):
-    """Yield batches of strings from a `text` column, stopping after `max_chars` characters."""
-    seen = 0
-    for start in range(0, len(dataset), batch_size):
-        batch = [text for text in dataset[start : start + batch_size]["text"] if text]
-        if max_chars is not None:
-            kept = []
-            for text in batch:
-                if seen >= max_chars:
-                    break
-                kept.append(text[: max_chars - seen])
-                seen += len(kept[-1])
-            batch = kept
-        if batch:
-            yield batch
-        if max_chars is not None and seen >= max_chars:
-            return
+    Stops after `max_rows` rows, or once `max_chars` characters are out (the last document cut to
+    fit); documents that are empty strings or null are left out.
+    """
+    origin = source.hub or source.path
+    try:
+        dataset = open_source(source, cache_dir, streaming=True)
+        if source.max_rows is not None:
+            dataset = dataset.take(source.max_rows)
+        seen = 0
+        for batch in dataset.iter(batch_size=batch_size):
+            if source.text_field not in batch:
+                raise DataError(
+                    f"{origin}: no column {source.text_field!r} (columns: {', '.join(batch)}); "
+                    f"set `text_field:` to the column holding the text"
+                )
+            texts = [text for text in batch[source.text_field] if text]
+            if max_chars is not None:
+                texts, kept = [], texts
+                for text in kept:
+                    if seen >= max_chars:
+                        break
+                    texts.append(text[: max_chars - seen])
+                    seen += len(texts[-1])
+            if texts:
+                yield texts
+            if max_chars is not None and seen >= max_chars:
+                return
+    except DataError:
+        raise
+    except Exception as error:  # a bad row can surface mid-stream: name the source and the line
+        raise load_failure(source, error) from None

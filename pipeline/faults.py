@@ -12,6 +12,7 @@ as a full disk would. Points (tests/test_faults.py kills every training stage at
     checkpoint:before-rename   a resumable checkpoint is complete in step-N.tmp, not yet renamed
     final:after-weights        the final model's weights are written, its tokenizer not yet
     manifest:before-replace    the new manifest is written to its temp file, not yet renamed over
+    token-store:shard-written  a token-store shard's ids are in place, its header not yet
 
 Unset, a fault point costs one dictionary lookup: the variable is read once per process.
 """

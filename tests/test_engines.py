@@ -44,7 +44,9 @@ def run_config(folder, corpus, engine: str | None, **pretrain) -> dict:
     accumulation = 1 if engine else 2
     return tiny_config(
         corpus,
-        pretrain={"max_steps": STEPS, "warmup_steps": 2, "eval_every": STEPS, "save_every": STEPS, "log_every": 1,
+        # Speeches as documents in ~20 kB shards: two processes tokenize the corpus together.
+        pretrain={"data": {"path": str(corpus), "sample_by": "paragraph"}, "shard_mb": 0.02,
+                  "max_steps": STEPS, "warmup_steps": 2, "eval_every": STEPS, "save_every": STEPS, "log_every": 1,
                   "gradient_accumulation_steps": accumulation, "launch": launch, **pretrain},
         sft=tiny_sft_section(max_steps=4, eval_every=4, save_every=4, sample_prompts=1, launch=launch),
         reward={
@@ -105,6 +107,10 @@ def test_each_engine_pretrains_like_one_process(pretrained, engine):
     # Gathered whole on every process (FSDP2 and ZeRO-3 hold shards), the weights agree everywhere.
     assert entry.metrics["replicas_in_sync"] is True
     assert entry.metrics["parameters"] == read_manifest(pretrained["one"][1]).stages["pretrain"].metrics["parameters"]
+    # Both processes tokenized shards of the one store they then read.
+    (store,) = (run_dir / "cache" / "pretrain").iterdir()
+    assert {json.loads(header.read_text())["worker"] for header in store.glob("shard-*.json")} == {0, 1}
+    assert entry.metrics["corpus_tokens"] == read_manifest(pretrained["one"][1]).stages["pretrain"].metrics["corpus_tokens"]
 
     reference = pretrained["one"][1]
     losses, expected = train_losses(run_dir), train_losses(reference)

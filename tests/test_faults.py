@@ -52,7 +52,9 @@ def run_config(folder) -> dict:
 
     return tiny_config(
         folder / "corpus.txt",
-        pretrain={"max_steps": 30, "save_every": 10, "eval_every": 30, "keep_checkpoints": 5},
+        # Speeches as documents, in shards of ~20 kB: the 100 kB corpus is tokenized as five, so
+        # tokenizing can die in between.
+        pretrain={"data": {"path": str(folder / "corpus.txt"), "sample_by": "paragraph"}, "max_steps": 30, "save_every": 10, "eval_every": 30, "keep_checkpoints": 5, "shard_mb": 0.02},
         sft=tiny_sft_section(max_steps=20, eval_every=20, sample_prompts=0),
         reward={
             "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
@@ -143,6 +145,28 @@ def test_a_stage_killed_at_every_kill_point_still_finishes(upstream, tmp_path, s
     assert len(resumed_lines) >= 2 and all("/checkpoints/step-" in line for line in resumed_lines), resumed_lines
     if stage == "pretrain":
         assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")
+
+
+def test_pretraining_killed_while_tokenizing_keeps_its_finished_shards(upstream, tmp_path):
+    run_dir = copy_of(upstream, tmp_path)
+    shutil.rmtree(run_dir / "pretrain")
+    shutil.rmtree(run_dir / "cache" / "pretrain")
+    update_stage(run_dir, "pretrain", status="running", output=None)
+
+    killed = run_stage("pretrain", run_dir, "token-store:shard-written#3")  # the third shard's ids are down
+    assert killed.returncode == 137, killed.stderr[-3000:]
+    (store,) = (run_dir / "cache" / "pretrain").iterdir()
+    kept = {path.name: path.stat().st_mtime_ns for path in store.glob("shard-*.json")}
+    assert sorted(kept) == ["shard-00000.json", "shard-00001.json"] and not (store / "store.json").exists()
+
+    finished = run_stage("pretrain", run_dir)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    # The two finished shards were kept as they were; the rest were tokenized, and the run is the same run.
+    assert {name: (store / name).stat().st_mtime_ns for name in kept} == kept
+    assert len(list(store.glob("shard-*.bin"))) == 5 and not list(store.glob("*.tmp"))
+    assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")
+    metrics = read_manifest(run_dir).stages["pretrain"].metrics
+    assert metrics["corpus_tokens"] == read_manifest(upstream[1]).stages["pretrain"].metrics["corpus_tokens"]
 
 
 def roll_back_pretrain(run_dir) -> None:

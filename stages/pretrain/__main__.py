@@ -12,6 +12,9 @@ Output: RUN_DIR/pretrain/final, a Hugging Face model folder with the tokenizer.
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
@@ -22,7 +25,7 @@ from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, warmup_cosine
 from pipeline.training.state import Checkpointer
-from stages.pretrain.corpus import prepare_blocks
+from stages.pretrain.corpus import prepare_blocks, prepare_store
 from stages.pretrain.model import adopt_base_model, count_parameters, model_from_config
 
 
@@ -38,8 +41,14 @@ def train(context: StageContext) -> StageResult:
     set_seed(config.seed)  # the same initial weights on every process
 
     # ----------------------------------------------------------------------------------- data
-    with accelerator.main_process_first():  # the main process tokenizes; the others read its cache
-        train_blocks, validation_blocks = prepare_blocks(section, tokenizer, tokenizer_dir, context.run_dir / "cache" / "pretrain")
+    # This machine's processes tokenize the corpus together into one store, and all of them read
+    # their blocks from it, memory-mapped (no process holds the corpus).
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    store = prepare_store(
+        section, tokenizer, tokenizer_dir, context.run_dir / "cache" / "pretrain",
+        worker=accelerator.local_process_index, workers=local_processes,
+    )
+    train_blocks, validation_blocks = prepare_blocks(store, section)
     micro_batch = section.per_device_batch_size
     tokens_per_step = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps * section.block_size
 
@@ -60,14 +69,14 @@ def train(context: StageContext) -> StageResult:
             step, accelerator, accumulation=section.gradient_accumulation_steps,
             size=micro_batch, examples=len(train_blocks), seed=config.seed,
         )
-        return [torch.from_numpy(train_blocks[indices]).long().to(accelerator.device) for indices in steps]
+        return [torch.from_numpy(train_blocks[indices]).to(accelerator.device) for indices in steps]
 
     def loss(blocks: torch.Tensor) -> tuple[torch.Tensor, dict]:
         return model(input_ids=blocks, labels=blocks).loss, {}
 
     def evaluate() -> dict[str, float]:
-        mine = validation_blocks[accelerator.process_index :: accelerator.num_processes][: section.eval_batches * micro_batch]
-        blocks = (torch.from_numpy(mine[start : start + micro_batch]).long() for start in range(0, len(mine), micro_batch))
+        mine = np.arange(accelerator.process_index, len(validation_blocks), accelerator.num_processes)[: section.eval_batches * micro_batch]
+        blocks = (torch.from_numpy(validation_blocks[mine[start : start + micro_batch]]) for start in range(0, len(mine), micro_batch))
         return held_out_loss(accelerator, model, ({"input_ids": block, "labels": block} for block in blocks))
 
     # ----------------------------------------------------------------------------------- loop
@@ -91,6 +100,9 @@ def train(context: StageContext) -> StageResult:
         "tokens": section.max_steps * tokens_per_step,
         "train_blocks": len(train_blocks),
         "validation_blocks": len(validation_blocks),
+        "corpus_tokens": store.tokens,
+        "token_bytes": store.disk_bytes,
+        "corpus_documents": store.documents,
         "train_loss": result.train_loss,
         "resumed_from_step": result.resumed_from,
     }

@@ -1,45 +1,54 @@
-"""The pretraining corpus as packed (train, validation) token blocks, tokenized once per run."""
+"""The pretraining corpus as a token store (data/token_store.py), tokenized once per run and read as blocks."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from data.packing import cached_blocks, pack_documents, split_blocks
-from data.sources import load_texts
-from pipeline.config import PretrainConfig
+from data.sources import stream_texts
+from data.token_store import Blocks, TokenStore, build_token_store, threads_per_worker
+from pipeline.config import PretrainConfig, config_hash
 from pipeline.errors import DataError
 from pipeline.orchestration.manifest import hash_file
 
 
-def prepare_blocks(
-    section: PretrainConfig, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path, cache_root: Path
-) -> tuple[np.ndarray, np.ndarray]:
-    """(train, validation) int32 blocks of `section.block_size` tokens, from the cache when present."""
+def prepare_store(
+    section: PretrainConfig, tokenizer: PreTrainedTokenizerBase, tokenizer_dir: Path, cache_root: Path,
+    *, worker: int = 0, workers: int = 1,
+) -> TokenStore:
+    """The corpus's token store under `cache_root/<key>/`, built there on first use.
+
+    The key names the corpus (and its files' contents), the tokenizer and the shard size, not the
+    block size: blocks are cut when read, so changing `block_size` reuses the store. `worker` of
+    `workers` are this machine's processes, which tokenize their shares of the shards together.
+    """
     source = section.data
     key = {
         "data": source.model_dump(),
         "files": {name: hash_file(Path(name)) for name in source.files()} if source.path else None,
         "tokenizer": hash_file(tokenizer_dir / "tokenizer.json") if (tokenizer_dir / "tokenizer.json").exists() else str(tokenizer_dir),
-        "block_size": section.block_size,
-        "validation_fraction": section.validation_fraction,
+        "shard_mb": section.shard_mb,
     }
+    # Each process's share of the cores for the Rust tokenizer (read when its thread pool starts).
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads_per_worker(workers)))
+    return build_token_store(
+        cache_root / config_hash(key),
+        stream_texts(source, cache_dir=cache_root.parent / "datasets"),
+        tokenizer.backend_tokenizer,
+        tokenizer.eos_token_id,
+        len(tokenizer),
+        shard_bytes=int(section.shard_mb * (1 << 20)),
+        worker=worker,
+        workers=workers,
+        progress=worker == 0,
+    )
 
-    def build() -> tuple[np.ndarray, np.ndarray]:
-        texts = load_texts(source, cache_dir=cache_root.parent / "datasets")
-        tokenized = texts.map(
-            lambda batch: {"input_ids": tokenizer(batch["text"], add_special_tokens=False)["input_ids"]},
-            batched=True,
-            remove_columns=["text"],
-            desc="tokenizing",
-        )
-        blocks = pack_documents(tokenized["input_ids"], tokenizer.eos_token_id, section.block_size)
-        origin = source.hub or source.path
-        try:
-            return split_blocks(blocks, section.validation_fraction)
-        except ValueError as error:
-            raise DataError(f"{origin}: {error}; add text or lower pretrain.block_size") from None
 
-    return cached_blocks(cache_root, key, build)
+def prepare_blocks(store: TokenStore, section: PretrainConfig) -> tuple[Blocks, Blocks]:
+    """(train, validation) blocks of `section.block_size` tokens from the store."""
+    try:
+        return store.blocks(section.block_size, section.validation_fraction)
+    except ValueError as error:
+        raise DataError(f"{section.data.hub or section.data.path}: {error}; add text or lower pretrain.block_size") from None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from data.sources import iter_text, load_texts
+from data.sources import stream_texts
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from stages.tokenizer.bpe import adopt_pretrained, train_bpe
 
@@ -25,10 +25,19 @@ def train(context: StageContext) -> StageResult:
             tokenizer = adopt_pretrained(pretrained, config.model.revision, config.model.trust_remote_code)
             metrics["source"] = pretrained
         else:
-            corpus = load_texts(config.tokenizer_corpus, cache_dir=context.run_dir / "cache" / "datasets")
-            tokenizer = train_bpe(iter_text(corpus, section.max_chars), section.vocab_size, section.min_frequency)
+            # Streamed: a hub corpus is read only as far as max_rows / max_chars take it.
+            documents = 0
+
+            def counted(batches):
+                nonlocal documents
+                for batch in batches:
+                    documents += len(batch)
+                    yield batch
+
+            corpus = stream_texts(config.tokenizer_corpus, context.run_dir / "cache" / "datasets", max_chars=section.max_chars)
+            tokenizer = train_bpe(counted(corpus), section.vocab_size, section.min_frequency)
             metrics["source"] = "trained"
-            metrics["corpus_documents"] = len(corpus)
+            metrics["corpus_documents"] = documents
         tokenizer.save_pretrained(context.output_dir)
         metrics.update(vocab_size=len(tokenizer), seconds=round(time.perf_counter() - started, 2))
         context.tracker.log({"tokenizer/vocab_size": len(tokenizer)}, step=0)

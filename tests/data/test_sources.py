@@ -111,3 +111,45 @@ def test_a_line_longer_than_the_json_reader_chunks_is_read(tmp_path):
     assert report.kept == 3
     assert conversations[1][1]["content"] == long_answer
     assert [c[0]["content"] for c in conversations] == ["first", "long", "last"]
+
+
+# ------------------------------------------------------------------------------ streamed texts
+
+
+def streamed(source, cache_dir, **options) -> list[str]:
+    from data.sources import stream_texts
+
+    return [text for batch in stream_texts(source, cache_dir, **options) for text in batch]
+
+
+def test_a_hub_dataset_is_streamed_and_max_rows_reads_no_further(tmp_path):
+    """The hub path, run on a local dataset folder: rows come as they are read, with no Arrow copy."""
+    from pipeline.config import DataSource
+
+    repo = tmp_path / "org-corpus"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train.jsonl").write_bytes(jsonl(*({"body": f"document {n}", "id": n} for n in range(5000))))
+    cache = tmp_path / "cache"
+    texts = streamed(DataSource(hub=str(repo), text_field="body", max_rows=3), cache)
+    assert texts == ["document 0", "document 1", "document 2"]
+    assert not list(cache.rglob("*.arrow"))  # nothing downloaded or converted whole
+    with pytest.raises(DataError, match=r"no column 'text' \(columns: body, id\); set `text_field:`"):
+        streamed(DataSource(hub=str(repo)), cache)
+
+
+def test_max_chars_cuts_the_stream_and_empty_documents_are_left_out(tmp_path):
+    from pipeline.config import DataSource
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(jsonl({"text": "abcdef"}, {"text": ""}, {"text": None}, {"text": "ghij"}, {"text": "never read"}))
+    assert streamed(DataSource(path=str(path)), tmp_path / "cache") == ["abcdef", "ghij", "never read"]
+    assert streamed(DataSource(path=str(path)), tmp_path / "cache", max_chars=8) == ["abcdef", "gh"]
+
+
+def test_a_broken_line_met_while_streaming_names_the_line(tmp_path):
+    from pipeline.config import DataSource
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(jsonl(*({"text": f"row {n}"} for n in range(2000)), b'{"text": "unterminated', {"text": "after"}))
+    with pytest.raises(DataError, match=r"corpus.jsonl: line 2001: not valid JSON"):
+        streamed(DataSource(path=str(path)), tmp_path / "cache")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -39,6 +40,22 @@ def test_pretraining_loss_falls(finished_run):
     assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_loss"]).exp().item(), rel=1e-4)
     losses = [row["train/loss"] for row in read_metric_rows(run_dir / "pretrain")[0] if "train/loss" in row]
     assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_the_corpus_is_tokenized_once_into_a_memory_mapped_token_store(finished_run, shakespeare_excerpt):
+    _, run_dir, _ = finished_run
+    metrics = read_manifest(run_dir).stages["pretrain"].metrics
+    (store,) = (run_dir / "cache" / "pretrain").iterdir()
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "pretrain" / "final")
+    # One document (the .txt file), then its EOS, as uint16 ids: 2 bytes a token, headers aside.
+    ids = tokenizer(shakespeare_excerpt.read_text(), add_special_tokens=False)["input_ids"]
+    assert metrics["corpus_tokens"] == len(ids) + 1 and metrics["corpus_documents"] == 1
+    stream = np.fromfile(store / "shard-00000.bin", dtype=np.uint16)
+    assert stream.tolist() == [*ids, tokenizer.eos_token_id]
+    assert 2 * metrics["corpus_tokens"] < metrics["token_bytes"] <= 2.01 * metrics["corpus_tokens"]
+    assert metrics["train_blocks"] + metrics["validation_blocks"] == metrics["corpus_tokens"] // 32
+    # The text was streamed, not converted: no Arrow copy of the corpus in the run's cache.
+    assert not list((run_dir / "cache").rglob("*.arrow"))
 
 
 def test_checkpoint_loads_with_plain_transformers_and_generates(finished_run):
