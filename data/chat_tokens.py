@@ -8,15 +8,21 @@ perplexity on it; PPO reads its prompts through `load_conversations`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import multiprocessing
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import datasets
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from data.conversations import RowReport, normalize_rows
 from data.sources import load_source
-from pipeline.config import BadRowPolicy, ConversationData
+from pipeline.config import BadRowPolicy, ConversationData, config_hash
 from pipeline.errors import DataError
 
 
@@ -54,22 +60,128 @@ def load_conversations(
     )
 
 
-def tokenize_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """(input_ids, assistant_mask): mask is 1 on assistant reply tokens (end-of-turn included), else 0."""
-    encoded = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+def chat_ids(
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: list[list[dict]],
+    *,
+    assistant_masks: bool = False,
+    generation_prompt: bool = False,
+    cache_dir: Path | None = None,
+) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, assistant_mask) of each conversation through the chat template, on all cores, once.
+
+    The mask is 1 on assistant reply tokens (end-of-turn included) with `assistant_masks`, else
+    empty. With `generation_prompt` the ids end in the assistant-turn opener (a PPO query). The
+    template is rendered by a pool of forked processes, a share of the machine's cores each
+    (rendering is Python: threads would take turns). With a `cache_dir` the ids are kept there
+    under a key made of the conversations, the tokenizer and the options, so a resumed or
+    repeated stage reads them back instead of rendering them again.
+    """
+    options = {"assistant_masks": assistant_masks, "generation_prompt": generation_prompt}
+    folder = None
+    if cache_dir is not None:
+        key = {"conversations": conversations, "tokenizer": tokenizer_fingerprint(tokenizer), **options}
+        folder = Path(cache_dir) / config_hash(key)
+        if (folder / "ids.npy").exists():
+            return read_ragged(folder)
+    work = functools.partial(render_chunk, tokenizer, options)
+    chunks = [conversations[start : start + RENDER_CHUNK] for start in range(0, len(conversations), RENDER_CHUNK)]
+    workers = min(render_workers(), len(chunks))
+    if workers > 1:
+        with forked_pool(workers) as pool:
+            rendered = [pair for chunk in pool.imap(work, chunks) for pair in chunk]
+    else:
+        rendered = [pair for chunk in map(work, chunks) for pair in chunk]
+    if folder is not None:
+        write_ragged(folder, rendered)
+    return rendered
+
+
+RENDER_CHUNK = 256  # conversations per task handed to a worker
+
+
+def render_chunk(tokenizer: PreTrainedTokenizerBase, options: dict, conversations: list[list[dict]]) -> list[tuple[list[int], list[int]]]:
+    rendered = []
+    for messages in conversations:
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True,
+            return_assistant_tokens_mask=options["assistant_masks"], add_generation_prompt=options["generation_prompt"],
+        )
+        mask = list(encoded["assistant_masks"]) if options["assistant_masks"] else []
+        rendered.append((list(encoded["input_ids"]), mask))
+    return rendered
+
+
+def render_workers() -> int:
+    """This process's share of the machine's cores: all of them, divided among a launch's local processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+
+
+@contextlib.contextmanager
+def forked_pool(workers: int):
+    """A fork pool (workers inherit the tokenizer, nothing is pickled but conversations and ids).
+
+    The Rust tokenizer disables its own threads in a forked child and warns about it unless told;
+    TOKENIZERS_PARALLELISM=false is set for the fork only, so this process keeps its threads.
+    """
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(workers)
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+    with pool:
+        yield pool
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What decides a tokenizer's output: its model, special tokens and chat template."""
+    backend = tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else repr(tokenizer.get_vocab())
+    return config_hash([backend, tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token])
+
+
+def write_ragged(folder: Path, rows: list[tuple[list[int], list[int]]]) -> None:
+    """Rows of (ids, mask) as flat int32 ids, uint8 masks and int64 offsets: .npy files, no pickles."""
+    lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = np.concatenate([np.asarray(row, dtype=np.int32) for row, _ in rows] or [np.zeros(0, np.int32)])
+    masks = np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in rows] or [np.zeros(0, np.uint8)])
+    partial = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    partial.mkdir(parents=True, exist_ok=True)
+    for name, array in (("offsets", offsets), ("masks", masks), ("ids", ids)):
+        np.save(partial / f"{name}.npy", array, allow_pickle=False)
+    try:
+        partial.rename(folder)
+    except OSError:  # another process wrote the same rows first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def read_ragged(folder: Path) -> list[tuple[list[int], list[int]]]:
+    offsets, ids, masks = (np.load(folder / f"{name}.npy", allow_pickle=False) for name in ("offsets", "ids", "masks"))
+    ids, has_masks = ids.tolist(), len(masks) > 0
+    masks = masks.tolist()
+    return [
+        (ids[start:stop], masks[start:stop] if has_masks else [])
+        for start, stop in zip(offsets[:-1].tolist(), offsets[1:].tolist())
+    ]
 
 
 def tokenize_conversations(
-    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, max_length: int, overlong: str
+    conversations: list[list[dict]], tokenizer: PreTrainedTokenizerBase, max_length: int, overlong: str,
+    cache_dir: Path | None = None,
 ) -> tuple[datasets.Dataset, LengthReport]:
-    """A dataset of `input_ids` and `assistant_masks`, with `max_length` enforced per `overlong`."""
+    """A dataset of `input_ids` and `assistant_masks`, with `max_length` enforced per `overlong`.
+
+    The ids come from `chat_ids` (all cores; kept in `cache_dir` when given); the length policy
+    is applied after, so changing `max_length` reuses them.
+    """
     report = LengthReport(total=len(conversations))
     rows = {"input_ids": [], "assistant_masks": []}
-    for messages in conversations:
-        input_ids, mask = tokenize_conversation(tokenizer, messages)
+    for input_ids, mask in chat_ids(tokenizer, conversations, assistant_masks=True, cache_dir=cache_dir):
         if not any(mask):
             raise DataError(
                 "the tokenizer's chat template marks no assistant tokens (it has no {% generation %} markers), "

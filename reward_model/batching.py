@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from data.chat_tokens import chat_ids
 from data.padding import pad_batch
 from data.preferences import PreferenceGroup
-from reward_model.scoring import conversation_ids
+from reward_model.scoring import scored_ids
 
 
 @dataclass
@@ -22,11 +24,14 @@ class EncodedGroup:
 
 
 def encode_groups(
-    groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_length: int
+    groups: list[PreferenceGroup], tokenizer: PreTrainedTokenizerBase, max_length: int, cache_dir: Path | None = None
 ) -> list[EncodedGroup]:
+    """Every completion as `conversation_ids` gives it, rendered on all cores (and kept in `cache_dir`)."""
+    completions = [completion for group in groups for completion in group.completions]
+    rendered = iter(chat_ids(tokenizer, completions, cache_dir=cache_dir))
     return [
         EncodedGroup(
-            completion_ids=[conversation_ids(tokenizer, c, max_length) for c in group.completions],
+            completion_ids=[scored_ids(next(rendered)[0], tokenizer.eos_token_id, max_length) for _ in group.completions],
             pairs=list(group.pairs),
             margins=list(group.margins),
         )

@@ -30,7 +30,11 @@ def conversation_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], m
     the same token in training and in RL. Over `max_length`, the oldest context goes first.
     """
     ids = list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
-    eos = tokenizer.eos_token_id
+    return scored_ids(ids, tokenizer.eos_token_id, max_length)
+
+
+def scored_ids(ids: list[int], eos: int, max_length: int | None = None) -> list[int]:
+    """A rendered conversation's ids cut after the final EOS and to its last `max_length` tokens."""
     if eos in ids:
         ids = ids[: len(ids) - ids[::-1].index(eos)]
     if max_length is not None:

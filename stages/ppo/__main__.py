@@ -57,7 +57,11 @@ def train(context: StageContext) -> StageResult:
     cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
 
     # ----------------------------------------------------------------------------------- data
-    prompts = load_prompts(section.data, tokenizer, context.run_dir / "cache" / "datasets", config.seed)
+    with accelerator.main_process_first():  # rendered once, by the main process on all cores
+        prompts = load_prompts(
+            section.data, tokenizer, context.run_dir / "cache" / "datasets", config.seed,
+            token_cache=context.run_dir / "cache" / "chat_tokens",
+        )
     train_prompts, held_out = prompts.train, prompts.held_out[: section.eval_prompts]
     # An equal share per process: under sharding engines scoring is a collective, so every process
     # scores the same number of batches (at most world - 1 prompts are left out).

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from data.chat_tokens import load_conversations
+from data.chat_tokens import chat_ids, load_conversations
 from data.conversations import prompt_of
 from data.padding import pad_batch
 from data.splits import held_out_split
@@ -26,12 +26,17 @@ class PromptSplit:
     counts: dict[str, int]
 
 
-def load_prompts(data: PPOData, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None, seed: int) -> PromptSplit:
-    """The configured conversations that fit ppo.data.max_prompt_length, split into train and held-out prompts."""
+def load_prompts(
+    data: PPOData, tokenizer: PreTrainedTokenizerBase, cache_dir: Path | None, seed: int, token_cache: Path | None = None
+) -> PromptSplit:
+    """The configured conversations that fit ppo.data.max_prompt_length, split into train and held-out prompts.
+
+    Rendered on all cores, and kept in `token_cache` when given (see data.chat_tokens.chat_ids).
+    """
     conversations, rows = load_conversations(data.prompts, data, cache_dir, config_section="ppo.data")
     fitting, too_long = [], 0
-    for conversation in conversations:
-        ids = tokenizer.apply_chat_template(prompt_of(conversation), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    queries = chat_ids(tokenizer, [prompt_of(c) for c in conversations], generation_prompt=True, cache_dir=token_cache)
+    for conversation, (ids, _) in zip(conversations, queries):
         if len(ids) > data.max_prompt_length:
             too_long += 1
             continue

@@ -63,8 +63,10 @@ def train(context: StageContext) -> StageResult:
         train_groups, validation_groups = groups, load_groups(section.validation_data, section, cache)[0]
     else:
         train_groups, validation_groups = held_out_split(groups, section.validation_fraction, config.seed, what="prompts")
-    train_encoded = encode_groups(train_groups, tokenizer, section.max_length)
-    validation_encoded = encode_groups(validation_groups, tokenizer, section.max_length)
+    token_cache = context.run_dir / "cache" / "chat_tokens"  # rendered once, by the main process on all cores
+    with accelerator.main_process_first():
+        train_encoded = encode_groups(train_groups, tokenizer, section.max_length, token_cache)
+        validation_encoded = encode_groups(validation_groups, tokenizer, section.max_length, token_cache)
     groups_per_step = section.prompts_per_batch * accelerator.num_processes * section.gradient_accumulation_steps
     total_steps = section.max_steps or max(1, math.ceil(section.epochs * len(train_encoded) / groups_per_step))
 

@@ -65,10 +65,16 @@ def train(context: StageContext) -> StageResult:
         train_conversations, validation_conversations = held_out_split(
             conversations, section.validation_fraction, config.seed, what="conversations"
         )
-    train_dataset, train_lengths = tokenize_conversations(train_conversations, tokenizer, section.max_length, section.overlong)
-    validation_dataset, validation_lengths = tokenize_conversations(
-        validation_conversations, tokenizer, section.max_length, section.overlong
-    )
+    # Rendered once per run on all of the main process's cores; the other processes, and a resumed
+    # stage, read the ids back from the run's cache.
+    token_cache = context.run_dir / "cache" / "chat_tokens"
+    with accelerator.main_process_first():
+        train_dataset, train_lengths = tokenize_conversations(
+            train_conversations, tokenizer, section.max_length, section.overlong, token_cache
+        )
+        validation_dataset, validation_lengths = tokenize_conversations(
+            validation_conversations, tokenizer, section.max_length, section.overlong, token_cache
+        )
     train_rows, validation_rows = train_dataset.to_list(), validation_dataset.to_list()
     micro_batch = section.per_device_batch_size
     conversations_per_step = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps
