@@ -292,7 +292,8 @@ def peak_memory(state) -> dict[str, float]:
     """The stage's peak memory per process, the largest over all processes, in MiB (collective).
 
     `peak_rss_mib`: the resident set's high-water mark (host memory); `peak_gpu_mib`: the most
-    the accelerator's allocator held, where there is one.
+    the accelerator's allocator held, where there is one; with several processes also
+    `peak_rss_mib_by_process`, each one's peak RSS by rank.
     """
     import resource
 
@@ -306,7 +307,10 @@ def peak_memory(state) -> dict[str, float]:
     everyone = gather(mine) if state.num_processes > 1 else mine
     largest = everyone.max(dim=0).values.tolist()
     names = ["peak_rss_mib", "peak_gpu_mib"][: len(largest)]
-    return {name: round(value, 1) for name, value in zip(names, largest)}
+    peaks = {name: round(value, 1) for name, value in zip(names, largest)}
+    if state.num_processes > 1:  # each process's, by rank: what one process holds that the others do not
+        peaks["peak_rss_mib_by_process"] = [round(value, 1) for value in everyone[:, 0].tolist()]
+    return peaks
 
 
 def previous_output_path(run_dir: Path, name: str) -> Path:
