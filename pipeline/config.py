@@ -210,7 +210,7 @@ class PretrainConfig(Section):
     block_size: int = Field(256, ge=8, description="Tokens per packed training block.")
     validation_fraction: float = Field(0.05, gt=0, lt=1, description="Share of blocks held out for eval.")
     shard_mb: float = Field(
-        64, gt=0, description="MB of text per token-store shard: the unit of parallel tokenization and of its resume."
+        64.0, gt=0, description="MB of text per token-store shard: the unit of parallel tokenization and of its resume."
     )
     per_device_batch_size: int = Field(16, ge=1, description="Blocks per process per micro-step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimiser step.")

@@ -187,3 +187,17 @@ def test_scale_configs_read_chat_data_from_splits_with_assistant_turns(run_confi
     prompts = config.ppo.data.prompts
     assert prompts.conversation_format == "messages" and prompts.split in ("train_gen", "test_gen")
     assert config.wandb.mode == "auto"
+
+
+def test_a_config_hashes_the_same_after_its_round_trip_through_the_manifest(run_configs):
+    """The command line hashes the config it loaded; a stage, the copy the manifest recorded (JSON,
+    validated again). A default of the wrong type (an int in a float field: 64 -> 64.0) would make
+    every stage look changed and rerun from scratch."""
+    from pipeline.config import validate_config
+    from pipeline.orchestration.registry import STAGES
+
+    for config in [*run_configs.values(), load_config(REPO_ROOT / "configs" / "tiny.yaml")]:
+        recorded = validate_config(config.model_dump(mode="json"), source="manifest")
+        for spec in STAGES:
+            if spec.enabled(config):
+                assert spec.config_digest(recorded) == spec.config_digest(config), (config.name, spec.name)
