@@ -82,6 +82,15 @@ class TokenStore:
         # starts[k] = position of shard k's first token in the stream; starts[-1] = the total
         self.starts = np.concatenate([[0], np.cumsum(self.shard_tokens, dtype=np.int64)])
         self._maps: dict[int, np.ndarray] = {}
+        for index, tokens in enumerate(self.shard_tokens):  # a stat per shard: a damaged store fails here, named
+            path = self.folder / f"{shard_name(index)}.bin"
+            size = path.stat().st_size if path.exists() else None
+            if size != tokens * self.dtype.itemsize:
+                found = "is missing" if size is None else f"has {size} bytes"
+                raise DataError(
+                    f"{path} {found}, not the {tokens * self.dtype.itemsize} its index records: the token store "
+                    f"is damaged; delete {self.folder} and rerun to tokenize the corpus again"
+                )
 
     @property
     def tokens(self) -> int:
@@ -194,10 +203,17 @@ class ShardWriter:
 
     def finish(self) -> None:
         self.handle.close()
-        os.replace(self.temporary, self.folder / f"{self.name}.bin")
-        fault_point("token-store:shard-written")
-        header = {"tokens": self.tokens, "documents": self.documents, "text_bytes": self.text_bytes, "worker": self.worker}
-        write_atomically(self.folder / f"{self.name}.json", lambda path: path.write_text(json.dumps(header)))
+        header_path = self.folder / f"{self.name}.json"
+        try:
+            os.replace(self.temporary, self.folder / f"{self.name}.bin")
+            fault_point("token-store:shard-written")
+            header = {"tokens": self.tokens, "documents": self.documents, "text_bytes": self.text_bytes, "worker": self.worker}
+            write_atomically(header_path, lambda path: path.write_text(json.dumps(header)))
+        except FileNotFoundError:
+            # Machines sharing the run dir each tokenize every shard; the first to finish the store
+            # clears the others' temporaries. The shard is on disk, identical: nothing is lost.
+            if not header_path.exists():
+                raise
 
 
 def read_ahead(items: Iterator, depth: int = 4) -> Iterator:
@@ -291,7 +307,7 @@ def build_token_store(
             "shards": [{"file": f"{shard_name(i)}.bin", "tokens": header["tokens"]} for i, header in enumerate(headers)],
         }
         write_atomically(folder / STORE_FILE, lambda path: path.write_text(json.dumps(index, indent=1)))
-        for leftover in folder.glob("*.tmp"):  # shards a crashed build left half-written
+        for leftover in folder.glob("shard-*.tmp"):  # shards a crashed build left half-written
             leftover.unlink(missing_ok=True)
     while not (folder / STORE_FILE).exists():  # the other workers wait for worker 0's index
         time.sleep(WAIT_POLL_SECONDS)

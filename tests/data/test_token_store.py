@@ -8,6 +8,7 @@ import pytest
 
 from data.packing import pack_documents
 from data.token_store import STORE_FILE, TokenStore, build_token_store, runs_by_shard, token_dtype
+from pipeline.errors import DataError
 
 EOS = 3
 
@@ -137,3 +138,11 @@ def test_out_of_range_blocks_are_an_index_error(bpe_tokenizer, documents, tmp_pa
     train, _ = store.blocks(64, 0.1)
     with pytest.raises(IndexError, match="out of range"):
         train[[len(train)]]
+
+
+def test_a_damaged_store_is_an_error_naming_the_shard_and_the_fix(bpe_tokenizer, documents, tmp_path):
+    build_token_store(tmp_path, batches_of(documents), bpe_tokenizer.backend_tokenizer, EOS, 400, shard_bytes=20_000, progress=False)
+    shard = tmp_path / "shard-00001.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])  # a truncated copy
+    with pytest.raises(DataError, match=rf"shard-00001.bin has \d+ bytes, not the \d+ its index records.*delete {tmp_path}"):
+        TokenStore(tmp_path)
