@@ -309,7 +309,12 @@ def build_token_store(
         write_atomically(folder / STORE_FILE, lambda path: path.write_text(json.dumps(index, indent=1)))
         for leftover in folder.glob("shard-*.tmp"):  # shards a crashed build left half-written
             leftover.unlink(missing_ok=True)
-    while not (folder / STORE_FILE).exists():  # the other workers wait for worker 0's index
+    return wait_for_store(folder)  # the other workers wait for worker 0's index
+
+
+def wait_for_store(folder: str | Path) -> TokenStore:
+    """The store in `folder` once its index is written (by another process)."""
+    while not (Path(folder) / STORE_FILE).exists():
         time.sleep(WAIT_POLL_SECONDS)
     return TokenStore(folder)
 

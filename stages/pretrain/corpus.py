@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from data.sources import stream_texts
-from data.token_store import Blocks, TokenStore, build_token_store, threads_per_worker
+from data.token_store import Blocks, TokenStore, build_token_store, threads_per_worker, wait_for_store
 from pipeline.config import PretrainConfig, config_hash
 from pipeline.errors import DataError
 from pipeline.orchestration.manifest import hash_file
@@ -31,10 +31,18 @@ def prepare_store(
         "tokenizer": hash_file(tokenizer_dir / "tokenizer.json") if (tokenizer_dir / "tokenizer.json").exists() else str(tokenizer_dir),
         "shard_mb": section.shard_mb,
     }
+    folder = cache_root / config_hash(key)
+    if source.hub is not None and workers > 1:
+        # Every worker reads the whole stream to find its shards: free for local files (the page
+        # cache), one download per process from the hub. So there the first process streams and
+        # encodes on every core, and the others wait for its store.
+        if worker != 0:
+            return wait_for_store(folder)
+        worker, workers = 0, 1
     # Each process's share of the cores for the Rust tokenizer (read when its thread pool starts).
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads_per_worker(workers)))
     return build_token_store(
-        cache_root / config_hash(key),
+        folder,
         stream_texts(source, cache_dir=cache_root.parent / "datasets"),
         tokenizer.backend_tokenizer,
         tokenizer.eos_token_id,

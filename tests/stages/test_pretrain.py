@@ -230,3 +230,32 @@ def test_a_base_model_can_replace_pretraining(finished_run, tmp_path, shakespear
     original = AutoModelForCausalLM.from_pretrained(base)
     for name, tensor in original.state_dict().items():
         assert torch.equal(adopted.state_dict()[name], tensor)
+
+
+def test_a_hub_corpus_is_streamed_once_per_machine_by_its_first_process(bpe_tokenizer, tmp_path):
+    """Local files are read by every process (the page cache serves them); a hub stream is one
+    download per process, so there the first process encodes on every core and the rest wait."""
+    import json
+    import threading
+
+    from pipeline.config import PretrainConfig
+    from stages.pretrain.corpus import prepare_store
+
+    repo = tmp_path / "org-corpus"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "train.jsonl").write_text("".join(json.dumps({"text": f"speech {n} " * 50}) + "\n" for n in range(400)))
+    bpe_tokenizer.save_pretrained(tmp_path / "tokenizer")
+    section = PretrainConfig(data={"hub": str(repo), "max_rows": 300}, shard_mb=0.01)
+    stores = {}
+
+    def work(worker):
+        stores[worker] = prepare_store(section, bpe_tokenizer, tmp_path / "tokenizer", tmp_path / "cache", worker=worker, workers=2)
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in (1, 0)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert stores[0].tokens == stores[1].tokens and stores[0].documents == 300
+    headers = [json.loads(path.read_text()) for path in stores[0].folder.glob("shard-*.json")]
+    assert len(headers) > 2 and {header["worker"] for header in headers} == {0}
