@@ -20,8 +20,9 @@ import datasets
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from data.conversations import RowReport, normalize_rows
+from data.conversations import RowReport, normalize_rows, prompt_of
 from data.sources import load_source
+from data.token_store import cores_per_process
 from pipeline.config import BadRowPolicy, ConversationData, config_hash
 from pipeline.errors import DataError
 
@@ -86,7 +87,7 @@ def chat_ids(
             return read_ragged(folder)
     work = functools.partial(render_chunk, tokenizer, options)
     chunks = [conversations[start : start + RENDER_CHUNK] for start in range(0, len(conversations), RENDER_CHUNK)]
-    workers = min(render_workers(), len(chunks))
+    workers = min(cores_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", 1))), len(chunks))
     if workers > 1:
         with forked_pool(workers) as pool:
             rendered = [pair for chunk in pool.imap(work, chunks) for pair in chunk]
@@ -95,6 +96,12 @@ def chat_ids(
     if folder is not None:
         write_ragged(folder, rendered)
     return rendered
+
+
+def query_ids(tokenizer: PreTrainedTokenizerBase, conversations: list[list[dict]], cache_dir: Path | None = None) -> list[list[int]]:
+    """Each conversation cut before its final reply, rendered up to the assistant-turn opener: a query to answer."""
+    rendered = chat_ids(tokenizer, [prompt_of(c) for c in conversations], generation_prompt=True, cache_dir=cache_dir)
+    return [ids for ids, _ in rendered]
 
 
 RENDER_CHUNK = 256  # conversations per task handed to a worker
@@ -110,12 +117,6 @@ def render_chunk(tokenizer: PreTrainedTokenizerBase, options: dict, conversation
         mask = list(encoded["assistant_masks"]) if options["assistant_masks"] else []
         rendered.append((list(encoded["input_ids"]), mask))
     return rendered
-
-
-def render_workers() -> int:
-    """This process's share of the machine's cores: all of them, divided among a launch's local processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 @contextlib.contextmanager

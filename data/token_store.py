@@ -30,11 +30,9 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from queue import Queue
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -162,26 +160,27 @@ def utf8_bytes(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
 
 
-def runs_by_shard(batches: Iterable[list[str]], shard_bytes: int) -> Iterator[tuple[int, list[str], bool]]:
-    """(shard index, a run of at most ENCODE_BATCH documents, whether the run ends the shard).
+def runs_by_shard(batches: Iterable[list[str]], shard_bytes: int) -> Iterator[tuple[int, list[str], int, bool]]:
+    """(shard index, a run of at most ENCODE_BATCH documents, its UTF-8 bytes, whether the run ends the shard).
 
     A shard closes after the document that takes it to `shard_bytes` of UTF-8 text, so the
     boundaries depend only on the documents: every process and every resume cuts the stream in
     the same places.
     """
-    index, size, run = 0, 0, []
+    index, size, run, run_bytes = 0, 0, [], 0
     for batch in batches:
         for text in batch:
+            length = utf8_bytes(text)
             run.append(text)
-            size += utf8_bytes(text)
+            size, run_bytes = size + length, run_bytes + length
             if size >= shard_bytes:
-                yield index, run, True
-                index, size, run = index + 1, 0, []
+                yield index, run, run_bytes, True
+                index, size, run, run_bytes = index + 1, 0, [], 0
             elif len(run) == ENCODE_BATCH:
-                yield index, run, False
-                run = []
+                yield index, run, run_bytes, False
+                run, run_bytes = [], 0
     if run or size:
-        yield index, run, True
+        yield index, run, run_bytes, True
 
 
 class ShardWriter:
@@ -214,30 +213,6 @@ class ShardWriter:
             # clears the others' temporaries. The shard is on disk, identical: nothing is lost.
             if not header_path.exists():
                 raise
-
-
-def read_ahead(items: Iterator, depth: int = 4) -> Iterator:
-    """`items`, produced by a background thread up to `depth` ahead.
-
-    Reading and parsing the next documents (Python, one core) overlaps with encoding the current
-    ones (Rust, which releases the GIL). An exception in the reader is raised here, in order.
-    """
-    queue: Queue = Queue(maxsize=depth)
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                queue.put(item)
-        except BaseException as error:  # handed to the consumer, raised there
-            queue.put(error)
-        queue.put(done)
-
-    threading.Thread(target=produce, daemon=True, name="token-store-reader").start()
-    while (item := queue.get()) is not done:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -275,7 +250,7 @@ def build_token_store(
     eos = np.array([eos_id], dtype=dtype)
     bar = tqdm(desc="tokenizing", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, mininterval=1.0)
     writer, tokens_done, n_shards = None, 0, 0
-    for index, run, closes in read_ahead(runs_by_shard(batches, shard_bytes)):
+    for index, run, text_bytes, closes in runs_by_shard(batches, shard_bytes):
         n_shards = index + 1
         if index % workers != worker or (folder / f"{shard_name(index)}.json").exists():
             continue
@@ -285,7 +260,6 @@ def build_token_store(
             if len(encoding.ids):  # an empty document adds nothing, not even its EOS
                 pieces += [np.array(encoding.ids, dtype=dtype), eos]
         ids = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-        text_bytes = sum(utf8_bytes(text) for text in run)
         writer.append(ids, len(run), text_bytes)
         tokens_done += len(ids)
         bar.update(text_bytes)
@@ -336,6 +310,7 @@ def wait_for_shards(folder: Path, n_shards: int) -> list[dict]:
         time.sleep(WAIT_POLL_SECONDS)
 
 
-def threads_per_worker(workers: int) -> int:
-    """This process's share of the machine's cores, for the Rust tokenizer's thread pool."""
-    return max(1, (os.cpu_count() or 1) // max(1, workers))
+def cores_per_process(processes: int) -> int:
+    """This process's share of the cores it may run on, when `processes` of one machine split them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes))

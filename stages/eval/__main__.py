@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
-from data.chat_tokens import chat_ids, load_conversations, tokenize_conversations
+from data.chat_tokens import load_conversations, query_ids, tokenize_conversations
 from data.conversations import prompt_of
 from data.held_out import read_held_out
 from data.padding import pad_batch
@@ -110,8 +110,8 @@ def train(context: StageContext) -> StageResult:
     conversations = held_out_conversations(context)
     token_cache = context.run_dir / "cache" / "chat_tokens"
     with accelerator.main_process_first():  # rendered once, by the main process on all cores
-        queries = chat_ids(tokenizer, [prompt_of(c) for c in conversations], generation_prompt=True, cache_dir=token_cache)
-    usable = [(conversation, ids) for conversation, (ids, _) in zip(conversations, queries) if len(ids) <= section.max_prompt_length]
+        queries = query_ids(tokenizer, conversations, token_cache)
+    usable = [(conversation, ids) for conversation, ids in zip(conversations, queries) if len(ids) <= section.max_prompt_length]
     usable = usable[: section.num_prompts]
     conversations, prompts = [c for c, _ in usable], [ids for _, ids in usable]
 

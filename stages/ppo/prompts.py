@@ -8,8 +8,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from data.chat_tokens import chat_ids, load_conversations
-from data.conversations import prompt_of
+from data.chat_tokens import load_conversations, query_ids
 from data.padding import pad_batch
 from data.splits import held_out_split
 from pipeline.config import PPOData
@@ -35,12 +34,11 @@ def load_prompts(
     """
     conversations, rows = load_conversations(data.prompts, data, cache_dir, config_section="ppo.data")
     fitting, too_long = [], 0
-    queries = chat_ids(tokenizer, [prompt_of(c) for c in conversations], generation_prompt=True, cache_dir=token_cache)
-    for conversation, (ids, _) in zip(conversations, queries):
+    for conversation, ids in zip(conversations, query_ids(tokenizer, conversations, token_cache)):
         if len(ids) > data.max_prompt_length:
             too_long += 1
             continue
-        fitting.append((conversation, list(ids)))
+        fitting.append((conversation, ids))
     if len(fitting) < 2:
         raise DataError(
             f"{data.prompts.path or data.prompts.hub}: only {len(fitting)} prompt(s) fit in "

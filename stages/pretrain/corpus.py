@@ -8,7 +8,7 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from data.sources import stream_texts
-from data.token_store import Blocks, TokenStore, build_token_store, threads_per_worker, wait_for_store
+from data.token_store import Blocks, TokenStore, build_token_store, cores_per_process, wait_for_store
 from pipeline.config import PretrainConfig, config_hash
 from pipeline.errors import DataError
 from pipeline.orchestration.manifest import hash_file
@@ -40,7 +40,7 @@ def prepare_store(
             return wait_for_store(folder)
         worker, workers = 0, 1
     # Each process's share of the cores for the Rust tokenizer (read when its thread pool starts).
-    os.environ.setdefault("RAYON_NUM_THREADS", str(threads_per_worker(workers)))
+    os.environ.setdefault("RAYON_NUM_THREADS", str(cores_per_process(workers)))
     return build_token_store(
         folder,
         stream_texts(source, cache_dir=cache_root.parent / "datasets"),

@@ -71,7 +71,7 @@ def test_ids_above_65535_are_stored_as_uint32():
 def test_shards_are_cut_at_the_same_documents_whatever_the_batching(documents):
     def cuts(runs):
         shards: dict[int, list[str]] = {}
-        for index, run, _ in runs:
+        for index, run, *_ in runs:
             shards.setdefault(index, []).extend(run)
         return shards
 
