@@ -18,6 +18,7 @@ RANKS = {
     "data": 2,
     "pipeline.models": 3,
     "pipeline.training": 3,
+    "pipeline.evaluation": 3,
     "reward_model": 4,
     "pipeline.orchestration": 5,
     "pipeline.apps": 6,
