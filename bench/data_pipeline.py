@@ -155,7 +155,7 @@ from transformers import AutoTokenizer
 from pipeline.config import BadRowPolicy, ConversationData, PPOData, PreferenceData
 from data.chat_tokens import load_conversations, tokenize_conversations
 from reward_model.batching import encode_groups
-from stages.reward.__main__ import load_groups
+from reward_model.data import load_preference_groups as load_groups
 from stages.ppo.prompts import load_prompts
 
 corpus, tokenizer_dir, cache, part = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]

@@ -197,7 +197,9 @@ class TokenizerConfig(Section):
     """The `tokenizer` stage: train a byte-level BPE tokenizer, or adopt an existing one."""
 
     pretrained: str | None = Field(None, description="Hub id or path of a tokenizer to use instead of training one.")
-    corpus: DataSource | None = Field(None, description="Text to train on; default: the pretrain data.")
+    corpus: DataSource | list[DataSource] | None = Field(
+        None, description="Text to train on (one source, or several read in order); default: the pretrain data."
+    )
     vocab_size: int = Field(8192, ge=300, description="Vocabulary size, special tokens included.")
     min_frequency: int = Field(2, ge=1, description="Merges seen fewer times than this are not learned.")
     max_chars: int | None = Field(None, ge=1, description="Train on at most this many characters of the corpus.")
@@ -206,7 +208,12 @@ class TokenizerConfig(Section):
 class PretrainConfig(Section):
     """The `pretrain` stage: causal-LM pretraining from scratch on packed blocks of text."""
 
-    data: DataSource | None = Field(None, description="The corpus. Not needed when model.base_model is set.")
+    data: DataSource | list[DataSource] | None = Field(
+        None,
+        description="The corpus: one source, or several read in order as one stream (training blocks are shuffled "
+        "across all of them; the validation blocks are the stream's last, from the last source). "
+        "Not needed when model.base_model is set.",
+    )
     block_size: int = Field(256, ge=8, description="Tokens per packed training block.")
     validation_fraction: float = Field(0.05, gt=0, lt=1, description="Share of blocks held out for eval.")
     shard_mb: float = Field(
@@ -312,13 +319,9 @@ class PreferenceData(DataSource):
     )
 
 
-class RewardConfig(BadRowPolicy):
-    """The `reward` stage: a scalar-head reward model trained on ranked completions."""
+class RewardTraining(BadRowPolicy):
+    """How a reward model trains: shared by the `reward` stage and the `judges` that check its policy."""
 
-    data: PreferenceData = Field(..., description="Preference rows.")
-    validation_data: PreferenceData | None = Field(None, description="Held-out preferences; default: a split of data.")
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when validation_data is unset.")
-    init_from: Literal["sft", "pretrain"] = Field("sft", description="Which stage's model the backbone starts from.")
     max_length: int = Field(512, ge=8, description="Tokens per scored conversation (oldest context cut first).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training prompts.")
     max_steps: int | None = Field(None, ge=1, description="Optimiser steps; overrides epochs when set.")
@@ -333,12 +336,63 @@ class RewardConfig(BadRowPolicy):
     center_rewards_coefficient: float = Field(
         0.01, ge=0, description="Weight of mean(reward^2) in the loss, keeping rewards near zero."
     )
+    length_balanced: bool = Field(
+        False,
+        description="Weigh pairs so that 'the shorter reply wins' and 'the longer reply wins' pairs count equally: "
+        "length alone then predicts nothing, and the model must learn from content.",
+    )
     eval_every: int = Field(50, ge=1)
     save_every: int = Field(100, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     log_every: int = Field(10, ge=1)
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged into the saved reward model).")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+class RewardConfig(RewardTraining):
+    """The `reward` stage: a scalar-head reward model trained on ranked completions."""
+
+    data: PreferenceData = Field(..., description="Preference rows.")
+    validation_data: PreferenceData | None = Field(None, description="Held-out preferences; default: a split of data.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when validation_data is unset.")
+    init_from: Literal["sft", "pretrain"] = Field("sft", description="Which stage's model the backbone starts from.")
+    ensemble: int = Field(
+        1, ge=1, description="Reward models to train on the same pairs, each from its own seed; PPO can reward their "
+        "mean less their disagreement (ppo.reward.ensemble_penalty)."
+    )
+
+
+class JudgesConfig(RewardTraining):
+    """The `judges` stage: reward models the policy never trains against, for a verdict PPO cannot game.
+
+    `count` judges train on preference pairs the reward model never sees (`data`, or a share of
+    `reward.data` held out from the reward model), each from its own seed; a share of those pairs
+    is held out from every judge too, and eval measures every reward model's accuracy there.
+    Judges trained elsewhere can be added by path. PPO reports the judges' score beside the
+    reward model's at each evaluation, and eval reports every win rate by each judge and by their
+    mean.
+    """
+
+    count: int = Field(3, ge=0, description="Judges to train, each from its own seed.")
+    data: PreferenceData | None = Field(
+        None, description="Preference rows for the judges; default: a share of reward.data the reward model does not train on."
+    )
+    reward_share: float = Field(
+        0.5, gt=0, lt=1, description="Without `data`: the share of reward.data's prompts given to the judges instead of the reward model."
+    )
+    validation_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of the judges' prompts held out from every judge: eval's accuracy pairs."
+    )
+    init_from: Literal["pretrain", "sft"] = Field(
+        "pretrain", description="The backbone every judge starts from (pretrain: nothing of the SFT data's preferences in it)."
+    )
+    paths: list[str] = Field(default_factory=list, description="Reward models trained elsewhere (folders or hub ids) to judge with too.")
+
+    @model_validator(mode="after")
+    def _some_judge(self) -> "JudgesConfig":
+        if self.count == 0 and not self.paths:
+            raise ValueError("judges: set count (judges to train) or paths (judges trained elsewhere), or remove the section")
+        return self
 
 
 class PPOData(BadRowPolicy):
@@ -373,6 +427,15 @@ class PPOReward(Section):
     adaptive_kl: bool = Field(False, description="Adapt beta toward target_kl (Ziegler et al.).")
     target_kl: float = Field(6.0, gt=0, description="Target summed KL per response for the adaptive controller.")
     kl_horizon: int = Field(10000, ge=1, description="Episodes over which the adaptive controller acts.")
+    ensemble_penalty: float | None = Field(
+        None, ge=0, description="With reward.ensemble >= 2: score by the members' mean minus this many standard deviations "
+        "of their (standardised) scores, a conservative reward where they disagree (Coste et al., 2023). None: the first member alone."
+    )
+    length_correction: bool = Field(
+        False,
+        description="Subtract the reward model's length trend (its score's slope against reply length on held-out "
+        "completions, reward_stats.json) from every score: no reward for being short or long as such.",
+    )
 
 
 class PPOAlgorithm(Section):
@@ -393,6 +456,9 @@ class PPOAlgorithm(Section):
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip range.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    entropy_coef: float = Field(
+        0.0, ge=0, description="Weight of an entropy bonus in the policy loss: keeps replies diverse (0: off)."
+    )
     policy_learning_rate: float = Field(3e-6, gt=0)
     value_learning_rate: float = Field(1e-5, gt=0)
     lr_schedule: Literal["constant", "linear"] = Field("linear", description="linear: decay to 0 over the stage.")
@@ -440,6 +506,15 @@ class PPOConfig(Section):
     save_every: int = Field(10, ge=1, description="Rollouts between resumable checkpoints.")
     keep_checkpoints: int = Field(2, ge=1)
     sample_table_every: int = Field(10, ge=1, description="Rollouts between logged tables of sample responses.")
+    select_by: Literal["last", "judges", "judges_length_controlled"] = Field(
+        "last",
+        description="The policy PPO outputs: the last one, or the one with the best held-out judges' score at an "
+        "evaluation (judges: their mean score; judges_length_controlled: their length-controlled win rate against the "
+        "SFT policy). Needs a judges section.",
+    )
+    early_stop_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without a better select_by figure (needs select_by)."
+    )
     lora: LoraSettings | None = Field(None, description="LoRA on the policy; the reference is the same model with the adapter off.")
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
@@ -463,24 +538,36 @@ class PPOConfig(Section):
             raise ValueError("sampling.rollout_batch_size must be a multiple of sampling.samples_per_prompt")
         if sampling.rollout_batch_size % self.algorithm.num_mini_batches:
             raise ValueError("sampling.rollout_batch_size must be a multiple of algorithm.num_mini_batches")
+        if self.early_stop_patience is not None and self.select_by == "last":
+            raise ValueError("early_stop_patience needs select_by (judges or judges_length_controlled): the figure that must improve")
         return self
 
 
 class EvalConfig(BadRowPolicy):
-    """The `eval` stage: does RLHF help? Policies compared on held-out prompts, judged by reward models."""
+    """The `eval` stage: does RLHF help? Policies compared on held-out prompts, beside the baselines that would explain a win."""
 
     prompts: ConversationData | None = Field(
         None, description="Held-out conversations (cut before the final reply); default: the PPO stage's held-out split."
     )
     num_prompts: int = Field(128, ge=1, description="Prompts to answer, at most.")
+    samples_per_prompt: int = Field(4, ge=1, description="Replies per prompt and policy; win rates compare every pair of them.")
     max_prompt_length: int = Field(256, ge=4)
-    response_length: int = Field(64, ge=1, description="Tokens per reply at most.")
+    response_length: int = Field(64, ge=1, description="Tokens per reply at most; a reply cut here is also scored completed.")
     temperature: float = Field(0.7, gt=0, description="Sampling temperature (seeded: reruns agree).")
     batch_size: int = Field(16, ge=1)
-    judge_reward_model: str | None = Field(
-        None, description="A second reward model (path or hub id), never trained on here, as an independent judge."
+    null_replies: list[str] = Field(
+        default_factory=lambda: ["", "I don't know.", "I'm sorry, I can't help with that."],
+        description="Fixed replies scored like a policy's: a reward model they beat rewards evasion, not help.",
     )
-    preferences: PreferenceData | None = Field(None, description="Held-out preference pairs to measure the reward model's accuracy on.")
+    bootstrap_samples: int = Field(1000, ge=100, description="Resamples of the prompts behind every interval.")
+    judge_reward_model: str | None = Field(
+        None, description="Deprecated: list it in judges.paths. A reward model trained elsewhere, as one more judge."
+    )
+    preferences: PreferenceData | None = Field(
+        None,
+        description="Preference pairs for every reward model's accuracy; default: the pairs the judges (else the "
+        "reward model) held out. Pairs a reported model trained on are always left out, and counted.",
+    )
     launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
@@ -495,6 +582,9 @@ class RunConfig(Section):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SFTConfig | None = Field(None, description="Supervised fine-tuning; the stage runs when this section is present.")
     reward: RewardConfig | None = Field(None, description="Reward model training; runs when this section is present.")
+    judges: JudgesConfig | None = Field(
+        None, description="Judge reward models the policy never trains against; runs when this section is present."
+    )
     ppo: PPOConfig | None = Field(None, description="RLHF against the reward model; runs when this section is present.")
     eval: EvalConfig | None = Field(None, description="Evaluation of the policies; runs last when this section is present.")
 
@@ -516,6 +606,14 @@ class RunConfig(Section):
             raise ValueError("eval needs a reward section: the reward model judges the policies")
         if self.eval is not None and self.eval.prompts is None and self.ppo is None:
             raise ValueError("eval.prompts is required when there is no ppo section to take held-out prompts from")
+        if self.judges is not None and self.judges.count > 0 and self.judges.data is None and self.reward is None:
+            raise ValueError("judges.data is required when there is no reward section to take a share of preferences from")
+        if self.judges is not None and self.judges.init_from == "sft" and self.sft is None:
+            raise ValueError("judges.init_from is sft but there is no sft section; add one or set judges.init_from: pretrain")
+        if self.ppo is not None and self.ppo.reward.ensemble_penalty is not None and (self.reward is None or self.reward.ensemble < 2):
+            raise ValueError("ppo.reward.ensemble_penalty needs reward.ensemble of at least 2: the members whose disagreement it penalises")
+        if self.ppo is not None and self.ppo.select_by != "last" and self.judges is None:
+            raise ValueError(f"ppo.select_by: {self.ppo.select_by} needs a judges section (the judges pick the policy)")
         return self
 
     @property
@@ -524,8 +622,16 @@ class RunConfig(Section):
         return "sft" if self.sft is not None else "pretrain"
 
     @property
-    def tokenizer_corpus(self) -> DataSource | None:
-        return self.tokenizer.corpus or self.pretrain.data
+    def tokenizer_corpus(self) -> list[DataSource] | None:
+        """The tokenizer's corpus as a list of sources read in order (None: nothing to train on)."""
+        return corpus_sources(self.tokenizer.corpus or self.pretrain.data)
+
+
+def corpus_sources(data: DataSource | list[DataSource] | None) -> list[DataSource] | None:
+    """A corpus setting (one source or a list) as a list of sources; None stays None."""
+    if data is None:
+        return None
+    return list(data) if isinstance(data, list) else [data]
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
@@ -581,11 +687,11 @@ def config_hash(data: Any) -> str:
 
 def _describe(error: ValidationError) -> str:
     lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+    for item, loc in _relevant_errors(error.errors()):
+        location = ".".join(str(part) for part in loc) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            allowed = _allowed_keys(item["loc"][:-1])
+            allowed = _allowed_keys(loc[:-1])
             message = f"unknown key; allowed here: {', '.join(allowed)}"
         elif item["type"] == "missing":
             message = "required key is missing"
@@ -595,9 +701,31 @@ def _describe(error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _relevant_errors(errors: list[dict]) -> list[tuple[dict, tuple]]:
+    """Each error with its location as the user wrote it, leaving out the branch of a union the input was not.
+
+    A field that is one thing or a list of them (`pretrain.data`) fails in both branches: pydantic
+    names them in the location (`function-after[...]`, `list[...]`) and reports a wrong type for the
+    branch the input does not fit. That type error is dropped when the other branch says more.
+    """
+    def user_location(loc) -> tuple:
+        return tuple(part for part in loc if not (isinstance(part, str) and "[" in part))
+
+    located = [(item, user_location(item["loc"])) for item in errors]
+    kept = []
+    for item, loc in located:
+        wrong_type = item["type"] in ("model_type", "dict_type", "list_type", "model_attributes_type")
+        deeper = any(len(other) > len(loc) and other[: len(loc)] == loc for _, other in located)
+        if not (wrong_type and deeper):
+            kept.append((item, loc))
+    return kept
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
     model: type[BaseModel] = RunConfig
     for part in loc:
+        if isinstance(part, int):  # an item of a list: the same model as the list's
+            continue
         field = model.model_fields.get(str(part))
         if field is None:
             return []

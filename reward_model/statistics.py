@@ -24,10 +24,14 @@ STATISTICS_NAME = "reward_stats.json"
 
 @dataclass(frozen=True)
 class ScoreStatistics:
-    """Mean and (population) standard deviation of the reward model's scores on held-out completions."""
+    """Mean and (population) standard deviation of the reward model's scores on held-out completions,
+    and the least-squares slope of those scores against reply length in tokens (how much the model
+    pays for length as such; `ppo.reward.length_correction` subtracts it)."""
 
     mean: float
     std: float
+    length_slope: float = 0.0
+    length_mean: float = 0.0  # the held-out completions' mean reply length, where the trend is centred
 
     def write(self, folder: str | Path) -> Path:
         """Save as `folder/reward_stats.json`; returns its path."""
@@ -54,9 +58,15 @@ class ScoreStatistics:
         if not all(isinstance(values.get(key), (int, float)) and not isinstance(values.get(key), bool)
                    for key in ("mean", "std")):
             raise ManifestError(f"{path}: expected numbers `mean` and `std`, found {raw!r}; {rerun}")
-        statistics = cls(mean=float(values["mean"]), std=float(values["std"]))
-        if not (math.isfinite(statistics.mean) and math.isfinite(statistics.std) and statistics.std >= 0):
+        length = {key: values.get(key, 0.0) for key in ("length_slope", "length_mean")}
+        for key, value in length.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise ManifestError(f"{path}: {key} must be a number, found {value!r}; {rerun}")
+        statistics = cls(mean=float(values["mean"]), std=float(values["std"]), **{k: float(v) for k, v in length.items()})
+        if not (math.isfinite(statistics.mean) and math.isfinite(statistics.std) and statistics.std >= 0
+                and math.isfinite(statistics.length_slope) and math.isfinite(statistics.length_mean)):
             raise ManifestError(
-                f"{path}: mean {statistics.mean} and std {statistics.std} must be finite, std >= 0; {rerun}"
+                f"{path}: mean {statistics.mean}, std {statistics.std} and length_slope {statistics.length_slope} "
+                f"must be finite, std >= 0; {rerun}"
             )
         return statistics

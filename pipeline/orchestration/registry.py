@@ -109,7 +109,8 @@ def _tokenizer_slice(config: RunConfig) -> dict[str, Any]:
     corpus = config.tokenizer_corpus
     return {
         "tokenizer": config.tokenizer.model_dump(exclude={"corpus"}),
-        "corpus": corpus.model_dump() if corpus else None,
+        # One source hashes as it always did: a run recorded before corpora could be lists stays up to date.
+        "corpus": None if not corpus else corpus[0].model_dump() if len(corpus) == 1 else [c.model_dump() for c in corpus],
         "base_model": config.model.base_model,
         "revision": config.model.revision,
     }
@@ -124,7 +125,22 @@ def _sft_slice(config: RunConfig) -> dict[str, Any]:
 
 
 def _reward_slice(config: RunConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "reward": config.reward.model_dump()}
+    values = {"seed": config.seed, "reward": config.reward.model_dump()}
+    if _judges_share_reward_data(config):  # that share of the prompts is left out of the reward model's
+        values["judges_share"] = config.judges.reward_share
+    return values
+
+
+def _judges_share_reward_data(config: RunConfig) -> bool:
+    judges = config.judges
+    return judges is not None and judges.count > 0 and judges.data is None and config.reward is not None
+
+
+def _judges_slice(config: RunConfig) -> dict[str, Any]:
+    values = {"seed": config.seed, "judges": config.judges.model_dump()}
+    if _judges_share_reward_data(config):
+        values["reward_data"] = config.reward.data.model_dump()
+    return values
 
 
 def _ppo_slice(config: RunConfig) -> dict[str, Any]:
@@ -136,9 +152,13 @@ def _eval_slice(config: RunConfig) -> dict[str, Any]:
     return {"seed": config.seed, "eval": config.eval.model_dump()}
 
 
+def _judged(config: RunConfig) -> tuple[str, ...]:
+    return ("judges",) if config.judges is not None else ()
+
+
 def _eval_inputs(config: RunConfig) -> tuple[str, ...]:
     policies = [config.policy_stage] + (["ppo"] if config.ppo is not None else [])
-    return (*policies, "reward")
+    return (*policies, "reward", *_judged(config))
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -153,13 +173,20 @@ STAGES: tuple[StageSpec, ...] = (
         choose_inputs=lambda config: (config.reward.init_from,),
     ),
     StageSpec(
+        "judges",
+        ("pretrain",),
+        _judges_slice,
+        enabled=lambda config: config.judges is not None,
+        choose_inputs=lambda config: (config.judges.init_from,),
+    ),
+    StageSpec(
         "ppo",
-        ("sft", "reward"),
+        ("sft", "reward", "judges"),
         _ppo_slice,
         enabled=lambda config: config.ppo is not None,
-        choose_inputs=lambda config: (config.policy_stage, "reward"),
+        choose_inputs=lambda config: (config.policy_stage, "reward", *_judged(config)),
     ),
-    StageSpec("eval", ("sft", "ppo", "reward"), _eval_slice, enabled=lambda config: config.eval is not None,
+    StageSpec("eval", ("sft", "ppo", "reward", "judges"), _eval_slice, enabled=lambda config: config.eval is not None,
               choose_inputs=_eval_inputs),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)

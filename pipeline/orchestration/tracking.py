@@ -129,6 +129,11 @@ class Tracker:
         if self._wandb_run is not None:
             self._wandb_run.log(metrics, step=step)
 
+    def prefixed(self, prefix: str, step_offset: int = 0) -> "PrefixedTracker":
+        """A view that logs every key as `prefix/key` at `step + step_offset`: one stage training
+        several models in turn (the judges) keeps one W&B run whose steps only go forward."""
+        return PrefixedTracker(self, prefix, step_offset)
+
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         """A table (e.g. sample replies) in W&B; the stage keeps its own file copy."""
         if self._wandb_run is not None:
@@ -144,6 +149,19 @@ class Tracker:
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=exit_code)
             self._wandb_run = None
+
+
+class PrefixedTracker:
+    """What `Tracker.prefixed` returns: `log` and `log_table` under a prefix and a step offset."""
+
+    def __init__(self, tracker: Tracker, prefix: str, step_offset: int):
+        self.tracker, self.prefix, self.step_offset = tracker, prefix, step_offset
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.tracker.log({f"{self.prefix}/{key}": value for key, value in metrics.items()}, step=step + self.step_offset)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        self.tracker.log_table(f"{self.prefix}/{key}", columns, rows, step=step + self.step_offset)
 
 
 def read_metric_rows(stage_dir: str | Path) -> tuple[list[dict[str, Any]], int]:

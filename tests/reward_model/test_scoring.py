@@ -1,3 +1,4 @@
+import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -68,3 +69,30 @@ def test_scorer_reads_conversations_ending_at_eos(bpe_tokenizer, tmp_path):
     ids, mask = pad_batch([conversation_ids(bpe_tokenizer, other)], bpe_tokenizer.pad_token_id)
     single = sequence_scores(model, ids, mask)
     torch.testing.assert_close(single[0], batch[1], atol=1e-5, rtol=1e-4)
+
+
+class ConstantScorer(torch.nn.Module):
+    """A stand-in reward model: the same score at every position of a row, one score per row."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.scores = torch.tensor(scores)
+
+    def forward(self, input_ids, attention_mask):
+        return self.scores[:, None].expand(input_ids.shape).float()
+
+
+def test_the_conservative_reward_is_the_members_mean_less_their_disagreement():
+    from reward_model.functions import conservative_reward_function
+    from reward_model.statistics import ScoreStatistics
+
+    # Member a: raw [1, 3] with mean 1, std 2 -> standardised [0, 1]; member b: raw [3, 3], mean 1, std 1 -> [2, 2].
+    members = [ConstantScorer([1.0, 3.0]), ConstantScorer([3.0, 3.0])]
+    statistics = [ScoreStatistics(mean=1.0, std=2.0), ScoreStatistics(mean=1.0, std=1.0)]
+    ids, mask = torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.long)
+    plain = conservative_reward_function(members, statistics, penalty=0.0)(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:])
+    # Mean [1, 1.5] in member a's units: 1 + 2 * [1, 1.5].
+    assert plain.tolist() == pytest.approx([3.0, 4.0])
+    conservative = conservative_reward_function(members, statistics, penalty=1.0)(ids[:, :1], mask[:, :1], ids[:, 1:], mask[:, 1:])
+    # Less one (population) standard deviation, [1, 0.5]: [0, 1] -> 1 + 2 * [0, 1].
+    assert conservative.tolist() == pytest.approx([1.0, 3.0])

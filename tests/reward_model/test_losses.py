@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from reward_model.batching import EncodedGroup, collate_groups
-from stages.reward.losses import centering_penalty, grouped_pairwise_loss
+from reward_model.batching import EncodedGroup, collate_groups, length_balancing_weights, shared_prefix_length
+from reward_model.losses import centering_penalty, grouped_pairwise_loss
 
 
 def nll(gap: float) -> float:
@@ -48,3 +48,39 @@ def test_collate_puts_all_of_a_prompts_completions_in_one_batch():
     assert batch["better"].tolist() == [0, 3, 3, 2] and batch["worse"].tolist() == [1, 2, 4, 4]
     assert batch["pair_group"].tolist() == [0, 1, 1, 1] and batch["n_groups"] == 2
     assert batch["margins"].tolist() == [0.25, 0.25, 0.25, 1.25]
+
+
+def test_pair_weights_scale_each_pair_within_its_prompts_mean():
+    scores = torch.tensor([1.0, 0.0, 2.0, 1.0, -1.0])
+    better, worse, group = torch.tensor([0, 2, 2, 3]), torch.tensor([1, 3, 4, 4]), torch.tensor([0, 1, 1, 1])
+    weights = torch.tensor([2.0, 1.0, 0.5, 1.0])
+    loss = grouped_pairwise_loss(scores, better, worse, group, torch.zeros(4), n_groups=2, weights=weights)
+    prompt_0 = 2.0 * nll(1.0)
+    prompt_1 = (nll(1.0) + 0.5 * nll(3.0) + nll(2.0)) / 3
+    assert loss.item() == pytest.approx((prompt_0 + prompt_1) / 2, rel=1e-6)
+
+
+def test_length_balancing_makes_length_alone_worth_nothing():
+    # Three pairs won by the shorter reply, one by the longer, one tie in length.
+    groups = [
+        EncodedGroup([[1], [1, 2, 3]], [(0, 1)], [0.0], reply_lengths=[1, 3]),
+        EncodedGroup([[1], [1, 2]], [(0, 1)], [0.0], reply_lengths=[1, 2]),
+        EncodedGroup([[1, 2], [1, 2, 3]], [(0, 1)], [0.0], reply_lengths=[2, 3]),
+        EncodedGroup([[1, 2, 3, 4], [1]], [(0, 1)], [0.0], reply_lengths=[4, 1]),
+        EncodedGroup([[1, 2], [3, 4]], [(0, 1)], [0.0], reply_lengths=[2, 2]),
+    ]
+    weighted = length_balancing_weights(groups)
+    weights = [group.weights[0] for group in weighted]
+    assert weights == pytest.approx([4 / 6, 4 / 6, 4 / 6, 2.0, 1.0])
+    # "The shorter reply wins" and "the longer reply wins" now carry the same total weight.
+    assert sum(weights[:3]) == pytest.approx(weights[3])
+    batch = collate_groups(weighted, pad_token_id=0)
+    assert batch["weights"].tolist() == pytest.approx(weights)
+    assert batch["length_gap"].tolist() == [-2, -1, -1, 3, 0]
+    assert "weights" not in collate_groups(groups, pad_token_id=0)
+
+
+def test_shared_prefix_length():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2]]) == 2
+    assert shared_prefix_length([[1], [2]]) == 0

@@ -19,6 +19,7 @@ def grouped_pairwise_loss(
     pair_group: torch.Tensor,
     margins: torch.Tensor,
     n_groups: int,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean over prompts of mean over that prompt's pairs of -log sigmoid(r_better - r_worse - margin).
 
@@ -26,8 +27,12 @@ def grouped_pairwise_loss(
     better, worse: (n_pairs,) indices into scores; better was ranked above worse
     pair_group: (n_pairs,) the prompt (0..n_groups-1) each pair belongs to
     margins: (n_pairs,) how far apart the pair should be (0 for a plain preference)
+    weights: (n_pairs,) each pair's weight within its prompt's mean (default 1; see
+        reward_model.batching.length_balancing_weights)
     """
     per_pair = -F.logsigmoid(scores[better] - scores[worse] - margins)
+    if weights is not None:
+        per_pair = per_pair * weights
     loss_sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, pair_group, per_pair)
     counts = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(
         0, pair_group, torch.ones_like(per_pair)

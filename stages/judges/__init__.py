@@ -1,0 +1,1 @@
+"""The `judges` stage: reward models the policy never trains against, for an honest verdict."""
