@@ -122,3 +122,23 @@ def response_logprobs(model, responses: Responses, temperature: float, micro_bat
         return logprobs_from_logits(response_logits(model, ids, mask, tokens.shape[1]), tokens, temperature)
 
     return score_in_micro_batches(responses, micro_batch_size, score, per_token=True)
+
+
+def completed(responses: Responses, eos_token_id: int, pad_token_id: int) -> Responses:
+    """The same responses with EOS appended to each one the length limit cut off.
+
+    A reward model learned its scores on replies that end with EOS; a reply cut mid-sentence and
+    scored at its last token is scored off that distribution (and PPO penalises it). Scoring both
+    forms shows how much of a comparison is the cut, not the reply.
+    """
+    batch = len(responses)
+    width = responses.response_ids.shape[1] + 1
+    ids = torch.full((batch, width), pad_token_id, dtype=responses.response_ids.dtype, device=responses.response_ids.device)
+    ids[:, :-1] = responses.response_ids
+    mask = torch.zeros((batch, width), dtype=responses.response_mask.dtype, device=ids.device)
+    mask[:, :-1] = responses.response_mask
+    cut = ~responses.has_eos
+    ids[cut, -1] = eos_token_id
+    mask[cut, -1] = 1
+    last_index = torch.where(cut, torch.full_like(responses.last_index, width - 1), responses.last_index)
+    return Responses(responses.query_ids, responses.query_mask, ids, mask, torch.ones_like(responses.has_eos), last_index)

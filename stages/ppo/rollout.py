@@ -124,12 +124,15 @@ class ExperienceMaker:
 
     def __init__(self, trained: Callable[[], contextlib.AbstractContextManager], reference, reward_fn: RewardFunction,
                  tokenizer, config: PPOConfig, accelerator, *, score_mean: float = 0.0, score_std: float = 1.0,
+                 length_trend: tuple[float, float] = (0.0, 0.0),
                  reference_context: Callable[[], contextlib.AbstractContextManager] | None = None):
         """trained: a context that yields the trained models with whole weights and local forward
         passes (an object with `.policy`, the causal LM sampled from, and `.value`, a TokenScorer
         or None); reference: a frozen copy of the policy, or None when `reference_context()` turns
         the policy into the reference (LoRA with the adapter disabled); score_mean, score_std: the
-        reward model's score statistics, used when `config.reward.normalize_scores`.
+        reward model's score statistics, used when `config.reward.normalize_scores`; length_trend:
+        its score's slope against reply length and the mean length it is centred on,
+        subtracted when `config.reward.length_correction`.
 
         Under sharding engines the reference and the reward function's model are sharded, so their
         forward passes are collectives: every process scores the same number of micro-batches."""
@@ -139,6 +142,7 @@ class ExperienceMaker:
         self.sampling = Sampling(temperature=config.sampling.temperature)
         self.score_mean = score_mean if config.reward.normalize_scores else 0.0
         self.score_std = score_std if config.reward.normalize_scores and score_std > 0 else 1.0
+        self.length_slope, self.length_mean = length_trend if config.reward.length_correction else (0.0, 0.0)
 
     @torch.no_grad()
     def score(self, query_ids: torch.Tensor, query_mask: torch.Tensor, generator: torch.Generator | None = None) -> ScoredResponses:
@@ -173,7 +177,7 @@ class ExperienceMaker:
     def experience(self, scored: ScoredResponses, kl_coef: float) -> Experience:
         """The rollout as RL sees it: normalised scores, KL, rewards and advantages (whitened over all processes)."""
         responses, mask = scored.responses, scored.responses.response_mask
-        scores = self.normalise(scored.raw_scores, responses.has_eos)
+        scores = self.normalise(scored.raw_scores, responses.has_eos, mask.sum(1))
         kl = kl_estimate(scored.logprobs, scored.ref_logprobs, self.config.reward.kl_estimator) * mask
         rewards, advantages, returns = self.advantages(scores, kl, scored.values, mask, responses.last_index, kl_coef)
         return Experience(
@@ -183,9 +187,13 @@ class ExperienceMaker:
             kl=kl, rewards=rewards, advantages=advantages, returns=returns,
         )
 
-    def normalise(self, raw_scores: torch.Tensor, has_eos: torch.Tensor) -> torch.Tensor:
-        """Standardise with the reward model's statistics, penalise missing EOS, clip."""
+    def normalise(self, raw_scores: torch.Tensor, has_eos: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Take out the length trend (with length_correction), standardise with the reward model's
+        statistics, penalise missing EOS, clip. lengths: (batch,) response tokens."""
         config = self.config
+        if self.length_slope and lengths is not None:
+            # Centred on the held-out mean length: a reply of typical length keeps its score.
+            raw_scores = raw_scores - self.length_slope * (lengths.to(raw_scores.dtype) - self.length_mean)
         scores = (raw_scores - self.score_mean) / self.score_std
         if config.reward.missing_eos_penalty == "subtract":
             scores = torch.where(has_eos, scores, scores - config.reward.missing_eos_value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,11 +21,12 @@ from torch import nn
 from pipeline.config import PPOConfig
 from pipeline.models.generation import seeded_generator
 from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, response_logits, token_logprobs
-from pipeline.models.responses import Responses, length_sorted_micro_batches
+from pipeline.models.responses import Responses, completed, length_sorted_micro_batches
 from pipeline.training.distributed import fit_deepspeed_batch, prepare_frozen, whole_for_rollout
 from pipeline.training.loop import OptimizerStep
 from pipeline.training.optimization import fused_adamw_supported
 from reward_model.functions import RewardFunction
+from reward_model.judges import JudgePanel
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
 from stages.ppo.losses import clipped_policy_loss, clipped_value_loss, entropy_from_log_probs, kl_estimate
 from stages.ppo.rollout import Experience, ExperienceMaker, response_values
@@ -75,6 +77,7 @@ class RLTrainer:
         *,
         score_mean: float = 0.0,
         score_std: float = 1.0,
+        length_trend: tuple[float, float] = (0.0, 0.0),
         total_updates: int,
         seed: int = 0,
         reference_context=None,
@@ -114,7 +117,8 @@ class RLTrainer:
                 prepare_frozen(accelerator, frozen)
         self.maker = ExperienceMaker(
             functools.partial(whole_for_rollout, accelerator, self.model), reference, reward_fn, tokenizer,
-            config, accelerator, score_mean=score_mean, score_std=score_std, reference_context=reference_context,
+            config, accelerator, score_mean=score_mean, score_std=score_std, length_trend=length_trend,
+            reference_context=reference_context,
         )
         self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
         self.episode = 0
@@ -171,6 +175,9 @@ class RLTrainer:
             "val/ratio": policy_stats["ratio"],
             "policy/entropy": masked_mean(entropy_from_log_probs(log_probs.detach()), mask),
         }
+        if config.algorithm.entropy_coef > 0:  # a bonus for keeping the next-token distribution spread
+            entropy = masked_mean(entropy_from_log_probs(log_probs), mask)
+            loss = loss - config.algorithm.entropy_coef * entropy
         if config.algorithm.estimator == "grpo":
             kl_loss = masked_mean(kl_estimate(logprobs, batch.ref_logprobs, "k3"), mask)
             loss = loss + self.kl_controller.value * kl_loss
@@ -233,20 +240,41 @@ class RLTrainer:
         return {**dict(zip(names, means)), "val/num_eos": num_eos, "_generated_tokens": generated}
 
 
+@dataclass
+class PolicyEvaluation:
+    """What one evaluation of the policy on the held-out prompts measured.
+
+    metrics: means over all processes. Per prompt, gathered from every process in one fixed order
+    (so two evaluations line up prompt by prompt): `scores` (the reward model's, as sampled),
+    `judges` (the judges' mean standardized score of the completed reply; None without judges)
+    and `lengths` (response tokens).
+    """
+
+    metrics: dict[str, float]
+    samples: list[dict]  # this process's (query, response, score) rows
+    scores: torch.Tensor
+    judges: torch.Tensor | None
+    lengths: torch.Tensor
+
+
 @torch.no_grad()
-def evaluate_policy(trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int) -> tuple[dict[str, float], list[dict]]:
-    """Mean reward-model score, KL to the reference, EOS rate and length on held-out prompts.
+def evaluate_policy(
+    trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int, panel: JudgePanel | None = None
+) -> PolicyEvaluation:
+    """Mean reward-model score, KL to the reference, EOS rate and length on held-out prompts, and
+    with a judge panel the judges' scores of the same replies (each completed with EOS if the
+    length limit cut it: judged as a reply, not as a cut).
 
     Sampling is seeded, so the same policy gets the same numbers, and the reference scored
-    against itself gets KL exactly 0. Each process scores its own share of the batches.
-    Returns the metrics (over all processes) and this process's (query, response, score) samples.
+    against itself gets KL exactly 0. Each process scores its own share of the batches (the
+    same number on every process: under sharding engines scoring is a collective).
     """
-    accelerator = trainer.accelerator
+    accelerator, tokenizer = trainer.accelerator, trainer.tokenizer
     trainer.model.eval()
     # A private stream: the training RNG (checkpointed for exact resume) is left where it was.
     generator = seeded_generator(seed + accelerator.process_index, accelerator.device)
     totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # n, score, kl, length, eos
-    samples = []
+    samples, scores, judged, lengths = [], [], [], []
     for query_ids, query_mask in prompt_batches:
         scored = trainer.maker.score(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generator)
         responses, mask = scored.responses, scored.responses.response_mask
@@ -258,11 +286,19 @@ def evaluate_policy(trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor,
             mask.sum().double(),
             responses.has_eos.double().sum(),
         ])
-        samples.extend(decode_samples(trainer.tokenizer, responses, scored.raw_scores))
+        samples.extend(decode_samples(tokenizer, responses, scored.raw_scores))
+        scores.append(scored.raw_scores.float())
+        lengths.append(mask.sum(1).float())
+        if panel is not None:
+            whole = completed(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            judged.append(panel.ensemble(panel.score(whole, trainer.config.algorithm.micro_batch_size)).float())
     count, score, kl, length, eos = accelerator.reduce(totals, "sum").tolist()
     count = max(count, 1)
     metrics = {"score": score / count, "kl": kl / count, "response_length": length / count, "eos_fraction": eos / count}
-    return metrics, samples
+    per_prompt = [accelerator.gather(torch.cat(values)).cpu() if values else None for values in (scores, judged, lengths)]
+    if per_prompt[1] is not None:
+        metrics["judges_score"] = per_prompt[1].double().mean().item()
+    return PolicyEvaluation(metrics, samples, *per_prompt)
 
 
 def decode_samples(tokenizer, responses: Responses | Experience, raw_scores: torch.Tensor) -> list[dict]:

@@ -6,14 +6,18 @@ import shutil
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from data.conversations import prompt_of
 from data.held_out import read_held_out
-from pipeline.config import load_config, nest_ppo_keys
+from data.preferences import normalize_preferences
+from data.sources import load_source
+from pipeline.config import PreferenceData, load_config, nest_ppo_keys
 from pipeline.models.checkpoints import is_adapter, load_causal_lm
 from pipeline.orchestration.manifest import read_manifest, update_stage
 from pipeline.orchestration.tracking import read_metric_rows
+from reward_model.judges import judge_folders
+from reward_model.provenance import HELD_OUT_NAME, fingerprint, read_trained_on
 from stages.ppo.prompts import load_prompts
 from tests.conftest import SAMPLES, chatpipe, tiny_config
 from tests.stages.test_reward import marker_preferences
@@ -41,14 +45,20 @@ def ppo_section(**updates) -> dict:
     return nest_ppo_keys(section)[0]
 
 
+def judges_section(**updates) -> dict:
+    """Two judges on 40% of the reward data's prompts (the reward model never sees them)."""
+    return {"count": 2, "reward_share": 0.4, "max_length": 64, "max_steps": 10, "learning_rate": 3e-3,
+            "eval_every": 10, "save_every": 5, **updates}
+
+
 def rlhf_config(folder, corpus, **sections) -> dict:
-    """A tiny run whose reward model learns marker preferences from the pretrained model, with a
-    ppo section; `sections` add or replace sections (e.g. ppo=ppo_section(...), eval={...})."""
+    """A tiny run whose reward model and judges learn marker preferences from the pretrained model,
+    with a ppo section; `sections` add or replace sections (e.g. ppo=ppo_section(...), eval={...})."""
     reward = {
         "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
         "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 20,
     }
-    return tiny_config(corpus, reward=reward, **{"ppo": ppo_section(), **sections})
+    return tiny_config(corpus, reward=reward, **{"judges": judges_section(), "ppo": ppo_section(), **sections})
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +79,7 @@ def test_ppo_records_lineage_and_evaluates_against_the_starting_policy(ppo_run):
     assert ppo.status == "completed"
     assert ppo.inputs["pretrain"].digest == stages["pretrain"].output.digest
     assert ppo.inputs["reward"].digest == stages["reward"].output.digest
+    assert ppo.inputs["judges"].digest == stages["judges"].output.digest
     metrics = ppo.metrics
     assert metrics["rollouts"] == 4 and metrics["episodes"] == 64 and metrics["eval_prompts"] == 8
     assert metrics["score_gain"] == pytest.approx(metrics["score"] - metrics["initial_score"])
@@ -76,6 +87,10 @@ def test_ppo_records_lineage_and_evaluates_against_the_starting_policy(ppo_run):
     assert [row["step"] for row in evals] == [0, 2, 4]
     assert evals[0]["eval/kl"] == 0.0  # the starting policy against itself
     assert evals[-1]["eval/kl"] > 0.0
+    # The judges score every evaluation; against the starting policy's own replies every comparison is a tie.
+    assert evals[0]["eval/judges_win_rate"] == 0.5 and evals[0]["eval/judges_lc_win_rate"] == pytest.approx(0.5)
+    assert all("eval/judges_score" in row and "eval/score_standardized" in row for row in evals)
+    assert metrics["judges_score"] == evals[-1]["eval/judges_score"] and metrics["selected_rollout"] == 4
     rollouts = [row for row in read_metric_rows(run_dir / "ppo")[0] if "objective/kl" in row]
     assert [row["episode"] for row in rollouts] == [16, 32, 48, 64]
 
@@ -162,26 +177,88 @@ def test_eval_compares_the_policies_on_held_out_prompts(ppo_run, tmp_path):
     config, run_dir = ppo_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    preferences = run_dir.parent / "marker.jsonl"
-    result = chatpipe("eval", str(copy), "--preferences", str(preferences))
+    result = chatpipe("eval", str(copy))
     assert "win_rate" in result.stdout  # the comparison table is printed
     entry = read_manifest(copy).stages["eval"]
     metrics = entry.metrics
-    assert set(entry.inputs) == {"pretrain", "ppo", "reward"}
+    assert set(entry.inputs) == {"pretrain", "ppo", "reward", "judges"}
     assert 0.0 <= metrics["win_rate"] <= 1.0
     assert metrics["pretrain/kl"] == 0.0  # the reference policy against itself
     assert metrics["ppo/kl"] >= 0.0
     assert metrics["pretrain/perplexity"] > 1.0 and 0 < metrics["ppo/length_mean"] <= 64  # eval.response_length
-    assert metrics["reward_accuracy"] > 0.5 and metrics["reward_pairs"] == 300
-    samples = [json.loads(line) for line in (copy / "eval" / "final" / "samples.jsonl").read_text().splitlines()]
-    assert len(samples) == metrics["prompts"] > 0
-    assert {"prompt", "pretrain_reply", "pretrain_score", "ppo_reply", "ppo_score"} <= set(samples[0])
-    # Eval answered PPO's own held-out prompts, read from its output, in their order.
-    held_out_prompts = [prompt_of(c) for c in read_held_out(copy / "ppo" / "final")]
-    assert [sample["prompt"] for sample in samples] == held_out_prompts[: len(samples)]
+    # Every comparison by the reward model (as sampled and completed), each judge and their mean, with intervals.
+    prompts, samples = metrics["prompts"], metrics["samples_per_prompt"]
+    assert samples == 4 and metrics["judges"] == ["judge-0", "judge-1"]
+    for scorer in ("reward_sampled", "reward", "judge-0", "judge-1", "judges"):
+        for kind in ("win_rate", "lc_win_rate", "matched_win_rate"):
+            key = f"ppo_vs_pretrain/{scorer}/{kind}"
+            if kind != "matched_win_rate" or metrics[f"{key}_n"] > 0:
+                assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+        assert metrics[f"ppo_vs_pretrain/{scorer}/win_rate_n"] == prompts * samples * samples
+    assert metrics["judge_win_rate"] == metrics["ppo_vs_pretrain/judges/win_rate"]
+    assert 0.0 <= metrics["ppo_vs_pretrain/judges/all_agree"] <= metrics["ppo_vs_pretrain/judges/pairwise_agreement"] <= 1.0
+    # Fixed replies scored like a policy's, against each policy.
+    assert [slug for slug, _ in metrics["null_replies"]] == ["empty", "i_don_t_know", "i_m_sorry_i_can_t_help_with_that"]
+    for slug, _ in metrics["null_replies"]:
+        for policy in ("pretrain", "ppo"):
+            assert 0.0 <= metrics[f"null/{slug}/vs_{policy}/reward_sampled/win_rate"] <= 1.0
+            assert 0.0 <= metrics[f"null/{slug}/vs_{policy}/judges/win_rate"] <= 1.0
+    for policy in ("pretrain", "ppo"):
+        assert 0.0 <= metrics[f"{policy}/eos_share"] <= 1.0 and metrics[f"{policy}/cut_share"] == pytest.approx(1 - metrics[f"{policy}/eos_share"])
+        assert 0.0 < metrics[f"{policy}/distinct_2"] <= 1.0
+    # Accuracy only on pairs no model trained on (the judges' held-out share), beside the length rule.
+    judges = read_manifest(copy).stages["judges"].metrics
+    assert metrics["accuracy/pairs"] > 0 and metrics["accuracy/excluded_pairs"] == 0
+    assert metrics["accuracy/source"].endswith("judges/final/held_out_preferences.jsonl")
+    assert metrics["reward_accuracy"] == metrics["accuracy/reward"] > 0.5
+    assert metrics["accuracy/judge-0"] == pytest.approx(judges["judge-0/accuracy"])
+    assert 0.0 <= metrics["accuracy/shorter_wins"] <= 1.0 and metrics["accuracy/chance"] == 0.5
+    verdict = (copy / "eval" / "final" / "verdict.txt").read_text().splitlines()
+    assert verdict == metrics["verdict"] and verdict[0].startswith("PPO vs the pretrained model at equal length:")
+    assert "by 2 held-out judges" in verdict[0] and verdict[0] in result.stdout
+    samples_file = [json.loads(line) for line in (copy / "eval" / "final" / "samples.jsonl").read_text().splitlines()]
+    assert len(samples_file) == prompts > 0
+    assert {"prompt", "pretrain_reply", "pretrain_score", "ppo_reply", "ppo_score", "ppo_replies"} <= set(samples_file[0])
+    assert len(samples_file[0]["ppo_replies"]) == samples and {"reply", "reward", "judges"} <= set(samples_file[0]["ppo_replies"][0])
+    # Eval answered the prompts the judges held out from every model, in their order.
+    held_out = [json.loads(line) for line in (copy / "judges" / "final" / "held_out_preferences.jsonl").read_text().splitlines()]
+    assert metrics["prompt_source"].endswith("judges/final/held_out_preferences.jsonl")
+    assert [sample["prompt"] for sample in samples_file] == [row["prompt"] for row in held_out][: len(samples_file)]
     # Seeded sampling: the same numbers again.
-    chatpipe("eval", str(copy), "--preferences", str(preferences))
+    chatpipe("eval", str(copy))
     assert read_manifest(copy).stages["eval"].metrics["ppo/score"] == metrics["ppo/score"]
+
+
+def test_eval_measures_accuracy_only_on_pairs_no_model_trained_on(ppo_run, tmp_path):
+    config, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    preferences = run_dir.parent / "marker.jsonl"  # the reward model's and the judges' own training data
+    chatpipe("eval", str(copy), "--preferences", str(preferences))
+    metrics = read_manifest(copy).stages["eval"].metrics
+    reward, judges = (read_manifest(copy).stages[stage].metrics for stage in ("reward", "judges"))
+    # Only the pairs every model held out are left: the reward model's validation share that the judges did not take.
+    assert metrics["accuracy/excluded_pairs"] >= reward["train_pairs"] > 0
+    assert metrics["accuracy/pairs"] + metrics["accuracy/excluded_pairs"] == 300
+    assert metrics["reward_pairs"] == metrics["accuracy/pairs"]
+
+
+def test_ppo_keeps_the_policy_the_judges_prefer_and_stops_when_they_stop_improving(ppo_run, tmp_path):
+    config, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    chatpipe("run", str(config), "--run-dir", str(copy), "--only", "ppo",
+             "--set", "ppo.select_by=judges", "--set", "ppo.early_stop_patience=1")
+    metrics = read_manifest(copy).stages["ppo"].metrics
+    evals = {row["step"]: row for row in read_metric_rows(copy / "ppo")[0] if "eval/judges_score" in row}
+    best = max(evals, key=lambda step: (evals[step]["eval/judges_score"], -step))
+    assert metrics["selected_rollout"] == best
+    assert metrics["judges_score"] == evals[best]["eval/judges_score"] and metrics["score"] == evals[best]["eval/score"]
+    if metrics["stopped_early_at"] is not None:  # one evaluation without a better judges' score
+        assert metrics["stopped_early_at"] == best + 2 and max(evals) == best + 2
+    final = AutoModelForCausalLM.from_pretrained(copy / "ppo" / "final").state_dict()
+    chosen = AutoModelForCausalLM.from_pretrained(copy / "ppo" / "best").state_dict()
+    assert all(torch.equal(final[name], chosen[name]) for name in final)
 
 
 def test_report_plots_every_stage_of_a_real_run(ppo_run, tmp_path):
@@ -195,3 +272,36 @@ def test_report_plots_every_stage_of_a_real_run(ppo_run, tmp_path):
     for image in ("pretrain", "reward", "ppo"):
         assert f"report/{image}.png" in report
         assert (copy / "report" / f"{image}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ppo_against_a_conservative_reward_from_an_ensemble(ppo_run, tmp_path):
+    config, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    chatpipe("run", str(config), "--run-dir", str(copy), "--from", "reward",
+             "--set", "reward.ensemble=2", "--set", "ppo.reward.ensemble_penalty=1.0")
+    stages = read_manifest(copy).stages
+    assert 0.0 <= stages["reward"].metrics["member-1/accuracy"] <= 1.0
+    member = copy / "reward" / "final" / "ensemble" / "member-1"
+    first, second = (AutoModelForSequenceClassification.from_pretrained(folder) for folder in (copy / "reward" / "final", member))
+    assert not torch.equal(first.score.weight, second.score.weight)  # its own seed
+    assert stages["ppo"].status == "completed" and stages["ppo"].inputs["reward"].digest == stages["reward"].output.digest
+
+
+def test_judges_train_on_pairs_the_reward_model_never_sees(ppo_run):
+    _, run_dir = ppo_run
+    stages = read_manifest(run_dir).stages
+    reward_seen = read_trained_on(run_dir / "reward" / "final")
+    folders = judge_folders(run_dir / "judges" / "final")
+    assert list(folders) == ["judge-0", "judge-1"]
+    judges_seen = [read_trained_on(folder) for folder in folders.values()]
+    assert reward_seen and all(seen == judges_seen[0] and not seen & reward_seen for seen in judges_seen)
+    held_out = normalize_preferences(load_source(PreferenceData(path=str(run_dir / "judges" / "final" / HELD_OUT_NAME))))[0]
+    assert held_out and not {fingerprint(group) for group in held_out} & (reward_seen | judges_seen[0])
+    # 40% of the 200 prompts went to the judges, a quarter of those held out from every model.
+    judges, reward = stages["judges"].metrics, stages["reward"].metrics
+    assert (judges["train_prompts"], judges["held_out_prompts"]) == (60, 20)
+    assert reward["train_prompts"] + reward["validation_prompts"] == 120 and reward["prompts_given_to_judges"] == 80
+    first, second = (AutoModelForSequenceClassification.from_pretrained(folder) for folder in folders.values())
+    assert not torch.equal(first.score.weight, second.score.weight)  # each from its own seed
+    assert 0.0 <= judges["judge-0/accuracy"] <= 1.0 and judges["judges"] == 2

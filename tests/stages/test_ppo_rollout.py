@@ -238,3 +238,29 @@ def test_update_uses_separate_learning_rates_and_reports_the_expected_metrics(bp
     assert any(not torch.equal(before[name], p) for name, p in policy.named_parameters())
     # Linear decay: 2 epochs x 2 minibatches = 4 of the 10 scheduled updates done.
     assert metrics["lr"] == pytest.approx(1e-3 * (1 - 4 / 10))
+
+
+def test_length_correction_takes_the_reward_models_length_trend_out_of_the_score(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, *_ = trainer_parts
+    raw, has_eos, lengths = torch.tensor([3.0, 3.0, 3.0]), torch.tensor([True, True, True]), torch.tensor([10, 20, 30])
+    plain = RLTrainer(policy, reference, value, reward, bpe_tokenizer, ppo_settings(normalize_scores=False),
+                      Accelerator(cpu=True), total_updates=10, length_trend=(-0.1, 20.0))  # the trend is known, the correction off
+    assert plain.maker.normalise(raw, has_eos, lengths).tolist() == [3.0, 3.0, 3.0]
+    corrected = RLTrainer(policy, reference, value, reward, bpe_tokenizer,
+                          ppo_settings(normalize_scores=False, length_correction=True), Accelerator(cpu=True),
+                          total_updates=10, length_trend=(-0.1, 20.0))
+    # A model that pays 0.1 per token for brevity: the shorter reply loses that pay, the longer one gets it back,
+    # and a reply of the held-out mean length keeps its score.
+    assert corrected.maker.normalise(raw, has_eos, lengths).tolist() == pytest.approx([2.0, 3.0, 4.0])
+
+
+def test_the_entropy_bonus_enters_the_policy_loss(bpe_tokenizer, trainer_parts):
+    policy, reference, value, reward, query_ids, query_mask = trainer_parts
+    torch.manual_seed(0)
+    plain = make_trainer(bpe_tokenizer, policy, reference, value, reward)
+    experience = plain.rollout(query_ids, query_mask)
+    loss, stats = plain.micro_loss(experience)
+    bonus = make_trainer(bpe_tokenizer, copy.deepcopy(policy), copy.deepcopy(reference), copy.deepcopy(value), reward,
+                         entropy_coef=0.5)
+    with_bonus, _ = bonus.micro_loss(experience)
+    assert with_bonus.item() == pytest.approx(loss.item() - 0.5 * stats["policy/entropy"].item(), rel=1e-5)
