@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
 
     evaluate = commands.add_parser("eval", help="Compare the run's policies on held-out prompts (the eval stage).")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--preferences", help="A held-out preference file to measure the reward model's accuracy on.")
+    evaluate.add_argument("--preferences", help="Preference pairs to measure every reward model's accuracy on "
+                          "(default: the pairs the judges held out; pairs a model trained on are always left out).")
 
     for name, help_text in (("chat", "Talk to a trained policy in the terminal."),
                             ("serve", "Serve a trained policy as an OpenAI-compatible HTTP endpoint.")):
@@ -245,8 +246,8 @@ def is_stale(manifest: Manifest, entry: StageEntry) -> bool:
 
 
 HEADLINE_METRICS = (
-    "eval_loss", "eval_perplexity", "train_loss", "accuracy", "initial_score", "score", "kl", "steps", "rollouts",
-    "win_rate", "ppo/score", "sft/score", "ppo/kl", "reward_accuracy", "vocab_size", "source",
+    "eval_loss", "eval_perplexity", "train_loss", "accuracy", "mean_accuracy", "initial_score", "score", "kl",
+    "judges_score", "steps", "rollouts", "ppo_vs_sft/judges/lc_win_rate", "win_rate", "ppo/score", "sft/score", "ppo/kl", "reward_accuracy", "vocab_size", "source",
 )
 
 

@@ -1,19 +1,31 @@
-"""Does RLHF help? The SFT and PPO policies compared on held-out prompts.
+"""Does RLHF help? The policies compared on held-out prompts, by judges they never saw, beside the
+baselines that would explain a win without help.
 
     python -m stages.eval --run-dir runs/tiny        (or: chatpipe eval runs/tiny)
 
-For each policy (the SFT output, and the PPO output when there is one): replies to held-out
-prompts sampled with a fixed seed, their mean reward-model score, their KL to the SFT policy
-(per reply, summed over tokens; exactly 0 for the SFT policy itself), reply lengths, and the
-policy's perplexity on the held-out conversations' reference replies. Then the PPO-vs-SFT win
-rate judged by the reward model, and by a second held-out reward model when one is configured
-(a guard against reward hacking the training one), and the reward model's accuracy on a held-out
-preference file. Samples side by side go to RUN_DIR/eval/final/samples.jsonl.
+Each policy (the SFT output, and the PPO output when there is one) answers every held-out prompt
+`samples_per_prompt` times under one sampling seed. Every reply is scored by the reward model PPO
+trained against, as sampled (what PPO saw) and completed (a reply the length limit cut gets its EOS),
+and by each judge (reward models the policy never trained against; the `judges` stage) on the
+completed reply. Then, for PPO against SFT, by the reward model, each judge and the judges' mean:
+
+- the win rate over every pair of replies to a prompt, with a 95% bootstrap interval over prompts;
+- the length-controlled win rate (AlpacaEval-LC's regression on the length difference) and the
+  win rate among replies of about the same length;
+- how often the judges agree.
+
+Beside them: fixed replies (empty, "I don't know.", a refusal) scored like a policy's and their
+win rate against each policy; each policy's reply lengths, EOS and cut shares, distinct-1/2 and
+most repeated replies; each reward model's correlation with length; and every reward model's
+accuracy on preference pairs none of them trained on, beside "the shorter reply wins" and chance.
+The verdict (pipeline/evaluation/verdict.py) says it in a few lines. Output: RUN_DIR/eval/final
+with metrics.json, verdict.txt and samples.jsonl (every reply with its scores).
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 from accelerate.utils import set_seed
@@ -23,46 +35,77 @@ from data.chat_tokens import load_conversations, query_ids, tokenize_conversatio
 from data.conversations import prompt_of
 from data.held_out import read_held_out
 from data.padding import pad_batch
-from data.preferences import normalize_preferences
-from data.sources import load_source
+from pipeline.config import PreferenceData
 from pipeline.errors import ConfigError
+from pipeline.evaluation.comparison import (
+    correlation,
+    judge_agreement,
+    length_controlled_win_rate,
+    length_differences,
+    matched_length_win_rate,
+    outcomes,
+    percentile_interval,
+    prompt_resamples,
+    win_rate,
+)
+from pipeline.evaluation.replies import reply_statistics
+from pipeline.evaluation.verdict import verdict_lines
 from pipeline.models.checkpoints import load_causal_lm
 from pipeline.models.generation import Sampling, seeded_generator
 from pipeline.models.logprobs import logprobs_from_logits, masked_sum, response_logits
-from pipeline.models.responses import response_logprobs, sample_responses, score_in_micro_batches
+from pipeline.models.responses import Responses, completed, response_logprobs, sample_responses
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from pipeline.training.distributed import make_accelerator, whole_model_init
 from pipeline.training.metrics import perplexity
 from reward_model.batching import encode_groups
-from reward_model.evaluation import evaluate_preferences
-from reward_model.functions import reward_model_function
-from reward_model.model import TokenScorer, load_reward_model
-from reward_model.scoring import at_last_token
-from stages.eval.metrics import length_stats, win_rate
+from reward_model.data import load_preference_groups
+from reward_model.evaluation import pair_length_gaps, preference_gaps
+from reward_model.judges import TRAINING_MODEL, JudgePanel, judge_folders
+from reward_model.provenance import HELD_OUT_NAME, fingerprint, read_trained_on
+
+SCORED_AS_SAMPLED = "reward_sampled"  # the reward model's score of replies as sampled: what PPO optimised
 
 
-def held_out_conversations(context: StageContext) -> list[list[dict]]:
-    """Conversations never trained on: eval.prompts, or the held-out prompts the PPO stage saved with its output."""
+def held_out_conversations(context: StageContext) -> tuple[list[list[dict]], str]:
+    """Conversations no policy trained on, and where they came from.
+
+    eval.prompts when set; else the prompts of the preference pairs the judges held out from every
+    model (no stage of the run saw those conversations); else the held-out prompts the PPO stage saved
+    with its output (the SFT policy may have seen them, with their reference replies).
+    """
     section = context.config.eval
     if section.prompts is not None:
         conversations, _ = load_conversations(section.prompts, section, context.run_dir / "cache" / "datasets", config_section="eval")
-        return conversations
+        return conversations, section.prompts.path or section.prompts.hub
+    judges = context.inputs.get("judges")
+    if judges is not None and (judges / HELD_OUT_NAME).exists():
+        source = judges / HELD_OUT_NAME
+        groups, _ = load_preference_groups(PreferenceData(path=str(source)), section, None, config_section="eval")
+        return [group.completions[0] for group in groups], str(source)  # each cut before its final reply below
     if "ppo" not in context.inputs:
         raise ConfigError(
-            "eval.prompts is not set and the run has no ppo stage whose held-out prompts eval could use; "
+            "eval.prompts is not set and the run has no judges or ppo stage whose held-out prompts eval could use; "
             "set eval.prompts to a conversation file the policies were not trained on"
         )
-    return read_held_out(context.inputs["ppo"])
+    return read_held_out(context.inputs["ppo"]), str(context.inputs["ppo"] / "held_out.jsonl")
 
 
+# ----------------------------------------------------------------------------------- replies
 @torch.no_grad()
-def answer(policy, reference, reward_fn, tokenizer, prompts, section, accelerator, seed) -> dict[str, torch.Tensor | list]:
-    """Sampled replies with their scores, KL to the reference and lengths; the same seed for every policy."""
+def answer(policy, reference, panel: JudgePanel, tokenizer, prompts, section, accelerator, seed) -> dict:
+    """`samples_per_prompt` sampled replies per prompt (the same seed for every policy) with their scores.
+
+    Returns per reply (prompt-major: prompt p's replies are rows p*S .. p*S+S-1): `kl` to the
+    reference (summed over tokens), `lengths`, `has_eos`, `tokens` (each reply's ids without EOS),
+    `replies` (text), and `scores`: {model: (replies,)} with `reward_sampled` for the reward model
+    on the replies as sampled and every model of the panel on the completed replies.
+    """
     generator = seeded_generator(seed, accelerator.device)
     sampling = Sampling(temperature=section.temperature)
-    scores, kls, lengths, replies = [], [], [], []
-    for start in range(0, len(prompts), section.batch_size):
-        query_ids, query_mask = pad_batch(prompts[start : start + section.batch_size], tokenizer.pad_token_id, side="left")
+    queries = [ids for ids in prompts for _ in range(section.samples_per_prompt)]
+    out = {"kl": [], "lengths": [], "has_eos": [], "tokens": [], "replies": [], "scores": {}}
+    for start in range(0, len(queries), section.batch_size):
+        query_ids, query_mask = pad_batch(queries[start : start + section.batch_size], tokenizer.pad_token_id, side="left")
         responses = sample_responses(
             policy, query_ids.to(accelerator.device), query_mask.to(accelerator.device), max_new_tokens=section.response_length,
             sampling=sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
@@ -70,11 +113,40 @@ def answer(policy, reference, reward_fn, tokenizer, prompts, section, accelerato
         logprobs = response_logprobs(policy, responses, section.temperature, section.batch_size)
         ref_logprobs = response_logprobs(reference, responses, section.temperature, section.batch_size)
         mask = responses.response_mask
-        scores.append(score_in_micro_batches(responses, section.batch_size, reward_fn, per_token=False).cpu())
-        kls.append(masked_sum(logprobs - ref_logprobs, mask, dim=1).cpu())
-        lengths.append(mask.sum(1).cpu())
-        replies += [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(responses.response_ids, mask)]
-    return {"scores": torch.cat(scores), "kl": torch.cat(kls), "lengths": torch.cat(lengths), "replies": replies}
+        as_sampled = panel.score(responses, section.batch_size)[TRAINING_MODEL] if TRAINING_MODEL in panel.names else None
+        scores = {**({SCORED_AS_SAMPLED: as_sampled} if as_sampled is not None else {}),
+                  **panel.score(completed(responses, tokenizer.eos_token_id, tokenizer.pad_token_id), section.batch_size)}
+        for name, values in scores.items():
+            out["scores"].setdefault(name, []).append(values.cpu())
+        out["kl"].append(masked_sum(logprobs - ref_logprobs, mask, dim=1).cpu())
+        out["lengths"].append(mask.sum(1).cpu())
+        out["has_eos"].append(responses.has_eos.cpu())
+        for ids, row_mask, eos in zip(responses.response_ids.cpu(), mask.cpu(), responses.has_eos.cpu()):
+            tokens = ids[row_mask.bool()].tolist()
+            out["tokens"].append(tokens[:-1] if eos else tokens)
+            out["replies"].append(tokenizer.decode(tokens, skip_special_tokens=True))
+    for key in ("kl", "lengths", "has_eos"):
+        out[key] = torch.cat(out[key])
+    out["scores"] = {name: torch.cat(values) for name, values in out["scores"].items()}
+    return out
+
+
+@torch.no_grad()
+def score_fixed_reply(panel: JudgePanel, tokenizer, prompts, text: str, batch_size: int, device) -> dict[str, torch.Tensor]:
+    """Every model's score of the same reply to every prompt: {model: (prompts,)}."""
+    reply = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id]
+    scores: dict[str, list[torch.Tensor]] = {}
+    for start in range(0, len(prompts), batch_size):
+        query_ids, query_mask = pad_batch(prompts[start : start + batch_size], tokenizer.pad_token_id, side="left")
+        rows = len(query_ids)
+        response_ids = torch.tensor([reply] * rows)
+        responses = Responses(
+            query_ids.to(device), query_mask.to(device), response_ids.to(device), torch.ones_like(response_ids).to(device),
+            torch.ones(rows, dtype=torch.bool, device=device), torch.full((rows,), len(reply) - 1, device=device),
+        )
+        for name, values in panel.score(responses, batch_size).items():
+            scores.setdefault(name, []).append(values.cpu())
+    return {name: torch.cat(values) for name, values in scores.items()}
 
 
 @torch.no_grad()
@@ -95,6 +167,104 @@ def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_
     return perplexity(total / max(count, 1))
 
 
+# ------------------------------------------------------------------------------- comparisons
+def with_ensemble(panel: JudgePanel, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The scores plus `judges`, the held-out judges' mean standardized score (when there are judges)."""
+    ensemble = panel.ensemble({name: scores[name] for name in panel.names})
+    return {**scores, "judges": ensemble} if ensemble is not None else dict(scores)
+
+
+def compare(challenger: dict, baseline: dict, panel: JudgePanel, samples: int, resamples: torch.Tensor) -> dict[str, float]:
+    """Challenger vs baseline by every scorer: win rate, length-controlled and matched-length, with intervals."""
+    prompts = len(challenger["lengths"]) // samples
+    shape = (prompts, samples)
+    lengths_a, lengths_b = challenger["lengths"].view(shape), baseline["lengths"].view(shape)
+    differences = length_differences(lengths_a, lengths_b)
+    metrics, by_judge = {}, []
+    for name in challenger["scores"]:
+        outcome = outcomes(challenger["scores"][name].view(shape), baseline["scores"][name].view(shape))
+        metrics.update(win_rate(outcome, resamples).as_metrics(f"{name}/win_rate"))
+        metrics.update(length_controlled_win_rate(outcome, differences, resamples).as_metrics(f"{name}/lc_win_rate"))
+        metrics.update(matched_length_win_rate(outcome, lengths_a, lengths_b, resamples).as_metrics(f"{name}/matched_win_rate"))
+        if name in panel.held_out_names:
+            by_judge.append(outcome)
+    agreement = judge_agreement(by_judge)
+    metrics["judges/all_agree"], metrics["judges/pairwise_agreement"] = agreement["all_agree"], agreement["pairwise"]
+    return metrics
+
+
+def null_probe(fixed: dict[str, torch.Tensor], policy: dict, samples: int, resamples: torch.Tensor) -> dict[str, float]:
+    """A fixed reply against a policy's replies: its win rate by the reward model (against the
+    replies as sampled, and completed) and by the judges' mean."""
+    prompts = len(policy["lengths"]) // samples
+    metrics = {}
+    for name, reference in ((SCORED_AS_SAMPLED, "reward"), ("reward", "reward"), ("judges", "judges")):
+        if name not in policy["scores"] or reference not in fixed:
+            continue
+        outcome = outcomes(fixed[reference].view(prompts, 1), policy["scores"][name].view(prompts, samples))
+        metrics.update(win_rate(outcome, resamples).as_metrics(f"{name}/win_rate"))
+    return metrics
+
+
+def slug(text: str) -> str:
+    """A fixed reply as a metric key: "I don't know." -> "i_don_t_know"; "" -> "empty"."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:32] or "empty"
+
+
+# ---------------------------------------------------------------------------------- accuracy
+def preference_accuracy(context: StageContext, panel: JudgePanel, tokenizer, device, resamples_count: int) -> dict:
+    """Every reward model's accuracy on held-out pairs none of them trained on, beside the length rule."""
+    config, section = context.config, context.config.eval
+    cache = context.run_dir / "cache" / "datasets"
+    if section.preferences is not None:
+        groups, _ = load_preference_groups(section.preferences, section, cache, config_section="eval")
+        source = section.preferences.path or section.preferences.hub
+    else:  # what the judges held out from every judge, else what the reward model held out
+        folder = context.inputs.get("judges") or context.inputs["reward"]
+        held_out = folder / HELD_OUT_NAME
+        if not held_out.exists():
+            return {}
+        groups, _ = load_preference_groups(PreferenceData(path=str(held_out)), section, cache, config_section="eval")
+        source = str(held_out)
+    trained_on = set().union(*(read_trained_on(folder) for folder in judge_folders_with_reward(context).values()))
+    unseen = [group for group in groups if fingerprint(group) not in trained_on]
+    metrics = {"accuracy/source": source, "accuracy/excluded_pairs": sum(len(g.pairs) for g in groups if fingerprint(g) in trained_on)}
+    if not unseen:
+        return metrics
+    max_length = config.reward.max_length
+    encoded = encode_groups(unseen, tokenizer, max_length, context.run_dir / "cache" / "chat_tokens")
+    length_gap = pair_length_gaps(encoded)
+    gaps = {judge.name: preference_gaps(judge.scorer, encoded, tokenizer.pad_token_id, section.batch_size, device) for judge in panel.judges}
+    if panel.held_out_names:
+        # The judges' mean standardized score: its gap is the mean of the gaps over each judge's std (the means cancel).
+        stats = {judge.name: judge.statistics for judge in panel.judges}
+        gaps["judges"] = torch.stack([gaps[name] / (stats[name].std or 1.0) for name in panel.held_out_names]).mean(0)
+    pairs = len(length_gap)
+    generator = torch.Generator().manual_seed(config.seed)
+    boot = torch.randint(pairs, (resamples_count, pairs), generator=generator)
+    metrics.update({
+        "accuracy/pairs": pairs,
+        "accuracy/chance": 0.5,
+        "accuracy/shorter_wins": ((length_gap < 0).double() + 0.5 * (length_gap == 0).double()).mean().item(),
+        "accuracy/longer_chosen_share": (length_gap > 0).double().mean().item(),
+    })
+    for name, gap in gaps.items():
+        right = (gap > 0).double()
+        low, high = percentile_interval(right[boot].mean(1))
+        metrics.update({f"accuracy/{name}": right.mean().item(), f"accuracy/{name}_low": low, f"accuracy/{name}_high": high})
+        longer = length_gap > 0
+        if longer.any():
+            metrics[f"accuracy/{name}/longer_chosen"] = right[longer].mean().item()
+    return metrics
+
+
+def judge_folders_with_reward(context: StageContext) -> dict:
+    """Every reward model eval reports on: the training one first, then the judges."""
+    extra = [context.config.eval.judge_reward_model] if context.config.eval.judge_reward_model else []
+    return {TRAINING_MODEL: context.inputs["reward"], **judge_folders(context.inputs.get("judges"), extra)}
+
+
+# ------------------------------------------------------------------------------------- stage
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.eval
     accelerator = make_accelerator()
@@ -102,12 +272,12 @@ def train(context: StageContext) -> StageResult:
     device = accelerator.device
     reference_dir = context.inputs[config.policy_stage]
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
-    reward_dir = context.inputs["reward"]
     policies = {config.policy_stage: reference_dir}
     if "ppo" in context.inputs:
         policies["ppo"] = context.inputs["ppo"]
+    baseline_name, challengers = config.policy_stage, [name for name in policies if name != config.policy_stage]
 
-    conversations = held_out_conversations(context)
+    conversations, prompt_source = held_out_conversations(context)
     token_cache = context.run_dir / "cache" / "chat_tokens"
     with accelerator.main_process_first():  # rendered once, by the main process on all cores
         queries = query_ids(tokenizer, conversations, token_cache)
@@ -117,70 +287,98 @@ def train(context: StageContext) -> StageResult:
 
     # Eval trains nothing, so under any engine each process holds whole models and runs them itself.
     with whole_model_init():
-        judges = {"reward": TokenScorer(load_reward_model(reward_dir)).eval().to(device)}
-        if section.judge_reward_model:
-            judges["judge"] = TokenScorer(load_reward_model(section.judge_reward_model)).eval().to(device)
+        panel = JudgePanel.load(judge_folders_with_reward(context), device)
         reference = load_causal_lm(reference_dir).eval().to(device)
 
-    results, metrics = {}, {"prompts": len(prompts)}
+    # ------------------------------------------------------------------------- the policies
+    samples = section.samples_per_prompt
+    resamples = prompt_resamples(len(prompts), section.bootstrap_samples, seed=config.seed)
+    results, metrics = {}, {
+        "prompts": len(prompts), "samples_per_prompt": samples, "response_length": section.response_length,
+        "judges": panel.held_out_names, "prompt_source": prompt_source,
+    }
     for name, folder in policies.items():
         with whole_model_init():
             policy = reference if folder == reference_dir else load_causal_lm(folder).eval().to(device)
-        out = answer(policy, reference, reward_model_function(judges["reward"]), tokenizer, prompts, section, accelerator, config.seed)
-        if "judge" in judges:
-            out["judge_scores"] = rescore(judges["judge"], tokenizer, prompts, out["replies"], device)
+        out = answer(policy, reference, panel, tokenizer, prompts, section, accelerator, config.seed)
+        out["scores"] = with_ensemble(panel, out["scores"])
         results[name] = out
-        metrics[f"{name}/score"] = out["scores"].mean().item()
+        metrics[f"{name}/score"] = out["scores"][SCORED_AS_SAMPLED].mean().item()
+        metrics[f"{name}/score_completed"] = out["scores"][TRAINING_MODEL].mean().item()
+        if "judges" in out["scores"]:
+            metrics[f"{name}/judges_score"] = out["scores"]["judges"].mean().item()
+        for judge in panel.held_out_names:
+            metrics[f"{name}/scores/{judge}"] = out["scores"][judge].mean().item()
         metrics[f"{name}/kl"] = out["kl"].mean().item()
-        metrics.update({f"{name}/{k}": v for k, v in length_stats(out["lengths"]).items()})
+        stats = reply_statistics(out["lengths"], out["has_eos"], out["tokens"], out["replies"], limit=section.response_length)
+        metrics.update({f"{name}/{key}": value for key, value in stats.items()})
         metrics[f"{name}/perplexity"] = held_out_perplexity(policy, tokenizer, conversations, section.max_prompt_length + section.response_length, section.batch_size, device)
-        if "judge_scores" in out:
-            metrics[f"{name}/judge_score"] = out["judge_scores"].mean().item()
-    if "ppo" in results:
-        baseline = results[config.policy_stage]
-        metrics["win_rate"] = win_rate(results["ppo"]["scores"], baseline["scores"])
-        if "judge" in judges:
-            metrics["judge_win_rate"] = win_rate(results["ppo"]["judge_scores"], baseline["judge_scores"])
-    if section.preferences is not None:
-        groups, _ = normalize_preferences(load_source(section.preferences), ranking_is=section.preferences.ranking_is,
-                                          on_bad_row=section.on_bad_row, max_bad_fraction=section.max_bad_fraction,
-                                          source=section.preferences.path or section.preferences.hub, config_section="eval")
-        reward_metrics = evaluate_preferences(judges["reward"], encode_groups(groups, tokenizer, section.max_prompt_length + section.response_length),
-                                              tokenizer.pad_token_id, section.batch_size, accelerator)
-        metrics["reward_accuracy"] = reward_metrics["accuracy"]
-        metrics["reward_pairs"] = reward_metrics["pairs"]
 
+    # ---------------------------------------------------------------------- the comparisons
+    baseline = results[baseline_name]
+    for name in challengers:
+        metrics.update({f"{name}_vs_{baseline_name}/{key}": value for key, value in compare(results[name], baseline, panel, samples, resamples).items()})
+    if challengers:  # the names earlier releases reported, and people's scripts read
+        metrics["win_rate"] = metrics[f"{challengers[0]}_vs_{baseline_name}/{SCORED_AS_SAMPLED}/win_rate"]
+        if "judges" in baseline["scores"]:
+            metrics["judge_win_rate"] = metrics[f"{challengers[0]}_vs_{baseline_name}/judges/win_rate"]
+    for name, scores in baseline["scores"].items():
+        if name != SCORED_AS_SAMPLED:
+            metrics[f"length_correlation/{name}"] = correlation(scores, baseline["lengths"])
+
+    # ----------------------------------------------------------------- fixed-reply baselines
+    metrics["null_replies"] = [[slug(text), text] for text in section.null_replies]
+    for text in section.null_replies:
+        fixed = with_ensemble(panel, score_fixed_reply(panel, tokenizer, prompts, text, section.batch_size, device))
+        for model, values in fixed.items():
+            metrics[f"null/{slug(text)}/{model}/score"] = values.mean().item()
+        for name, out in results.items():
+            metrics.update({f"null/{slug(text)}/vs_{name}/{key}": value for key, value in null_probe(fixed, out, samples, resamples).items()})
+
+    # ----------------------------------------------------------------------------- accuracy
+    accuracy = preference_accuracy(context, panel, tokenizer, device, section.bootstrap_samples)
+    metrics.update(accuracy)
+    if "accuracy/reward" in accuracy:
+        metrics["reward_accuracy"], metrics["reward_pairs"] = accuracy["accuracy/reward"], accuracy["accuracy/pairs"]
+
+    verdict = verdict_lines(metrics, baseline_name, challengers)
+    metrics["verdict"] = verdict
     if context.is_main:
-        context.output_dir.mkdir(parents=True, exist_ok=True)
-        (context.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        with open(context.output_dir / "samples.jsonl", "w") as handle:
-            for index, conversation in enumerate(conversations):
-                row = {"prompt": prompt_of(conversation)}
-                for name, out in results.items():
-                    row[f"{name}_reply"] = out["replies"][index]
-                    row[f"{name}_score"] = float(out["scores"][index])
-                handle.write(json.dumps(row) + "\n")
-        context.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=0)
+        write_outputs(context, metrics, conversations, results, samples)
+        scalars = {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        context.tracker.log(scalars, step=0)
+        context.tracker.log_table("verdict", ["line"], [[line] for line in verdict], step=0)
         print_table(metrics, list(results))
+        print("\n" + "\n".join(verdict))
     return StageResult(context.output_dir, metrics)
 
 
-@torch.no_grad()
-def rescore(scorer, tokenizer, prompts, replies, device) -> torch.Tensor:
-    """A judge's scores for (prompt, reply) pairs, each reply ending with EOS as in RL."""
-    sequences = [p + list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [tokenizer.eos_token_id] for p, r in zip(prompts, replies)]
-    ids, mask = pad_batch(sequences, tokenizer.pad_token_id, side="right")
-    return at_last_token(scorer(ids.to(device), mask.to(device)), mask.to(device)).cpu()
+def write_outputs(context: StageContext, metrics: dict, conversations, results: dict, samples: int) -> None:
+    context.output_dir.mkdir(parents=True, exist_ok=True)
+    (context.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (context.output_dir / "verdict.txt").write_text("\n".join(metrics["verdict"]) + "\n")
+    with open(context.output_dir / "samples.jsonl", "w") as handle:
+        for index, conversation in enumerate(conversations):
+            row = {"prompt": prompt_of(conversation)}
+            rows = range(index * samples, (index + 1) * samples)
+            for name, out in results.items():
+                row[f"{name}_reply"] = out["replies"][rows[0]]
+                row[f"{name}_score"] = float(out["scores"][SCORED_AS_SAMPLED][rows[0]])
+                row[f"{name}_replies"] = [
+                    {"reply": out["replies"][i], **{model: float(values[i]) for model, values in out["scores"].items()}}
+                    for i in rows
+                ]
+            handle.write(json.dumps(row) + "\n")
 
 
 def print_table(metrics: dict, policies: list[str]) -> None:
-    """The comparison as a table on the console (the stage's log)."""
-    keys = sorted({key.split("/", 1)[1] for key in metrics if "/" in key})
-    print("\n" + "metric".ljust(16) + "".join(name.rjust(12) for name in policies))
+    """The per-policy figures as a table on the console (the stage's log)."""
+    keys = [key.split("/", 1)[1] for key in metrics if key.startswith(f"{policies[0]}/") and isinstance(metrics[key], (int, float))]
+    print("\n" + "metric".ljust(24) + "".join(name.rjust(12) for name in policies))
     for key in keys:
-        print(key.ljust(16) + "".join(f"{metrics.get(f'{name}/{key}', float('nan')):12.4g}" for name in policies))
-    for key in ("win_rate", "judge_win_rate", "reward_accuracy"):
-        if key in metrics:
+        print(key.ljust(24) + "".join(f"{metrics.get(f'{name}/{key}', float('nan')):12.4g}" for name in policies))
+    for key in ("win_rate", "judge_win_rate", "reward_accuracy", "accuracy/shorter_wins"):
+        if isinstance(metrics.get(key), float):
             print(f"{key}: {metrics[key]:.3f}")
 
 

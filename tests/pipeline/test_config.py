@@ -12,8 +12,37 @@ from tests.conftest import REPO_ROOT, tiny_config
 def test_embedded_demo_config_validates_with_absolute_data_paths():
     config = load_config(REPO_ROOT / "configs" / "tiny.yaml")
     assert config.name == "tiny"
-    data_path = Path(config.pretrain.data.path)
-    assert data_path.is_absolute() and data_path.name == "tinyshakespeare.txt" and data_path.exists()
+    paths = [Path(source.path) for source in config.pretrain.data]
+    assert all(path.is_absolute() and path.exists() for path in paths)
+    assert [path.name for path in paths][-1] == "tinyshakespeare.txt"  # the validation blocks come from the last source
+    assert Path(config.judges.data.path).name == "hh_harmless_heldout.jsonl"
+
+
+def test_a_corpus_is_one_source_or_several(write_config, shakespeare_excerpt):
+    one = load_config(write_config())
+    several = load_config(write_config(pretrain={"data": [{"path": str(shakespeare_excerpt)}, {"path": str(shakespeare_excerpt), "max_rows": 1}]}))
+    assert len(one.tokenizer_corpus) == 1 and len(several.tokenizer_corpus) == 2
+    with pytest.raises(ConfigError) as error:
+        load_config(write_config(pretrain={"data": [{"path": str(shakespeare_excerpt)}, {"path": "no/such.txt"}]}))
+    problems = str(error.value).splitlines()[1:]  # one line, about the item at fault (no union-branch noise)
+    assert len(problems) == 1 and problems[0].startswith("  pretrain.data.1.path: data file not found: 'no/such.txt'")
+    with pytest.raises(ConfigError, match=r"pretrain\.data\.0\.txt_field: unknown key; allowed here: .*text_field"):
+        load_config(write_config(pretrain={"data": [{"path": str(shakespeare_excerpt), "txt_field": "x"}]}))
+
+
+def test_judges_and_the_options_that_need_them_are_checked(write_config, shakespeare_excerpt):
+    reward = {"data": {"path": str(shakespeare_excerpt)}, "init_from": "pretrain"}
+    ppo = {"data": {"prompts": {"path": str(shakespeare_excerpt)}}}
+    with pytest.raises(ConfigError, match="judges: set count .* or paths"):
+        load_config(write_config(reward=reward, judges={"count": 0}))
+    with pytest.raises(ConfigError, match="ppo.select_by: judges needs a judges section"):
+        load_config(write_config(reward=reward, ppo={**ppo, "select_by": "judges"}))
+    with pytest.raises(ConfigError, match="early_stop_patience needs select_by"):
+        load_config(write_config(reward=reward, judges={}, ppo={**ppo, "early_stop_patience": 2}))
+    with pytest.raises(ConfigError, match="judges.data is required when there is no reward section"):
+        load_config(write_config(judges={}))
+    config = load_config(write_config(reward=reward, judges={"paths": ["some/judge"], "count": 0}))
+    assert config.judges.paths == ["some/judge"]
 
 
 def test_unknown_key_names_the_key_and_the_allowed_ones(write_config):

@@ -188,3 +188,41 @@ def test_formatting_helpers():
     assert lineage("pretrain", {"tokenizer": {"stage": "tokenizer", "path": "/x", "digest": "5d46f60e83c4f783"}}) == (
         "pretrain <- tokenizer@5d46f60e"
     )
+
+
+def test_the_over_optimisation_picture_plots_proxy_and_judges_against_kl():
+    from pipeline.apps.report import _panels_for
+
+    rows = [{"step": 0, "eval/kl": 0.0, "eval/score_standardized": 0.5, "eval/judges_score": 0.4, "eval/score": 0.2}]
+    rows += [{"step": step, "eval/kl": step / 10, "eval/score_standardized": 0.5 + step / 20,
+              "eval/judges_score": 0.4 + step / 40 - (step / 40) ** 2} for step in (5, 10, 15)]
+    panels = {title: (xlabel, curves) for title, xlabel, _, curves in _panels_for("ppo", rows)}
+    xlabel, curves = panels["Proxy vs held-out judges"]
+    assert xlabel.startswith("KL")
+    assert dict(curves)["eval/judges_score"][0] == [0.0, 0.5, 1.0, 1.5]  # against KL, not the step
+    assert dict(curves)["eval/score_standardized"][1] == [0.5, 0.75, 1.0, 1.25]
+
+
+def test_the_eval_section_leads_with_the_verdict_and_its_figures(run_dir):
+    verdict = ["PPO vs SFT at equal length: 0.53 [0.49, 0.57] by 3 held-out judges — no clear win.",
+               "The reward model's accuracy on 310 pairs no model here trained on: 0.58 [0.53, 0.64]."]
+    metrics = {
+        "verdict": verdict, "win_rate": 0.9, "reward_accuracy": 0.58, "accuracy/shorter_wins": 0.57,
+        "ppo_vs_sft/judges/lc_win_rate": 0.53, "ppo_vs_sft/judges/lc_win_rate_low": 0.49, "ppo_vs_sft/judges/lc_win_rate_high": 0.57,
+        "ppo_vs_sft/judges/win_rate": 0.46, "ppo_vs_sft/reward/win_rate": 0.9,
+        "sft/score": 0.5, "sft/length_median": 26.0, "sft/eos_share": 0.85,
+        "ppo/score": 1.1, "ppo/length_median": 17.0, "ppo/eos_share": 1.0,
+        "accuracy/pairs": 310, "accuracy/reward": 0.58, "accuracy/reward_low": 0.53, "accuracy/reward_high": 0.64,
+        **{f"null/empty/vs_ppo/judges/win_rate_{i}": 0.1 for i in range(40)},  # hundreds of figures in all
+    }
+    record(run_dir, "eval", ("sft", "reward"), status="completed", output={"path": "eval/final", "digest": "ee"},
+           metrics=metrics, started_at="2026-01-02T11:08:00+00:00", finished_at="2026-01-02T11:09:00+00:00")
+    text = write_report(run_dir).read_text()
+    section = text.split("## eval")[1]
+    assert section.index("### Verdict") < section.index("| judged by |")
+    assert all(f"- {line}" in section for line in verdict)
+    assert "| judges | 0.460 | 0.530 [0.490, 0.570] | - |" in section
+    assert "| median length | 26 | 17 |" in section and "| reward | 0.580 [0.530, 0.640] |" in section
+    # The stage table keeps to the headline figures.
+    row = table_row(text, "eval")
+    assert "ppo_vs_sft/judges/lc_win_rate=0.53" in row and "null/" not in row
