@@ -215,3 +215,17 @@ def stream_texts(
         raise
     except Exception as error:  # a bad row can surface mid-stream: name the source and the line
         raise load_failure(source, error) from None
+
+
+def stream_corpus(
+    sources: list[DataSource], cache_dir: str | Path | None = None, *, max_chars: int | None = None, batch_size: int = 1000
+) -> Iterator[list[str]]:
+    """`stream_texts` of several sources, one after the other, as one stream (`max_chars` over them all)."""
+    remaining = max_chars
+    for source in sources:
+        for batch in stream_texts(source, cache_dir, max_chars=remaining, batch_size=batch_size):
+            yield batch
+            if remaining is not None:
+                remaining -= sum(len(text) for text in batch)
+        if remaining is not None and remaining <= 0:
+            return

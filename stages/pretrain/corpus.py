@@ -7,9 +7,9 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from data.sources import stream_texts
+from data.sources import stream_corpus
 from data.token_store import Blocks, TokenStore, build_token_store, cores_per_process, wait_for_store
-from pipeline.config import PretrainConfig, config_hash
+from pipeline.config import PretrainConfig, config_hash, corpus_sources
 from pipeline.errors import DataError
 from pipeline.orchestration.manifest import hash_file
 
@@ -24,15 +24,17 @@ def prepare_store(
     block size: blocks are cut when read, so changing `block_size` reuses the store. `worker` of
     `workers` are this machine's processes, which tokenize their shares of the shards together.
     """
-    source = section.data
+    sources = corpus_sources(section.data)
+    files = {name: hash_file(Path(name)) for source in sources if source.path for name in source.files()}
     key = {
-        "data": source.model_dump(),
-        "files": {name: hash_file(Path(name)) for name in source.files()} if source.path else None,
+        # One source keys its store as it always did, so an existing store is found again.
+        "data": sources[0].model_dump() if len(sources) == 1 else [source.model_dump() for source in sources],
+        "files": files or None,
         "tokenizer": hash_file(tokenizer_dir / "tokenizer.json") if (tokenizer_dir / "tokenizer.json").exists() else str(tokenizer_dir),
         "shard_mb": section.shard_mb,
     }
     folder = cache_root / config_hash(key)
-    if source.hub is not None and workers > 1:
+    if any(source.hub is not None for source in sources) and workers > 1:
         # Every worker reads the whole stream to find its shards: free for local files (the page
         # cache), one download per process from the hub. So there the first process streams and
         # encodes on every core, and the others wait for its store.
@@ -43,7 +45,7 @@ def prepare_store(
     os.environ.setdefault("RAYON_NUM_THREADS", str(cores_per_process(workers)))
     return build_token_store(
         folder,
-        stream_texts(source, cache_dir=cache_root.parent / "datasets"),
+        stream_corpus(sources, cache_dir=cache_root.parent / "datasets"),
         tokenizer.backend_tokenizer,
         tokenizer.eos_token_id,
         len(tokenizer),
@@ -59,4 +61,5 @@ def prepare_blocks(store: TokenStore, section: PretrainConfig) -> tuple[Blocks, 
     try:
         return store.blocks(section.block_size, section.validation_fraction)
     except ValueError as error:
-        raise DataError(f"{section.data.hub or section.data.path}: {error}; add text or lower pretrain.block_size") from None
+        names = ", ".join(source.hub or source.path for source in corpus_sources(section.data))
+        raise DataError(f"{names}: {error}; add text or lower pretrain.block_size") from None

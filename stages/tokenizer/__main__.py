@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from data.sources import stream_texts
+from data.sources import stream_corpus
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from stages.tokenizer.bpe import adopt_pretrained, train_bpe
 
@@ -34,7 +34,7 @@ def train(context: StageContext) -> StageResult:
                     documents += len(batch)
                     yield batch
 
-            corpus = stream_texts(config.tokenizer_corpus, context.run_dir / "cache" / "datasets", max_chars=section.max_chars)
+            corpus = stream_corpus(config.tokenizer_corpus, context.run_dir / "cache" / "datasets", max_chars=section.max_chars)
             tokenizer = train_bpe(counted(corpus), section.vocab_size, section.min_frequency)
             metrics["source"] = "trained"
             metrics["corpus_documents"] = documents
