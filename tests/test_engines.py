@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pipeline.orchestration.manifest import read_manifest
 from tests.conftest import REPO_ROOT, chatpipe, tiny_config, tiny_sft_section
@@ -219,14 +219,14 @@ def test_resumable_lora_checkpoints_under_sharding_are_refused_before_training(p
 
 @pytest.fixture(scope="module")
 def rlhf_base(tmp_path_factory, shakespeare_excerpt):
-    """(config, run dir) with a pretrained policy and a reward model, and a ppo and eval section."""
+    """(config, run dir) with a pretrained policy, a reward model and two judges, and a ppo and eval section."""
     from tests.stages.test_ppo import ppo_section, rlhf_config
 
     folder = tmp_path_factory.mktemp("rlhf_engines")
     raw = rlhf_config(folder, shakespeare_excerpt, ppo=ppo_section(save_every=100),
                       eval={"num_prompts": 8, "response_length": 8, "batch_size": 4})
     config = write(folder, "rlhf", raw)
-    for stage in ("tokenizer", "pretrain", "reward"):
+    for stage in ("tokenizer", "pretrain", "reward", "judges"):
         chatpipe("run", str(config), "--run-dir", str(folder / "base"), "--only", stage)
     return config, folder
 
@@ -257,10 +257,10 @@ def test_ppo_completes_under_every_engine(ppo_runs, engine):
     entry = read_manifest(run_dir).stages["ppo"]
     assert entry.status == "completed" and entry.world_size == 2
     assert entry.metrics["episodes"] == 64 and entry.metrics["replicas_in_sync"] is True
-    # Sharded for real: under FSDP2 and ZeRO-3 the trained, reference and reward models are each
-    # split over the two processes; no process holds a whole copy of any of them.
+    # Sharded for real: under FSDP2 and ZeRO-3 the trained, reference and reward models and the judges
+    # are each split over the two processes; no process holds a whole copy of any of them.
     expected = 0.5 if engine in SHARDING else 1.0
-    for model in ("trained", "reference", "reward"):
+    for model in ("trained", "reference", "reward", "judges"):
         assert entry.metrics[f"held/{model}"] == pytest.approx(expected, abs=0.01), model
     policy = AutoModelForCausalLM.from_pretrained(run_dir / "ppo" / "final")
     start = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "final")
@@ -328,6 +328,21 @@ def test_lora_policies_trained_sharded_save_the_weights_they_trained(rlhf_base):
         ours, theirs = saved[engine, save], saved["ddp", save]
         assert ours.keys() == theirs.keys() and all(tensor.numel() > 0 for tensor in ours.values())
         assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
+
+
+@pytest.mark.parametrize("engine", SHARDING)
+def test_judges_train_one_after_another_on_sharded_weights(rlhf_base, engine):
+    """Each judge is prepared, trained and saved in turn on the same launch: under ZeRO-3 (one engine
+    at a time) and FSDP2 the second is a whole, trained model of its own, not the first one's shards."""
+    run_dir, _ = rlhf_run(rlhf_base, f"judges-{engine}", "judges", engine)
+    entry = read_manifest(run_dir).stages["judges"]
+    assert entry.status == "completed" and entry.world_size == 2 and entry.metrics["judges"] == 2
+    judges = [AutoModelForSequenceClassification.from_pretrained(run_dir / "judges" / "final" / f"judge-{i}") for i in (0, 1)]
+    start = AutoModelForCausalLM.from_pretrained(run_dir / "pretrain" / "final")
+    for judge in judges:
+        assert judge.model.embed_tokens.weight.shape == start.model.embed_tokens.weight.shape
+        assert not torch.equal(judge.model.embed_tokens.weight, start.model.embed_tokens.weight)  # trained
+    assert not torch.equal(judges[0].score.weight, judges[1].score.weight)  # each from its own seed
 
 
 @pytest.mark.parametrize("engine", SHARDING)

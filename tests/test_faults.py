@@ -1,6 +1,6 @@
 """Every training stage survives a `kill -9` at each point where it writes state, and a full disk.
 
-One tiny tokenizer → pretrain → sft → reward → ppo run is shared by the module; each test works on
+One tiny tokenizer → pretrain → sft → reward → judges → ppo run is shared by the module; each test works on
 a copy of it. A stage is killed through CHATPIPE_FAULT (pipeline/faults.py) at each kill point in
 turn, each attempt resuming from what the previous one left. After every kill the run dir must be
 consistent: the manifest reads, every other stage's completed output is still there and unaltered.
@@ -27,7 +27,7 @@ from tests.conftest import REPO_ROOT, SAMPLES, chatpipe, tiny_config, tiny_sft_s
 
 pytestmark = pytest.mark.faults
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "judges", "ppo")
 
 # The order a stage is killed in: each attempt resumes from what the one before left behind.
 # #N: the Nth time the point is reached in that process (a resumed stage writes its manifest
@@ -47,7 +47,7 @@ OUTCOMES = {"injected": 0, "survived": 0}
 
 def run_config(folder) -> dict:
     """Every training stage, each saving at least one resumable checkpoint within seconds."""
-    from tests.stages.test_ppo import ppo_section
+    from tests.stages.test_ppo import judges_section, ppo_section
     from tests.stages.test_reward import marker_preferences
 
     return tiny_config(
@@ -60,6 +60,7 @@ def run_config(folder) -> dict:
             "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
             "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 10,
         },
+        judges=judges_section(),
         ppo=ppo_section(),
     )
 
@@ -132,19 +133,30 @@ def test_a_stage_killed_at_every_kill_point_still_finishes(upstream, tmp_path, s
         assert completed_outputs(run_dir, but=stage) == others, f"after a kill at {fault}"
         entry = read_manifest(run_dir).stages[stage]
         assert entry.status != "completed" or (run_dir / entry.output.path).is_dir(), f"after a kill at {fault}"
-        resumed_lines += [line for line in killed.stdout.splitlines() if line.startswith(f"{stage}: resuming from ")]
+        resumed_lines += resume_lines(stage, killed.stdout)
 
     finished = run_stage(stage, run_dir)
     assert finished.returncode == 0, finished.stderr[-3000:]
     OUTCOMES["survived"] += len(chain)
     entry = read_manifest(run_dir).stages[stage]
     assert entry.status == "completed" and completed_outputs(run_dir, but=stage) == others
-    resumed_lines += [line for line in finished.stdout.splitlines() if line.startswith(f"{stage}: resuming from ")]
+    resumed_lines += resume_lines(stage, finished.stdout)
     # Every stage says where it resumed from, in the same words: the kill at `final:after-weights`
-    # left complete checkpoints, so the last two attempts resumed.
-    assert len(resumed_lines) >= 2 and all("/checkpoints/step-" in line for line in resumed_lines), resumed_lines
+    # left complete checkpoints, so the last two attempts resumed. (The judges keep each finished
+    # judge: after the kill while recording, none is left to resume.)
+    assert len(resumed_lines) >= (1 if stage == "judges" else 2), resumed_lines
+    assert all("/checkpoints/" in line and "/step-" in line for line in resumed_lines), resumed_lines
     if stage == "pretrain":
         assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")
+    if stage == "judges":  # each judge, killed and resumed, ends as the uninterrupted one did
+        for judge in ("judge-0", "judge-1"):
+            assert_same_weights(run_dir / "judges" / "final" / judge, upstream[1] / "judges" / "final" / judge)
+
+
+def resume_lines(stage: str, stdout: str) -> list[str]:
+    """The lines a stage printed where it resumed (each judge prints its own, as `judge-<i>: ...`)."""
+    prefix = "judge-" if stage == "judges" else f"{stage}: "
+    return [line for line in stdout.splitlines() if line.startswith(prefix) and ": resuming from " in line]
 
 
 def test_pretraining_killed_while_tokenizing_keeps_its_finished_shards(upstream, tmp_path):
