@@ -131,14 +131,15 @@ def null_line(metrics: dict[str, Any], policy: str, null_replies: list[tuple[str
     worst_judged = max(((row[1], row[2]) for row in rated if isinstance(row[1], (int, float))), default=None)
     if proxy > 0.5:
         by_judges = f" ({percent(judged)} by the judges)" if judged_known else ""
-        return (f"A constant {shown} outscores {policy_name(policy)}'s replies {percent(proxy)} of the time by the reward "
-                f"model{by_judges}: the reward model rewards evasion.")
-    by_judges = f"; {percent(judged)} by the judges" if judged_known else ""
-    line = (f"No fixed reply beats {policy_name(policy)}'s replies more than half the time by the reward model "
-            f"(best: {shown} at {percent(proxy)}{by_judges})")
-    if judges and worst_judged is not None and worst_judged[0] > 0.5:
-        text = worst_judged[1]
-        line += (f"; by the judges {repr(text) if text else 'an empty reply'} does ({percent(worst_judged[0])}): "
+        line = (f"A constant {shown} outscores {policy_name(policy)}'s replies {percent(proxy)} of the time by the reward "
+                f"model{by_judges}: the reward model rewards evasion")
+    else:
+        by_judges = f"; {percent(judged)} by the judges" if judged_known else ""
+        line = (f"No fixed reply beats {policy_name(policy)}'s replies more than half the time by the reward model "
+                f"(best: {shown} at {percent(proxy)}{by_judges})")
+    if judges and worst_judged is not None and worst_judged[0] > 0.5 and not (proxy > 0.5 and worst_judged[1] == text):
+        worst = repr(worst_judged[1]) if worst_judged[1] else "an empty reply"
+        line += (f"; by the judges {worst} does ({percent(worst_judged[0])}): "
                  f"they reward such replies too, so read their equal-length figure, not their raw one")
     return line + "."
 

@@ -204,6 +204,14 @@ def test_the_verdict_calls_a_win_only_when_the_interval_clears_a_half():
                         "(best: \"I don't know.\" at 31%; 40% by the judges).")
 
 
+def test_the_verdict_names_the_fixed_reply_the_judges_prefer_when_it_is_another():
+    empty_wins = verdict_metrics(**{"null/empty/vs_ppo/judges/win_rate": 0.99})
+    assert verdict_lines(empty_wins, baseline="sft", challengers=["ppo"])[2] == (
+        "A constant \"I don't know.\" outscores PPO's replies 78% of the time by the reward model (40% by the judges): "
+        "the reward model rewards evasion; by the judges an empty reply does (99%): they reward such replies too, "
+        "so read their equal-length figure, not their raw one.")
+
+
 def test_the_verdict_warns_when_the_policy_collapses_onto_stock_replies():
     collapsed = verdict_metrics(**{"ppo/repeated_share": 0.5, "ppo/top_replies": [["i'm sorry i'm sorry", 0.17]]})
     line = verdict_lines(collapsed, baseline="sft", challengers=["ppo"])[0]
