@@ -184,7 +184,7 @@ def prepare_frozen(accelerator, model: torch.nn.Module):
     - Otherwise: whole on this process's device.
 
     The module itself is changed (ZeRO-3's hooks and partitioned parameters, FSDP2's sharded
-    parameters), so code that holds it calls the placed model; the return value is what to call.
+    parameters), so code that holds it calls the placed model; the return value is that module.
     Under sharding its forward passes are collectives: every process makes the same calls. Call it
     after the trained model is prepared (DeepSpeed's `auto` settings are resolved then).
     """
@@ -204,8 +204,8 @@ def prepare_frozen(accelerator, model: torch.nn.Module):
         ):
             if config["zero_optimization"].get(key) == "auto":
                 config["zero_optimization"][key] = value
-        engine, *_ = deepspeed.initialize(model=model, config=config)
-        return engine.eval()
+        deepspeed.initialize(model=model, config=config)  # hooks the module in place; the engine's eval() returns None
+        return model
     if str(accelerator.distributed_type).endswith("FSDP"):
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 

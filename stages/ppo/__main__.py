@@ -132,7 +132,7 @@ def train(context: StageContext) -> StageResult:
     if "judges" in context.inputs:
         panel = JudgePanel.load(judge_folders(context.inputs["judges"]))
         for judge in panel.judges:
-            judge.scorer = prepare_frozen(accelerator, judge.scorer)
+            prepare_frozen(accelerator, judge.scorer)
     if value is not None and zero_stage(accelerator) is not None:
         accelerator.print("ppo: DeepSpeed clips the policy's and the value model's gradients together "
                           f"(one norm, at most {section.algorithm.max_grad_norm}), not apart as other engines do")
