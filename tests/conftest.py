@@ -15,6 +15,10 @@ SAMPLES = REPO_ROOT / "data" / "samples"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# DeepSpeed on CPU compiles its shared-memory op on first use, behind a lock file in the torch
+# extensions folder; a run killed mid-build leaves the lock and every later launch waits on it for
+# ever. The tests build it under the virtual environment, which a clean checkout makes anew.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(scope="session")
