@@ -278,8 +278,9 @@ def test_ppo_against_a_conservative_reward_from_an_ensemble(ppo_run, tmp_path):
     config, run_dir = ppo_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    chatpipe("run", str(config), "--run-dir", str(copy), "--from", "reward",
-             "--set", "reward.ensemble=2", "--set", "ppo.reward.ensemble_penalty=1.0")
+    ensemble = ("--set", "reward.ensemble=2", "--set", "ppo.reward.ensemble_penalty=1.0")
+    for stage in ("reward", "ppo"):  # not the judges and eval a full rerun would also repeat
+        chatpipe("run", str(config), "--run-dir", str(copy), "--only", stage, *ensemble)
     stages = read_manifest(copy).stages
     assert 0.0 <= stages["reward"].metrics["member-1/accuracy"] <= 1.0
     member = copy / "reward" / "final" / "ensemble" / "member-1"
