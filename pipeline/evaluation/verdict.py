@@ -23,6 +23,11 @@ def policy_name(stage: str) -> str:
     return POLICY_NAMES.get(stage, stage)
 
 
+def reply_name(text: str) -> str:
+    """A fixed reply as a sentence names it."""
+    return repr(text) if text else "an empty reply"
+
+
 def interval(metrics: dict[str, Any], key: str) -> str | None:
     """`0.53 [0.49, 0.57]`, or None when the key is missing or not a number."""
     value = metrics.get(key)
@@ -126,7 +131,7 @@ def null_line(metrics: dict[str, Any], policy: str, null_replies: list[tuple[str
     if not rated:
         return None
     proxy, judged, text = max(rated, key=lambda row: row[0])
-    shown = repr(text) if text else "an empty reply"
+    shown = reply_name(text)
     judged_known = judges and isinstance(judged, (int, float))
     worst_judged = max(((row[1], row[2]) for row in rated if isinstance(row[1], (int, float))), default=None)
     if proxy > 0.5:
@@ -138,8 +143,7 @@ def null_line(metrics: dict[str, Any], policy: str, null_replies: list[tuple[str
         line = (f"No fixed reply beats {policy_name(policy)}'s replies more than half the time by the reward model "
                 f"(best: {shown} at {percent(proxy)}{by_judges})")
     if judges and worst_judged is not None and worst_judged[0] > 0.5 and not (proxy > 0.5 and worst_judged[1] == text):
-        worst = repr(worst_judged[1]) if worst_judged[1] else "an empty reply"
-        line += (f"; by the judges {worst} does ({percent(worst_judged[0])}): "
+        line += (f"; by the judges {reply_name(worst_judged[1])} does ({percent(worst_judged[0])}): "
                  f"they reward such replies too, so read their equal-length figure, not their raw one")
     return line + "."
 
