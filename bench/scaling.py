@@ -15,8 +15,9 @@ micro-batches of 16, 4 epochs) on in-memory models of the demo's size built the 
 tests/conftest.py builds its tiny ones (a Llama policy, a frozen copy as reference, a Llama
 scalar-head TokenScorer as value), against a synthetic reward (the fraction of response tokens in
 a fixed token set, as tests/stages/test_ppo_learning.py). The trainer's own `time/rollout` and
-`time/update` metrics split each step; rollout is split again into `generate` and the scoring
-forward passes (logprobs, reference, value, reward) by timing the experience maker's `generate`.
+`time/update` metrics split each step; rollout is split again into sampling and the scoring
+forward passes (logprobs, reference, value, reward) by timing the experience maker's sampling call
+(`stages.ppo.rollout.sample_responses`, wrapped in this process only).
 
 Points are timed round-robin (one step of each point per round) so drift on a shared machine
 spreads over all of them; every figure is also given as a ratio to the smallest point (the median,
@@ -33,7 +34,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import REPO_ROOT, Reporter, device, median, table  # noqa: E402
+from bench.common import REPO_ROOT, Reporter, device, median, synchronize, table  # noqa: E402
 from bench.pretrain_throughput import (  # noqa: E402
     ChatpipeLoop,
     add_model_args,
@@ -177,21 +178,29 @@ def ppo_prompts(tokenizer, count: int, max_length: int) -> tuple[torch.Tensor, t
     return pad_batch(prompts, tokenizer.pad_token_id, side="left")
 
 
-def timed_generate(maker, sink: list[float]):
-    """Wrap this experience maker's `generate` (an instance attribute: nothing in the stage changes)."""
-    from bench.common import synchronize
+class SamplingTimer:
+    """Times every call of the experience maker's sampling function into `sink`.
 
-    original = maker.generate
+    The maker samples through `stages.ppo.rollout.sample_responses`; that module attribute is
+    wrapped in this process only (nothing in the stage changes). Point `sink` at the list of the
+    trainer about to step: one wrapper serves every trainer, and they step one at a time.
+    """
 
-    def generate(*args, **kwargs):
-        synchronize()
-        started = time.perf_counter()
-        result = original(*args, **kwargs)
-        synchronize()
-        sink.append(time.perf_counter() - started)
-        return result
+    def __init__(self):
+        from stages.ppo import rollout
 
-    maker.generate = generate
+        self.sink: list[float] = []
+        original = rollout.sample_responses
+
+        def sample_responses(*args, **kwargs):
+            synchronize()
+            started = time.perf_counter()
+            result = original(*args, **kwargs)
+            synchronize()
+            self.sink.append(time.perf_counter() - started)
+            return result
+
+        rollout.sample_responses = sample_responses
 
 
 def ppo_scaling(args, tokenizer, reporter: Reporter) -> None:
@@ -220,15 +229,15 @@ def ppo_scaling(args, tokenizer, reporter: Reporter) -> None:
         trainers[length] = RLTrainer(policy, reference, value, reward, tokenizer, settings, accelerator,
                                      total_updates=1000, seed=args.seed)
         generate_seconds[length] = []
-        timed_generate(trainers[length].maker, generate_seconds[length])
+    sampling = SamplingTimer()
 
     for length, trainer in trainers.items():
         for _ in range(args.ppo_warmup):
             trainer.step(query_ids, query_mask)
-        generate_seconds[length].clear()
     metrics = {length: [] for length in lengths}
     for _ in range(args.ppo_steps):
         for length, trainer in trainers.items():
+            sampling.sink = generate_seconds[length]
             started = time.perf_counter()
             step_metrics, _ = trainer.step(query_ids, query_mask)
             step_metrics["_wall"] = time.perf_counter() - started
