@@ -1,6 +1,7 @@
 """Every stage under every engine on two CPU processes, and what sharding saves PPO in memory.
 
     python bench/engines.py [--engines ddp fsdp deepspeed_zero2 deepspeed_zero3] [--skip-memory]
+    python bench/engines.py --engines ddp --stages pretrain --skip-memory --set pretrain.max_steps=2   # a quick look
 
 Part 1, stage x engine: configs/tiny.yaml cut short (pretrain 40 steps, SFT 20, reward 20, PPO
 128 episodes, eval 16 prompts; checkpoints only at the end), run once on one process and once per
@@ -15,7 +16,10 @@ PPO on two processes under DDP and under ZeRO-3; the per-process peak RSS of eac
 A process that only imports torch, transformers and deepspeed is measured too, the floor under
 both.
 
-Prints one JSON line per measurement and a table; writes bench/results/engines.json.
+`--stages` runs a subset of part 1, each with `chatpipe run --only STAGE` in pipeline order (each
+needs its inputs among them); `--set` adds config overrides after part 1's (part 2 keeps its own).
+
+Prints one JSON line per measurement and a table; writes bench/results/engines.json (`--out`).
 """
 
 from __future__ import annotations
@@ -70,9 +74,20 @@ def launched(engine: str, stages: list[str]) -> list[str]:
     return settings([f"{stage}.launch.{key}" for stage in stages for key in ("num_processes=2", f"accelerate_config={config}")])
 
 
-def stage_rows(run_dir: Path, engine: str) -> list[dict]:
+def run_stages(run_dir: Path, stages: list[str], *arguments: str) -> subprocess.CompletedProcess:
+    """The whole config in one `chatpipe run` (judges included), or each of a subset with --only."""
+    if stages == STAGES:
+        return chatpipe(run_dir, *arguments)
+    for stage in stages:
+        result = chatpipe(run_dir, "--only", stage, *arguments)
+        if result.returncode != 0:
+            break
+    return result
+
+
+def stage_rows(run_dir: Path, engine: str, stages: list[str]) -> list[dict]:
     rows = []
-    for stage in STAGES:
+    for stage in stages:
         entry = read_manifest(run_dir).stages.get(stage)
         completed = entry is not None and entry.status == "completed"
         rows.append({
@@ -102,20 +117,26 @@ def floor_rss_mib() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", nargs="+", default=ENGINES, choices=ENGINES)
+    parser.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES,
+                        help="Part 1's stages (default: all, in one `chatpipe run` of the config).")
     parser.add_argument("--skip-memory", action="store_true", help="Leave out part 2 (PPO memory at hidden 512).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="Part 1: a config override applied after the benchmark's own (repeatable).")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "engines.json")
     args = parser.parse_args()
+    stages = [stage for stage in STAGES if stage in args.stages]
+    short = SHORT + args.overrides
     rows = []
     with tempfile.TemporaryDirectory(prefix="chatpipe-engines-") as scratch:
         scratch = Path(scratch)
         base = scratch / "base"
-        chatpipe(base, "--only", "tokenizer", *settings(SHORT)).check_returncode()
+        chatpipe(base, "--only", "tokenizer", *settings(short)).check_returncode()
         for engine in ["one", *args.engines]:
             run_dir = scratch / engine
             shutil.copytree(base, run_dir)
-            extra = [] if engine == "one" else launched(engine, STAGES)
-            result = chatpipe(run_dir, *settings(SHORT), *extra)
-            for row in stage_rows(run_dir, engine):
+            extra = [] if engine == "one" else launched(engine, stages)
+            result = run_stages(run_dir, stages, *settings(short), *extra)
+            for row in stage_rows(run_dir, engine, stages):
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             if result.returncode != 0:
