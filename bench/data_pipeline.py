@@ -21,7 +21,12 @@ RSS of each process: a private copy of the corpus per process, or one store mapp
 Part 2, chat data: `--conversations` HH-RLHF conversations (the shipped 1,000 repeated), rendered
 for SFT, the reward model and PPO by each path, and by the new one again from its cache.
 
-Prints one JSON line per measurement and tables; writes bench/results/data_pipeline.json.
+`--skip-baseline` measures the current tree alone (no `git archive`, so no git history needed):
+every row is the token store's, and nothing is compared. `--skip-two-processes` leaves out the
+two-process run. `--set` adds config overrides (the model, the steps) to every `chatpipe run`,
+after the ones above.
+
+Prints one JSON line per measurement and tables; writes bench/results/data_pipeline.json (`--out`).
 """
 
 from __future__ import annotations
@@ -112,18 +117,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def pretrain_cell(tree: Path, path_name: str, corpus: Path, corpus_bytes: int, tokenized: Path, work: Path, *, two_processes: bool) -> dict:
+def pretrain_cell(tree: Path, path_name: str, corpus: Path, corpus_bytes: int, tokenized: Path, work: Path, *, two_processes: bool,
+                  overrides: list[str]) -> dict:
     """One path on one corpus: cold and warm runs of the pretrain stage; `tokenized` holds a run with its tokenizer."""
     config = write_config(work, corpus)
+    sets = [f"--set={item}" for item in PRETRAIN + overrides]
     cold = work / "cold"
     shutil.copytree(tokenized, cold)
-    cold_record = stage_record(cold, chatpipe(tree, config, cold, "--only", "pretrain", *[f"--set={item}" for item in PRETRAIN]))
+    cold_record = stage_record(cold, chatpipe(tree, config, cold, "--only", "pretrain", *sets))
     cache_bytes = folder_bytes(cold / "cache")
     tokens = cold_record.get("corpus_tokens") or (cold_record["train_blocks"] + cold_record["validation_blocks"]) * 128
     warm = work / "warm"
     shutil.copytree(tokenized, warm)
     shutil.copytree(cold / "cache", warm / "cache", dirs_exist_ok=True)
-    warm_record = stage_record(warm, chatpipe(tree, config, warm, "--only", "pretrain", *[f"--set={item}" for item in PRETRAIN]))
+    warm_record = stage_record(warm, chatpipe(tree, config, warm, "--only", "pretrain", *sets))
     tokenizing = cold_record["seconds"] - warm_record["seconds"]
     row = {
         "path": path_name, "corpus_mb": round(corpus_bytes / 2**20), "tokens": tokens,
@@ -139,7 +146,7 @@ def pretrain_cell(tree: Path, path_name: str, corpus: Path, corpus_bytes: int, t
         pair = work / "two"
         shutil.copytree(tokenized, pair)
         shutil.copytree(cold / "cache", pair / "cache", dirs_exist_ok=True)
-        seconds = chatpipe(tree, config, pair, "--only", "pretrain", *[f"--set={item}" for item in PRETRAIN],
+        seconds = chatpipe(tree, config, pair, "--only", "pretrain", *sets,
                            "--set=pretrain.launch.num_processes=2", "--set=pretrain.launch.launcher=torchrun")
         record = stage_record(pair, seconds)
         row["two_process_peak_rss_mib"] = record.get("peak_rss_mib_by_process") or [record["peak_rss_mib"]]
@@ -207,18 +214,25 @@ def main() -> None:
     parser.add_argument("--baseline-rev", default="dbb0e1c", help="today's path: the commit before the token store")
     parser.add_argument("--skip-pretrain", action="store_true")
     parser.add_argument("--skip-chat", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure the current tree alone, without --baseline-rev")
+    parser.add_argument("--skip-two-processes", action="store_true", help="leave out the largest corpus's run on two processes")
     parser.add_argument("--work-dir", default=None, help="where corpora and runs go (default: a temporary folder)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="a config override for every `chatpipe run` (repeatable), after the benchmark's own")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "data_pipeline.json", help="the JSON file written at the end")
     args = parser.parse_args()
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="data_pipeline_"))
     work.mkdir(parents=True, exist_ok=True)
-    trees = {"today": export_baseline(args.baseline_rev, work / "baseline"), "store": REPO}
-    results: dict = {"machine": machine_info(), "baseline_rev": args.baseline_rev, "pretrain": [], "chat": []}
+    trees = {} if args.skip_baseline else {"today": export_baseline(args.baseline_rev, work / "baseline")}
+    trees["store"] = REPO
+    results: dict = {"machine": machine_info(), "baseline_rev": None if args.skip_baseline else args.baseline_rev,
+                     "pretrain": [], "chat": []}
 
     # A run dir with the tokenizer trained (on Shakespeare), shared by every cell.
     tokenized = work / "tokenized"
     if not (tokenized / "tokenizer" / "final").exists():
-        chatpipe(REPO, write_config(work, SHAKESPEARE), tokenized, "--only", "tokenizer")
+        chatpipe(REPO, write_config(work, SHAKESPEARE), tokenized, "--only", "tokenizer", *[f"--set={item}" for item in args.overrides])
     tokenizer_dir = tokenized / "tokenizer" / "final"
 
     if not args.skip_pretrain:
@@ -230,7 +244,9 @@ def main() -> None:
                 shutil.rmtree(cell, ignore_errors=True)
                 cell.mkdir()
                 started = time.perf_counter()
-                row = pretrain_cell(tree, name, corpus, shape["bytes"], tokenized, cell, two_processes=megabytes == max(args.sizes_mb))
+                two_processes = megabytes == max(args.sizes_mb) and not args.skip_two_processes
+                row = pretrain_cell(tree, name, corpus, shape["bytes"], tokenized, cell, two_processes=two_processes,
+                                    overrides=args.overrides)
                 row.update(documents=shape["documents"], bench_seconds=round(time.perf_counter() - started, 1))
                 print(json.dumps(row), flush=True)
                 results["pretrain"].append(row)
@@ -250,8 +266,8 @@ def main() -> None:
                     print(json.dumps(row), flush=True)
                     results["chat"].append(row)
 
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / "data_pipeline.json").write_text(json.dumps(results, indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
     print_tables(results)
 
 
