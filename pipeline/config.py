@@ -423,7 +423,15 @@ class PPOReward(Section):
     )
     missing_eos_value: float = Field(1.0, description="The penalty (subtract) or the fixed score (replace), in normalised units.")
     kl_coef: float = Field(0.05, ge=0, description="beta: weight of the per-token KL penalty.")
-    kl_estimator: Literal["k1", "k3"] = Field("k1", description="k1: log p - log q; k3: unbiased and never negative.")
+    kl_penalty: Literal["reward", "loss"] | None = Field(
+        None, description="Where the KL to the reference enters: subtracted from the reward (ppo, rloo), or added to the "
+        "loss as a per-token term (grpo). None: reward for ppo and rloo, loss for grpo."
+    )
+    kl_estimator: Literal["k1", "k2", "k3"] | None = Field(
+        None, description="k1: log p - log q (unbiased); k2: (log p - log q)^2 / 2; k3: unbiased and never negative. "
+        "Used wherever the KL is measured, penalised or adapted to. None: k1 in the reward, k3 in the loss "
+        "(k1 in the loss has zero expected gradient and is refused)."
+    )
     adaptive_kl: bool = Field(False, description="Adapt beta toward target_kl (Ziegler et al.).")
     target_kl: float = Field(6.0, gt=0, description="Target summed KL per response for the adaptive controller.")
     kl_horizon: int = Field(10000, ge=1, description="Episodes over which the adaptive controller acts.")
@@ -453,6 +461,18 @@ class PPOAlgorithm(Section):
     gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     whiten_advantages: bool = Field(True, description="Whiten advantages over the whole rollout (all processes).")
+    scale_group_rewards: bool = Field(
+        True, description="grpo: divide each reward's distance from its group's mean by the group's std (off: Dr. GRPO)."
+    )
+    importance_ratio: Literal["token", "sequence", "sequence_sum"] | None = Field(
+        None, description="Where the policy ratio is formed and clipped: per token, per response as the geometric mean of "
+        "its tokens' ratios (GSPO), or per response as their product (TRL's RLOO). None: token for ppo (an advantage per "
+        "token), sequence for rloo and grpo (one per response; see stages/ppo/losses.py for the measurement)."
+    )
+    loss_aggregation: Literal["token_mean", "sequence_mean", "token_sum", "constant"] = Field(
+        "token_mean", description="How per-token losses become a minibatch's loss: token mean on each process, mean of "
+        "per-response means (GRPO), token mean over every process (DAPO), or sum over responses x response_length (Dr. GRPO)."
+    )
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip range.")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip range.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
@@ -540,6 +560,18 @@ class PPOConfig(Section):
             raise ValueError("sampling.rollout_batch_size must be a multiple of algorithm.num_mini_batches")
         if self.early_stop_patience is not None and self.select_by == "last":
             raise ValueError("early_stop_patience needs select_by (judges or judges_length_controlled): the figure that must improve")
+        if self.algorithm.importance_ratio is None:
+            self.algorithm.importance_ratio = "token" if estimator == "ppo" else "sequence"
+        reward = self.reward
+        if reward.kl_penalty is None:
+            reward.kl_penalty = "loss" if estimator == "grpo" else "reward"
+        if reward.kl_estimator is None:
+            reward.kl_estimator = "k3" if reward.kl_penalty == "loss" else "k1"
+        if reward.kl_penalty == "loss" and reward.kl_estimator == "k1":
+            raise ValueError(
+                "ppo.reward.kl_estimator k1 with kl_penalty loss: as a loss term k1's expected gradient is zero, so nothing "
+                "would hold the policy near the reference; use k2 or k3 there (or kl_penalty: reward)"
+            )
         return self
 
 

@@ -59,8 +59,16 @@ def leave_one_out_advantages(rewards: torch.Tensor, samples_per_prompt: int) -> 
     return (grouped - others).view(-1)
 
 
-def group_normalized_advantages(rewards: torch.Tensor, samples_per_prompt: int, eps: float = 1e-4) -> torch.Tensor:
-    """GRPO: each sample's reward standardised within its prompt's group of k samples."""
+def group_normalized_advantages(
+    rewards: torch.Tensor, samples_per_prompt: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """GRPO: each sample's reward minus its group's mean, divided by the group's std when `scale`.
+
+    Without the division (Dr. GRPO; Liu et al. 2025) a group whose rewards barely differ does not
+    get its small differences blown up to unit size.
+    """
     grouped = rewards.view(-1, samples_per_prompt)
-    mean, std = grouped.mean(1, keepdim=True), grouped.std(1, keepdim=True)
-    return ((grouped - mean) / (std + eps)).view(-1)
+    centred = grouped - grouped.mean(1, keepdim=True)
+    if scale:
+        centred = centred / (grouped.std(1, keepdim=True) + eps)
+    return centred.view(-1)

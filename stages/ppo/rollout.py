@@ -17,8 +17,9 @@ Details of RLHF with PPO") live here:
   cut (query, response) and the score lands on the EOS token itself; a response with no EOS gets
   the configured penalty;
 - the per-token reward is -beta * KL(policy || reference) plus the normalised score on the last
-  token; advantages come from GAE (PPO) or a group baseline (RLOO, GRPO) and are whitened over
-  the whole rollout across processes. Every statistic is masked to real response tokens.
+  token (or the score alone, with the KL a loss term: `ppo.reward.kl_penalty`); advantages come
+  from GAE (PPO) or a group baseline (RLOO, GRPO) and, with `whiten_advantages`, are whitened
+  over the whole rollout across processes. Every statistic is masked to real response tokens.
 
 Sampling and the length-sorted, padding-free scoring passes are pipeline/models/responses.py,
 shared with eval; the update cuts its micro-batches the same way.
@@ -207,19 +208,25 @@ class ExperienceMaker:
         self, scores: torch.Tensor, kl: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
         last_index: torch.Tensor, kl_coef: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(rewards, advantages, returns or None): GAE for ppo, a group baseline for rloo and grpo."""
+        """(rewards, advantages, returns or None): GAE for ppo, a group baseline for rloo and grpo.
+
+        With `kl_penalty: reward` the KL to the reference is subtracted from the reward (per token
+        for ppo, summed over the response for rloo and grpo); with `loss` it enters the update's
+        loss instead and the reward is the score alone."""
         config, returns = self.config, None
+        if config.reward.kl_penalty == "loss":
+            kl_coef = 0.0
         if config.algorithm.estimator == "ppo":
             rewards = shaped_rewards(scores, kl, kl_coef, mask, last_index)
             advantages, returns = generalized_advantages(rewards, values, mask, config.algorithm.gamma, config.algorithm.lam)
         else:
             # A sequence-level reward, spread over the response's tokens by the group baseline.
+            sequence_reward = scores - kl_coef * masked_sum(kl, mask, dim=1) if kl_coef else scores
+            k = config.sampling.samples_per_prompt
             if config.algorithm.estimator == "rloo":
-                sequence_reward = scores - kl_coef * masked_sum(kl, mask, dim=1)
-                baseline = leave_one_out_advantages(sequence_reward, config.sampling.samples_per_prompt)
-            else:  # grpo: the KL enters the loss instead of the reward
-                sequence_reward = scores
-                baseline = group_normalized_advantages(sequence_reward, config.sampling.samples_per_prompt)
+                baseline = leave_one_out_advantages(sequence_reward, k)
+            else:
+                baseline = group_normalized_advantages(sequence_reward, k, scale=config.algorithm.scale_group_rewards)
             rewards = torch.zeros_like(mask, dtype=torch.float32)
             rewards[torch.arange(len(mask)), last_index] = sequence_reward
             advantages = baseline.unsqueeze(1) * mask

@@ -28,7 +28,15 @@ from pipeline.training.optimization import fused_adamw_supported
 from reward_model.functions import RewardFunction
 from reward_model.judges import JudgePanel
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
-from stages.ppo.losses import clipped_policy_loss, clipped_value_loss, entropy_from_log_probs, kl_estimate
+from stages.ppo.losses import (
+    MinibatchSize,
+    aggregate,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy_from_log_probs,
+    importance_log_ratio,
+    kl_estimate,
+)
 from stages.ppo.rollout import Experience, ExperienceMaker, response_values
 
 
@@ -142,13 +150,12 @@ class RLTrainer:
             for mini_start in range(0, mini_size * config.algorithm.num_mini_batches, mini_size):
                 mini = order[mini_start : mini_start + mini_size]
                 # Gradients add up over the minibatch whatever its order: group similar lengths.
-                micro_batches = [mini[rows] for rows in length_sorted_micro_batches(
-                    experience.query_mask[mini], experience.response_mask[mini], config.algorithm.micro_batch_size
-                )]
+                micro_batches = [experience.select(mini[rows].to(experience.response_ids.device)).without_padding_columns()
+                                 for rows in length_sorted_micro_batches(
+                                     experience.query_mask[mini], experience.response_mask[mini], config.algorithm.micro_batch_size)]
+                size = self.minibatch_size(micro_batches)
                 output = self.optimizer_step(
-                    [experience.select(micro.to(experience.response_ids.device)).without_padding_columns() for micro in micro_batches],
-                    self.micro_loss,
-                    weights=[len(micro) / len(mini) for micro in micro_batches],
+                    micro_batches, functools.partial(self.micro_loss, size=size), weights=[1.0] * len(micro_batches)
                 )
                 for stats in output.micro_stats:
                     for key, value in stats.items():
@@ -161,30 +168,46 @@ class RLTrainer:
         reduced = accelerator.reduce(torch.stack([means[k] for k in keys]), "mean").tolist()
         return dict(zip(keys, reduced))
 
-    def micro_loss(self, batch: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def minibatch_size(self, micro_batches: list[Experience]) -> MinibatchSize:
+        """This process's minibatch in sequences and tokens, and its tokens over every process."""
+        tokens = sum(micro.response_mask.sum() for micro in micro_batches)
+        global_tokens = self.accelerator.reduce(tokens.detach().clone(), "sum") if self.config.algorithm.loss_aggregation == "token_sum" else tokens
+        return MinibatchSize(
+            sequences=sum(len(micro) for micro in micro_batches), tokens=tokens, global_tokens=global_tokens,
+            processes=self.accelerator.num_processes, response_length=self.config.sampling.response_length,
+        )
+
+    def micro_loss(self, batch: Experience, size: MinibatchSize) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This micro-batch's share of the minibatch loss: the policy loss (and the KL term) as
+        `loss_aggregation` says; the entropy bonus and the value loss as token means weighted by
+        the micro-batch's share of the minibatch's responses."""
         config, mask = self.config, batch.response_mask
+        algorithm = config.algorithm
+        share = len(batch) / size.sequences
         logits, values = self.model(batch.sequence_ids, batch.attention_mask, batch.response_ids.shape[1])
         log_probs = log_softmax_at(logits, config.sampling.temperature)
         logprobs = token_logprobs(log_probs, batch.response_ids)
-        policy_loss, policy_stats = clipped_policy_loss(logprobs, batch.logprobs, batch.advantages, mask, config.algorithm.cliprange)
+        log_ratio = importance_log_ratio(logprobs, batch.logprobs, mask, algorithm.importance_ratio)
+        per_token, policy_stats = clipped_policy_loss(log_ratio, batch.advantages, mask, algorithm.cliprange)
+        policy_loss = aggregate(per_token, mask, algorithm.loss_aggregation, size)
         loss = policy_loss
         stats = {
-            "loss/policy": policy_loss.detach(),
+            "loss/policy": policy_loss.detach() / share,
             "policy/clipfrac": policy_stats["clipfrac"],
             "policy/approxkl": policy_stats["approxkl"],
-            "val/ratio": policy_stats["ratio"],
+            "policy/ratio": policy_stats["ratio"],
             "policy/entropy": masked_mean(entropy_from_log_probs(log_probs.detach()), mask),
         }
-        if config.algorithm.entropy_coef > 0:  # a bonus for keeping the next-token distribution spread
+        if algorithm.entropy_coef > 0:  # a bonus for keeping the next-token distribution spread
             entropy = masked_mean(entropy_from_log_probs(log_probs), mask)
-            loss = loss - config.algorithm.entropy_coef * entropy
-        if config.algorithm.estimator == "grpo":
-            kl_loss = masked_mean(kl_estimate(logprobs, batch.ref_logprobs, "k3"), mask)
+            loss = loss - algorithm.entropy_coef * entropy * share
+        if config.reward.kl_penalty == "loss":
+            kl_loss = aggregate(kl_estimate(logprobs, batch.ref_logprobs, config.reward.kl_estimator), mask, algorithm.loss_aggregation, size)
             loss = loss + self.kl_controller.value * kl_loss
-            stats["loss/kl"] = kl_loss.detach()
+            stats["loss/kl"] = kl_loss.detach() / share
         if values is not None:
-            value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, config.algorithm.cliprange_value)
-            loss = loss + config.algorithm.vf_coef * value_loss
+            value_loss, value_stats = clipped_value_loss(values, batch.values, batch.returns, mask, algorithm.cliprange_value)
+            loss = loss + algorithm.vf_coef * value_loss * share
             stats["loss/value"] = value_loss.detach()
             stats["val/clipfrac"] = value_stats["clipfrac"]
         return loss, stats

@@ -162,6 +162,23 @@ def test_ppo_batch_arithmetic_errors_name_the_nested_keys(write_config):
         load_config(write_config(ppo=section, reward=REWARD))
 
 
+def test_the_kl_goes_where_each_estimator_puts_it_unless_told(write_config):
+    """ppo and rloo subtract the KL from the reward (k1), grpo adds it to the loss (k3); either can be moved."""
+    for estimator, samples, placed in (("ppo", 1, ("reward", "k1")), ("rloo", 4, ("reward", "k1")), ("grpo", 4, ("loss", "k3"))):
+        section = nest_ppo_keys({**PPO_FLAT, "estimator": estimator, "samples_per_prompt": samples})[0]
+        ppo = load_config(write_config(ppo=section, reward=REWARD)).ppo
+        assert (ppo.reward.kl_penalty, ppo.reward.kl_estimator) == placed, estimator
+    section = nest_ppo_keys({**PPO_FLAT, "estimator": "rloo", "samples_per_prompt": 4, "kl_penalty": "loss", "kl_estimator": "k2"})[0]
+    ppo = load_config(write_config(ppo=section, reward=REWARD)).ppo
+    assert (ppo.reward.kl_penalty, ppo.reward.kl_estimator) == ("loss", "k2")
+
+
+def test_k1_as_a_loss_term_is_refused_with_the_reason(write_config):
+    section = nest_ppo_keys({**PPO_FLAT, "estimator": "grpo", "samples_per_prompt": 4, "kl_estimator": "k1"})[0]
+    with pytest.raises(ConfigError, match=r"kl_estimator k1 with kl_penalty loss: .*expected gradient is zero.*use k2 or k3"):
+        load_config(write_config(ppo=section, reward=REWARD))
+
+
 def test_a_model_config_value_of_the_wrong_type_is_named_at_config_time(write_config):
     # Before, `hidden_size=abc` passed validation and failed inside pretraining with a traceback.
     with pytest.raises(ConfigError, match=r"model\.config\.hidden_size = 'abc' is not a valid llama hidden_size: expected int"):

@@ -30,7 +30,7 @@ def target_fraction_reward(target_ids: torch.Tensor):
         ("rloo", {"samples_per_prompt": 4, "kl_coef": 0.02}),
         # GRPO's KL is a per-token mean in the loss rather than a summed reward penalty: a weaker
         # pull for the same beta, so it gets a larger one.
-        ("grpo", {"samples_per_prompt": 4, "kl_coef": 0.05}),
+        ("grpo", {"samples_per_prompt": 4, "kl_coef": 0.1}),
     ],
 )
 def test_rl_raises_a_known_reward_with_bounded_kl(bpe_tokenizer, estimator, overrides):

@@ -230,7 +230,7 @@ def test_update_uses_separate_learning_rates_and_reports_the_expected_metrics(bp
     metrics, _ = trainer.step(query_ids, query_mask)
     expected = {
         "objective/kl", "objective/entropy", "objective/scores", "objective/rlhf_reward", "policy/approxkl",
-        "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "val/ratio", "val/num_eos", "lr", "episode",
+        "policy/clipfrac", "loss/policy", "loss/value", "val/clipfrac", "policy/ratio", "val/num_eos", "lr", "episode",
         "time/rollout", "time/update", "throughput/episodes_per_second", "throughput/generated_tokens_per_second",
     }
     assert expected <= set(metrics)
