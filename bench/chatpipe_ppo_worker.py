@@ -3,8 +3,9 @@
     .venv/bin/python bench/chatpipe_ppo_worker.py CONFIG.json     # prints one JSON object
 
 Runs stages.ppo.trainer.RLTrainer directly (no manifest, no tracker) on the models and prompts the
-driver prepared, with the estimator (ppo, rloo, grpo) the config names. Generation time is read
-by wrapping the experience maker's `generate` on this instance; chatpipe's code is not changed.
+driver prepared, with the estimator (ppo, rloo, grpo) the config names and any `options` (flat
+`ppo` keys, e.g. {"loss_aggregation": "sequence_mean"}) on top of the shared settings. Generation
+time is read by wrapping the sampler the experience maker calls; chatpipe's code is not changed.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main() -> None:
     from pipeline.config import PPOConfig, nest_ppo_keys
     from reward_model.model import TokenScorer
     from reward_model.functions import reward_model_function
+    from stages.ppo import rollout as rollout_module
     from stages.ppo.trainer import RLTrainer
 
     folder, settings, estimator = Path(config["folder"]), config["settings"], config["estimator"]
@@ -50,13 +52,14 @@ def main() -> None:
         "total_episodes": settings["episodes"], "rollout_batch_size": settings["rollout_batch_size"],
         "num_mini_batches": settings["num_mini_batches"], "micro_batch_size": settings["micro_batch_size"],
         "ppo_epochs": settings["ppo_epochs"], "response_length": settings["response_length"],
-        "temperature": settings["temperature"], "kl_coef": settings["kl_coef"], "kl_estimator": "k1",
+        "temperature": settings["temperature"], "kl_coef": settings["kl_coef"],
         "missing_eos_penalty": "subtract" if settings["missing_eos_penalty"] else "none",
         "missing_eos_value": settings["missing_eos_penalty"] or 0.0,
         "normalize_scores": False,  # TRL optimises the raw reward-model score
         "whiten_advantages": True, "cliprange": 0.2, "cliprange_value": 0.2, "vf_coef": 0.1, "gamma": 1.0, "lam": 0.95,
         "policy_learning_rate": settings["learning_rate"], "value_learning_rate": settings["learning_rate"],
         "lr_schedule": "linear", "max_grad_norm": settings["chatpipe_max_grad_norm"],
+        **config.get("options", {}),
     })[0])
     rollouts = section.sampling.total_episodes // section.sampling.rollout_batch_size
     prompts_per_rollout = section.sampling.rollout_batch_size // k
@@ -70,7 +73,7 @@ def main() -> None:
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     inner.register_step_post_hook(lambda *_: optimizer_steps.__setitem__(0, optimizer_steps[0] + 1))
     generation_seconds = [0.0]
-    generate = trainer.maker.generate
+    generate = rollout_module.sample_responses
 
     def timed_generate(*args, **kwargs):
         started = time.perf_counter()
@@ -79,11 +82,11 @@ def main() -> None:
         finally:
             generation_seconds[0] += time.perf_counter() - started
 
-    trainer.maker.generate = timed_generate
+    rollout_module.sample_responses = timed_generate
 
     evaluation = dict(response_length=section.sampling.response_length, temperature=section.sampling.temperature, seed=settings["seed"] + 1,
                       samples_per_prompt=settings["eval_samples_per_prompt"])
-    before = held_out_score(policy, reward_model, tokenizer, prompts["eval"], **evaluation)
+    before = held_out_score(policy, reward_model, tokenizer, prompts["eval"], reference=reference, **evaluation)
     rss_before_training = current_rss_mb()
 
     # --------------------------------------------------------------------------------- loop
@@ -100,7 +103,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     gc_seconds = collector.seconds
-    after = held_out_score(policy, reward_model, tokenizer, prompts["eval"], **evaluation)
+    after = held_out_score(policy, reward_model, tokenizer, prompts["eval"], reference=reference, **evaluation)
     first, last = first_and_last([h["objective/raw_scores"] for h in history])
 
     emit({
@@ -113,7 +116,8 @@ def main() -> None:
         "update_seconds": sum(h["time/update"] for h in history),
         "generated_tokens": sum(h["val/response_length"] * section.sampling.rollout_batch_size for h in history),
         "train_score_first": first, "train_score_last": last,
-        "kl_last": history[-1]["objective/kl"],
+        "kl_last": after["kl"], "options": config.get("options", {}),
+        "policy_grad_norm": sum(h.get("policy/grad_norm", 0.0) for h in history) / len(history),
         "eval_before": before, "eval_after": after,
         "rss_before_training_mb": rss_before_training, "peak_rss_mb": peak_rss_mb(),
     })

@@ -148,7 +148,7 @@ TRL_VENV = BENCH / ".venv-trl112"
 TRL_VERSION = "1.12.0"
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=256)
     parser.add_argument("--rollout-batch-size", type=int, default=16)
@@ -177,10 +177,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker; 0 = torch's default (one per core). See the docstring for why 1")
     parser.add_argument("--estimators", default="ppo,rloo,grpo", help="chatpipe estimators to run")
-    parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--trl", default="ppo,grpo,rloo",
+                        help="TRL trainers to run: ppo (TRL 1.12's PPOTrainer, in its own venv), grpo and rloo (the installed TRL's)")
+    parser.add_argument("--skip-trl", action="store_true", help="no TRL side at all")
+    parser.add_argument("--trl-grpo-loss-type", default="bnpo", help="TRL GRPO's loss_type; bnpo is chatpipe's token_mean")
+    parser.add_argument("--variant", action="append", default=[], metavar="LABEL=ESTIMATOR:KEY=VALUE,...",
+                        help="an extra chatpipe side with ppo options changed, e.g. 'seq=rloo:importance_ratio=sequence_sum'; "
+                        "repeat for several")
+    parser.add_argument("--sweep", default=None, metavar="KEY=V1,V2,...",
+                        help="kl_coef or learning_rate: run every GRPO and RLOO side (both trainers) at each value, "
+                        "for reward-vs-KL curves (e.g. learning_rate=1e-3,3e-3,1e-2)")
     parser.add_argument("--profile", action="store_true", help="cProfile both PPO runs; top functions printed, .prof files kept")
     parser.add_argument("--results", type=Path, default=BENCH / "results" / "ppo_vs_trl.jsonl")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 # ------------------------------------------------------------------------------ TRL's venv
@@ -249,15 +258,17 @@ def prepare(folder: Path, args: argparse.Namespace) -> dict:
         messages = prompt_of(parse_hh(json.loads(line)["chosen"]))
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
         if len(ids) <= args.max_prompt_length:
-            prompts.append(list(ids))
+            prompts.append((list(ids), [{"role": m["role"], "content": m["content"]} for m in messages]))
         else:
             too_long += 1
     random.Random(args.seed).shuffle(prompts)
     needed = args.episodes + args.eval_prompts
     if len(prompts) < needed:
         raise SystemExit(f"only {len(prompts)} prompts fit in --max-prompt-length {args.max_prompt_length}; {needed} needed")
-    train, held_out = prompts[: args.episodes], prompts[args.episodes : needed]
-    (folder / "prompts.json").write_text(json.dumps({"train": train, "eval": held_out}))
+    train, held_out = [ids for ids, _ in prompts[: args.episodes]], [ids for ids, _ in prompts[args.episodes : needed]]
+    # TRL's GRPO and RLOO take messages and render them with the same template to the same ids.
+    train_messages = [messages for _, messages in prompts[: args.episodes]]
+    (folder / "prompts.json").write_text(json.dumps({"train": train, "eval": held_out, "train_messages": train_messages}))
     # The known reward's targets: a share of the vocabulary that no prompt contains (and no special token).
     seen = {token for ids in train + held_out for token in ids} | set(tokenizer.all_special_ids)
     unseen = [token for token in range(len(tokenizer)) if token not in seen]
@@ -292,8 +303,9 @@ def derived(result: dict) -> dict:
     return {
         "episodes_per_second": result["episodes"] / result["wall_seconds"],
         "generated_tokens_per_second": result["generated_tokens"] / result["rollout_seconds"],
-        "generation_tokens_per_second": result["generated_tokens"] / result["generation_seconds"],
+        "generation_tokens_per_second": result["generated_tokens"] / max(result["generation_seconds"], 1e-9),
         "score_gain": result["eval_after"]["score"] - result["eval_before"]["score"],
+        "kl_after": result["eval_after"].get("kl"),
     }
 
 
@@ -304,19 +316,42 @@ def machine() -> dict:
             "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
+def parse_variant(text: str) -> tuple[str, str, dict]:
+    """'LABEL=ESTIMATOR:key=value,key=value' -> (label, estimator, options); values as JSON where they parse."""
+    try:
+        label, rest = text.split("=", 1)
+        estimator, _, pairs = rest.partition(":")
+        options = {}
+        for pair in filter(None, pairs.split(",")):
+            key, value = pair.split("=", 1)
+            try:
+                options[key.strip()] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key.strip()] = value.strip()
+    except ValueError:
+        raise SystemExit(f"--variant {text!r}: expected LABEL=ESTIMATOR:KEY=VALUE,... (e.g. seq=rloo:importance_ratio=sequence)")
+    if estimator not in ("ppo", "rloo", "grpo"):
+        raise SystemExit(f"--variant {text!r}: estimator must be ppo, rloo or grpo, not {estimator!r}")
+    return label.strip(), estimator, options
+
+
 def summarise(rows: list[dict]) -> list[dict]:
-    """One row per (side, estimator): medians of the times and rates over rounds, mean and spread of the gains."""
-    groups: dict[tuple[str, str], list[dict]] = {}
+    """One row per side: medians of the times and rates over rounds, mean and spread of the gains and KLs."""
+    groups: dict[str, list[dict]] = {}
     for row in rows:
-        groups.setdefault((row["side"], row["estimator"]), []).append(row)
+        groups.setdefault(row["name"], []).append(row)
     summary = []
-    for (side, estimator), group in groups.items():
+    for name, group in groups.items():
         gains = [r["score_gain"] for r in group]
-        entry = {"side": side, "estimator": estimator, "samples_per_prompt": group[0]["samples_per_prompt"], "runs": len(group),
-                 "transformers": group[0]["transformers"], "optimizer_steps": group[0]["optimizer_steps"],
+        kls = [r["kl_after"] for r in group if r.get("kl_after") is not None]
+        entry = {"name": name, "side": group[0]["side"], "estimator": group[0]["estimator"], "variant": group[0].get("variant"),
+                 "changed": group[0]["changed"], "samples_per_prompt": group[0]["samples_per_prompt"], "runs": len(group),
+                 "transformers": group[0]["transformers"], "trl": group[0].get("trl"), "optimizer_steps": group[0]["optimizer_steps"],
                  "score_before": group[0]["eval_before"]["score"],
                  "score_after_mean": statistics.mean(r["eval_after"]["score"] for r in group),
                  "score_gain_mean": statistics.mean(gains), "score_gain_sd": statistics.stdev(gains) if len(gains) > 1 else 0.0,
+                 "kl_after_mean": statistics.mean(kls) if kls else None,
+                 "kl_after_sd": statistics.stdev(kls) if len(kls) > 1 else 0.0,
                  "score_standard_error": group[0]["eval_before"]["score_standard_error"],
                  "train_score_first_mean": statistics.mean(r["train_score_first"] for r in group),
                  "train_score_last_mean": statistics.mean(r["train_score_last"] for r in group),
@@ -329,17 +364,18 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def print_table(summary: list[dict]) -> None:
-    header = ["side", "estimator", "episodes/s", "tokens/s", "rollout s", "(generate s)", "update s", "wall s", "cpu s",
-              "gc s", "opt steps", "peak RSS MB", "RSS@start MB", "held-out score gain", "train score first3->last3"]
+    header = ["side", "episodes/s", "tokens/s", "rollout s", "(generate s)", "update s", "wall s", "cpu s",
+              "gc s", "opt steps", "peak RSS MB", "RSS@start MB", "held-out gain", "KL/token after", "train score first3->last3"]
     lines = [header]
     for r in summary:
+        kl = "-" if r["kl_after_mean"] is None else f"{r['kl_after_mean']:.3f} (sd {r['kl_after_sd']:.3f})"
         lines.append([
-            r["side"], r["estimator"] + (f" k={r['samples_per_prompt']}" if r["samples_per_prompt"] > 1 else ""),
+            r["name"],
             f"{r['episodes_per_second']:.2f}", f"{r['generated_tokens_per_second']:.0f}",
             f"{r['rollout_seconds']:.1f}", f"({r['generation_seconds']:.1f})", f"{r['update_seconds']:.1f}",
             f"{r['wall_seconds']:.1f}", f"{r['cpu_seconds']:.1f}", f"{r['gc_seconds']:.1f}", str(r["optimizer_steps"]),
             f"{r['peak_rss_mb']:.0f}", f"{r['rss_before_training_mb']:.0f}",
-            f"{r['score_gain_mean']:+.3f} (sd {r['score_gain_sd']:.3f})",
+            f"{r['score_gain_mean']:+.3f} (sd {r['score_gain_sd']:.3f})", kl,
             f"{r['train_score_first_mean']:+.3f}->{r['train_score_last_mean']:+.3f}",
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -349,6 +385,51 @@ def print_table(summary: list[dict]) -> None:
             print("  ".join("-" * width for width in widths))
 
 
+def comparisons(summary: list[dict]) -> list[dict]:
+    """chatpipe's default side against TRL's, per estimator and beta: the ratios the README quotes."""
+    found = []
+    for trl in (r for r in summary if r["side"] == "trl"):
+        ours = next((r for r in summary if r["side"] == "chatpipe" and r["variant"] is None
+                     and r["estimator"] == trl["estimator"] and r["changed"] == trl["changed"]), None)
+        if ours is None:
+            continue
+        found.append({
+            "estimator": trl["estimator"], "changed": trl["changed"], "trl": trl["trl"],
+            "episodes_per_second_ratio": ours["episodes_per_second"] / trl["episodes_per_second"],
+            "generated_tokens_per_second_ratio": ours["generated_tokens_per_second"] / trl["generated_tokens_per_second"],
+            "rollout_seconds_ratio": ours["rollout_seconds"] / trl["rollout_seconds"],
+            "update_seconds_ratio": ours["update_seconds"] / trl["update_seconds"],
+            "cpu_seconds_ratio": ours["cpu_seconds"] / trl["cpu_seconds"],
+            "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
+            "score_gain": [ours["score_gain_mean"], trl["score_gain_mean"]],
+            "kl_after": [ours["kl_after_mean"], trl["kl_after_mean"]],
+        })
+    return found
+
+
+def print_comparisons(found: list[dict]) -> None:
+    for c in found:
+        kl = "" if None in c["kl_after"] else f" at KL/token {c['kl_after'][0]:.3f} vs {c['kl_after'][1]:.3f}"
+        at = "".join(f" ({key} {value:g})" for key, value in c["changed"].items())
+        print(f"chatpipe {c['estimator']} / TRL {c['trl'] or TRL_VERSION} {c['estimator']}{at}: "
+              f"episodes/s x{c['episodes_per_second_ratio']:.2f}, rollout time x{c['rollout_seconds_ratio']:.2f}, "
+              f"update time x{c['update_seconds_ratio']:.2f}, peak RSS x{c['peak_rss_ratio']:.2f}; "
+              f"held-out gain {c['score_gain'][0]:+.3f} vs {c['score_gain'][1]:+.3f}{kl}")
+
+
+def print_curves(summary: list[dict], key: str) -> None:
+    """Reward against KL, one line per side over the sweep: the fair comparison when one side drifts further."""
+    by_side: dict[str, list[dict]] = {}
+    for r in summary:
+        if r["kl_after_mean"] is not None and r["changed"]:
+            by_side.setdefault(r["name"].split("@")[0], []).append(r)
+    print(f"\nheld-out gain against KL per token after training, over {key} (reward-vs-KL curves):")
+    for name, points in by_side.items():
+        points.sort(key=lambda r: r["kl_after_mean"])
+        cells = ", ".join(f"{r['changed'][key]:g}: {r['score_gain_mean']:+.2f} @ {r['kl_after_mean']:.3f}" for r in points)
+        print(f"  {name}: {cells}")
+
+
 def print_profile(name: str, path: Path, limit: int = 40) -> None:
     import pstats
 
@@ -356,11 +437,58 @@ def print_profile(name: str, path: Path, limit: int = 40) -> None:
     pstats.Stats(str(path), stream=sys.stdout).sort_stats("cumulative").print_stats(limit)
 
 
+def sweep_values(args: argparse.Namespace) -> tuple[str, list[float]]:
+    """(key, values) of --sweep; without one, the single value of --kl-coef."""
+    if not args.sweep:
+        return "kl_coef", [args.kl_coef]
+    key, _, values = args.sweep.partition("=")
+    if key not in ("kl_coef", "learning_rate") or not values:
+        raise SystemExit(f"--sweep {args.sweep!r}: expected kl_coef=V1,V2,... or learning_rate=V1,V2,...")
+    return key, [float(value) for value in values.split(",")]
+
+
+def plan_sides(args: argparse.Namespace, trl_python: Path | None) -> list[dict]:
+    """Every side to run each round: a name, the interpreter, the worker, and the settings it changes.
+
+    PPO runs once, at the base settings; GRPO and RLOO at every value of --sweep (named side@value)."""
+    key, values = sweep_values(args)
+    swept = len(values) > 1
+    trl = [] if args.skip_trl else [name.strip() for name in args.trl.split(",") if name.strip()]
+    estimators = [name.strip() for name in args.estimators.split(",") if name.strip()]
+    variants = [parse_variant(text) for text in args.variant]
+    here = Path(sys.executable)
+    sides = []
+
+    def add(name, python, worker, estimator, value=None, variant=None, options=None):
+        changed = {} if value is None else {key: value}
+        sides.append({"name": f"{name}@{value:g}" if swept and value is not None else name, "python": python,
+                      "worker": worker, "estimator": estimator, "changed": changed, "variant": variant, "options": options or {}})
+
+    if "ppo" in trl and trl_python is not None:
+        add("trl-ppo", trl_python, "trl_ppo_worker.py", "ppo")
+    if "ppo" in estimators:
+        add("chatpipe-ppo", here, "chatpipe_ppo_worker.py", "ppo")
+    for label, estimator, options in variants:
+        if estimator == "ppo":
+            add(f"chatpipe-ppo-{label}", here, "chatpipe_ppo_worker.py", "ppo", None, label, options)
+    for value in values:
+        value = value if swept else None
+        for estimator in ("grpo", "rloo"):
+            if estimator in trl:
+                add(f"trl-{estimator}", here, "trl_rl_worker.py", estimator, value)
+            if estimator in estimators:
+                add(f"chatpipe-{estimator}", here, "chatpipe_ppo_worker.py", estimator, value)
+        for label, estimator, options in variants:
+            if estimator != "ppo":
+                add(f"chatpipe-{estimator}-{label}", here, "chatpipe_ppo_worker.py", estimator, value, label, options)
+    return sides
+
+
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    estimators = [name.strip() for name in args.estimators.split(",") if name.strip()]
-    trl_python = None if args.skip_trl else trl_venv_python()
+    trl_sides = [] if args.skip_trl else [name.strip() for name in args.trl.split(",") if name.strip()]
+    trl_python = trl_venv_python() if "ppo" in trl_sides else None
     settings = {
         "episodes": args.episodes, "rollout_batch_size": args.rollout_batch_size, "num_mini_batches": args.num_mini_batches,
         "ppo_epochs": args.ppo_epochs, "micro_batch_size": args.micro_batch_size, "response_length": args.response_length,
@@ -368,6 +496,7 @@ def main() -> None:
         "missing_eos_penalty": args.missing_eos_penalty, "learning_rate": args.learning_rate,
         "chatpipe_max_grad_norm": args.chatpipe_max_grad_norm,
         "trl_rollout_forward_batch_size": args.trl_rollout_forward_batch_size or args.rollout_batch_size,
+        "trl_grpo_loss_type": args.trl_grpo_loss_type, "sweep": args.sweep,
         "target_share": args.target_share,
         "hidden_size": args.hidden_size, "layers": args.layers, "vocab_size": args.vocab_size,
         "max_prompt_length": args.max_prompt_length, "eval_prompts": args.eval_prompts,
@@ -391,56 +520,39 @@ def main() -> None:
         print(f"settings: {json.dumps(settings)}")
         sys.stdout.flush()
 
-        sides: list[tuple[str, Path, str, dict]] = []
-        if trl_python is not None:
-            sides.append(("trl-ppo", trl_python, "trl_ppo_worker.py", {}))
-        for estimator in estimators:
-            sides.append((f"chatpipe-{estimator}", Path(sys.executable), "chatpipe_ppo_worker.py", {"estimator": estimator}))
+        sides = plan_sides(args, trl_python)
         for round_index in range(args.repeats):
-            for name, python, worker, extra in sides:
-                config = {"folder": str(folder), "settings": settings, "run_seed": args.seed + round_index, **extra}
+            for side in sides:
+                name = side["name"]
+                config = {"folder": str(folder), "settings": {**settings, **side["changed"]},
+                          "run_seed": args.seed + round_index, "estimator": side["estimator"], "options": side["options"]}
                 if args.profile and round_index == 0 and name in ("trl-ppo", "chatpipe-ppo"):
                     args.results.parent.mkdir(parents=True, exist_ok=True)
                     profiles[name] = config["profile"] = str(args.results.parent / f"ppo_vs_trl_{name}.prof")
                 print(f"round {round_index + 1}/{args.repeats}: {name} ...", end=" ", file=sys.stderr, flush=True)
-                result = run_worker(python, worker, config, folder, f"{name}-{round_index}")
-                result.update(derived(result), round=round_index, run_seed=config["run_seed"], profiled=bool(config.get("profile")),
+                result = run_worker(side["python"], side["worker"], config, folder, f"{name}-{round_index}")
+                result.update(derived(result), name=name, variant=side["variant"], changed=side["changed"],
+                              round=round_index, run_seed=config["run_seed"], profiled=bool(config.get("profile")),
                               load_average_1m=round(os.getloadavg()[0], 2))
                 rows.append(result)
                 print(f"{result['episodes_per_second']:.2f} episodes/s, wall {result['wall_seconds']:.1f}s, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+                      f"gain {result['score_gain']:+.2f}, peak RSS {result['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
 
     # A profiled run is slower: the summary leaves it out where an unprofiled run of the same side exists.
-    timed = [r for r in rows if not r["profiled"] or not any(o is not r and not o["profiled"] and o["side"] == r["side"]
-                                                              and o["estimator"] == r["estimator"] for o in rows)]
+    timed = [r for r in rows if not r["profiled"] or not any(o is not r and not o["profiled"] and o["name"] == r["name"] for o in rows)]
     summary = summarise(timed)
     print(f"\nmedians over {args.repeats} interleaved round(s); held-out score before training "
           f"{summary[0]['score_before']:+.3f} (standard error {summary[0]['score_standard_error']:.3f}), the same for every run")
     print_table(summary)
-    versions = {r["side"]: r["transformers"] for r in summary}
+    versions = {r["name"]: r["transformers"] for r in summary}
     if len(set(versions.values())) > 1:
         print(f"\nNOTE: the sides ran different transformers versions: {versions}")
-    trl = next((r for r in summary if r["side"] == "trl"), None)
-    ours = next((r for r in summary if r["side"] == "chatpipe" and r["estimator"] == "ppo"), None)
-    comparison = None
-    if trl and ours:
-        comparison = {
-            "episodes_per_second_ratio": ours["episodes_per_second"] / trl["episodes_per_second"],
-            "generated_tokens_per_second_ratio": ours["generated_tokens_per_second"] / trl["generated_tokens_per_second"],
-            "rollout_seconds_ratio": ours["rollout_seconds"] / trl["rollout_seconds"],
-            "update_seconds_ratio": ours["update_seconds"] / trl["update_seconds"],
-            "cpu_seconds_ratio": ours["cpu_seconds"] / trl["cpu_seconds"],
-            "peak_rss_ratio": ours["peak_rss_mb"] / trl["peak_rss_mb"],
-            "peak_rss_above_start_ratio": (ours["peak_rss_mb"] - ours["rss_before_training_mb"])
-            / max(trl["peak_rss_mb"] - trl["rss_before_training_mb"], 1e-9),
-            "score_gain_difference": ours["score_gain_mean"] - trl["score_gain_mean"],
-        }
-        print(f"\nchatpipe PPO / TRL {TRL_VERSION} PPO: episodes/s x{comparison['episodes_per_second_ratio']:.2f}, "
-              f"tokens/s x{comparison['generated_tokens_per_second_ratio']:.2f}, "
-              f"rollout time x{comparison['rollout_seconds_ratio']:.2f}, update time x{comparison['update_seconds_ratio']:.2f}, "
-              f"CPU time x{comparison['cpu_seconds_ratio']:.2f}, peak RSS x{comparison['peak_rss_ratio']:.2f} "
-              f"(growth during training x{comparison['peak_rss_above_start_ratio']:.2f}); "
-              f"held-out score gain {ours['score_gain_mean']:+.3f} vs {trl['score_gain_mean']:+.3f}")
+    found = comparisons(summary)
+    if found:
+        print()
+        print_comparisons(found)
+    if args.sweep:
+        print_curves(summary, sweep_values(args)[0])
     for name, path in profiles.items():
         print_profile(name, Path(path))
 
@@ -452,10 +564,10 @@ def main() -> None:
             out.write(json.dumps({**common, "kind": "run", **row}) + "\n")
         for entry in summary:
             out.write(json.dumps({**common, "kind": "summary", **entry}) + "\n")
-        if comparison:
+        for comparison in found:
             out.write(json.dumps({**common, "kind": "comparison", "chatpipe_over_trl": comparison}) + "\n")
     shown = args.results.relative_to(ROOT) if args.results.resolve().is_relative_to(ROOT) else args.results
-    print(f"\n{len(rows)} runs, {len(summary)} summary and {1 if comparison else 0} comparison line(s) appended to {shown}")
+    print(f"\n{len(rows)} runs, {len(summary)} summary and {len(found)} comparison line(s) appended to {shown}")
 
 
 if __name__ == "__main__":

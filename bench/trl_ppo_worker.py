@@ -104,7 +104,7 @@ def main() -> None:
 
     evaluation = dict(response_length=settings["response_length"], temperature=settings["temperature"], seed=settings["seed"] + 1,
                       samples_per_prompt=settings["eval_samples_per_prompt"])
-    before = held_out_score(policy, reward_model, tokenizer, prompts["eval"], **evaluation)
+    before = held_out_score(policy, reward_model, tokenizer, prompts["eval"], reference=reference, **evaluation)
     rss_before_training = current_rss_mb()
 
     # --------------------------------------------------------------------------------- train
@@ -116,7 +116,7 @@ def main() -> None:
     wall = time.perf_counter() - started
     cpu_seconds = time.process_time() - cpu_started
     gc_seconds = collector.seconds
-    after = held_out_score(trainer.policy_model, reward_model, tokenizer, prompts["eval"], **evaluation)
+    after = held_out_score(trainer.policy_model, reward_model, tokenizer, prompts["eval"], reference=reference, **evaluation)
 
     # rollout = batch_generation start -> first policy+value forward; update = that -> on_step_end
     rollout_seconds = generation_seconds = update_seconds = 0.0
