@@ -177,10 +177,12 @@ class RLTrainer:
             processes=self.accelerator.num_processes, response_length=self.config.sampling.response_length,
         )
 
-    def micro_loss(self, batch: Experience, size: MinibatchSize) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def micro_loss(self, batch: Experience, size: MinibatchSize | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This micro-batch's share of the minibatch loss: the policy loss (and the KL term) as
         `loss_aggregation` says; the entropy bonus and the value loss as token means weighted by
-        the micro-batch's share of the minibatch's responses."""
+        the micro-batch's share of the minibatch's responses. Without `size`, the batch is its
+        own minibatch."""
+        size = size or self.minibatch_size([batch])
         config, mask = self.config, batch.response_mask
         algorithm = config.algorithm
         share = len(batch) / size.sequences
