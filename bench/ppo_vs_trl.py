@@ -515,13 +515,18 @@ def sweep_values(args: argparse.Namespace) -> tuple[str, list[float]]:
     return key, [float(value) for value in values.split(",")]
 
 
+def trl_trainers(args: argparse.Namespace) -> list[str]:
+    """The TRL trainers --trl names (none with --skip-trl)."""
+    return [] if args.skip_trl else [name.strip() for name in args.trl.split(",") if name.strip()]
+
+
 def plan_sides(args: argparse.Namespace, trl_python: Path | None) -> list[dict]:
     """Every side to run each round: a name, the interpreter, the worker, and the settings it changes.
 
     PPO runs once, at the base settings; GRPO and RLOO at every value of --sweep (named side@value)."""
     key, values = sweep_values(args)
     swept = len(values) > 1
-    trl = [] if args.skip_trl else [name.strip() for name in args.trl.split(",") if name.strip()]
+    trl = trl_trainers(args)
     estimators = [name.strip() for name in args.estimators.split(",") if name.strip()]
     variants = [parse_variant(text) for text in args.variant]
     here = Path(sys.executable)
@@ -555,8 +560,7 @@ def plan_sides(args: argparse.Namespace, trl_python: Path | None) -> list[dict]:
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    trl_sides = [] if args.skip_trl else [name.strip() for name in args.trl.split(",") if name.strip()]
-    trl_python = trl_venv_python() if "ppo" in trl_sides else None
+    trl_python = trl_venv_python() if "ppo" in trl_trainers(args) else None
     settings = {
         "episodes": args.episodes, "rollout_batch_size": args.rollout_batch_size, "num_mini_batches": args.num_mini_batches,
         "ppo_epochs": args.ppo_epochs, "micro_batch_size": args.micro_batch_size, "response_length": args.response_length,

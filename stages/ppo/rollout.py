@@ -221,7 +221,7 @@ class ExperienceMaker:
             advantages, returns = generalized_advantages(rewards, values, mask, config.algorithm.gamma, config.algorithm.lam)
         else:
             # A sequence-level reward, spread over the response's tokens by the group baseline.
-            sequence_reward = scores - kl_coef * masked_sum(kl, mask, dim=1) if kl_coef else scores
+            sequence_reward = scores - kl_coef * masked_sum(kl, mask, dim=1)
             k = config.sampling.samples_per_prompt
             if config.algorithm.estimator == "rloo":
                 baseline = leave_one_out_advantages(sequence_reward, k)
