@@ -97,22 +97,25 @@ reference at the sampling temperature; the mean of log p - log q over response t
 the policy's own samples, unbiased) is the KL per token, measured alike whatever each trainer logs.
 
 # -------------------------------------------------------------------------------- results
-2026-12-03, 2-core shared AMD EPYC VM (load 2.0 at start), torch 2.13.0+cpu, transformers 5.24.0,
-accelerate 1.16.0, TRL 1.16.0 (GRPO, RLOO) and 1.12.0 (PPO), medians of 2 rounds (gains and KL:
-means), held-out score before 3.14 (standard error 0.10):
+2026-12-03 20:35 UTC, 2-core shared AMD EPYC VM (load 0.2 at start, 1.0 at the end), torch
+2.13.0+cpu, transformers 5.24.0, accelerate 1.16.0, TRL 1.16.0 (GRPO, RLOO) and 1.12.0 (PPO),
+medians of 3 rounds (gains and KL: means), held-out score before 3.14 (standard error 0.10):
 
-    side           episodes/s  rollout s  update s  opt steps  peak RSS MB  held-out gain    KL/token after
-    trl-ppo        10.76       8.1        12.2      68         583          +0.47 (sd 0.07)  0.085
-    chatpipe-ppo   18.71       3.9        9.9       128        494          +1.49 (sd 0.32)  0.200
-    trl-grpo       9.59        6.6        20.1      128        688          +1.49 (sd 0.48)  0.241
-    chatpipe-grpo  31.81       3.0        5.0       128        487          +7.59 (sd 8.88)  1.256
-    trl-rloo       11.89       5.3        16.4      128        692          +4.76 (sd 1.80)  0.689
-    chatpipe-rloo  28.64       3.4        5.6       128        469          +15.86 (sd 4.23) 2.889
+    side           episodes/s  rollout s  update s  opt steps  peak RSS MB  held-out gain     KL/token after
+    trl-ppo        12.45       6.7        10.6      68         601          +0.37 (sd 0.07)   0.084
+    chatpipe-ppo   23.39       3.0        8.0       128        474          +2.18 (sd 1.22)   0.292
+    trl-grpo       12.69       4.5        15.7      128        668          +1.47 (sd 0.34)   0.221
+    chatpipe-grpo  30.03       3.3        5.2       128        473          +6.51 (sd 6.55)   1.049
+    trl-rloo       11.42       5.2        17.0      128        666          +4.23 (sd 1.58)   0.628
+    chatpipe-rloo  35.32       2.6        4.6       128        506          +15.76 (sd 3.00)  2.838
 
-chatpipe / TRL: PPO x1.74 the episodes/s at x0.85 the peak RSS; GRPO x3.32 at x0.71; RLOO x2.41
-at x0.68. The machine was loaded (TRL 1.12's PPO ran at 10.8 episodes/s against 19.7 on the
-quiet machine of 2026-11-24 below, chatpipe's at 18.7 against 43.6); single runs of the same
-day's ablation, one at a time beside other work, put RLOO at 3.6-4.9x and GRPO at 3.3-4.4x.
+chatpipe / TRL, episodes/s (round by round) and peak RSS: PPO x1.88 (1.82, 1.83, 2.02) at x0.79;
+GRPO x2.37 (2.67, 2.58, 2.12) at x0.71; RLOO x3.09 (2.23, 3.53, 3.24) at x0.76. chatpipe's GRPO
+and RLOO runs do the same work and last 6-10 s, so the machine's drift moves them most: they ran
+at 26.7-40.4 episodes/s here, and right after, in a run of their own, at 41.4-42.8 (GRPO with the
+ratio per response) and 40.0-41.8 (per token): the ratio's level costs nothing, and 41.6 is 3.3x
+this run's TRL GRPO. An earlier run the same day under load 2.0 (2 rounds) gave PPO x1.74, GRPO
+x3.32, RLOO x2.41, with the same gains to within their spread.
 
 Learning, with the options that explain the gap (run seeds 0, 1, 2 at the settings above, one
 run each; gain @ KL per token):
