@@ -8,12 +8,17 @@
                                                (ZeRO adds each parameter's fp32 master weights, `::fp32`)
         optimizer.json                         optimiser param groups and scalars, scheduler state
         rng-rank0.safetensors, rng-rank0.json  each process's torch and Python RNG state
-        state.json                             step and extras; written last, so its presence marks a complete checkpoint
+        state.json                             step and extras, and the sha256 of every other file; written last,
+                                               so its presence marks a complete checkpoint
 
 Every stage writes and reads these through one `Checkpointer`. A checkpoint is written to
 `step-N.tmp/` and renamed when complete, so a `kill -9` mid-save leaves the previous checkpoint as
 the latest; a complete checkpoint that fails to load (a file deleted or damaged since) is skipped
-for the next newest, with a message. A full disk mid-save removes the partial folder and is a
+for the next newest, with a message naming the file. Damage that would still load (a flipped bit
+in a tensor) is caught by the digests: state.json records every file's sha256 when the checkpoint
+is written, and every process checks every file (each rank's RNG files too) before loading, so
+the processes of a launch agree on which checkpoint they resume from. Checkpoints written before
+digests were recorded load unchecked. A full disk mid-save removes the partial folder and is a
 `DiskFullError` saying how much space the checkpoint needs and how much is free. Loading never
 unpickles anything. CHATPIPE_FAULT (pipeline/faults.py) can kill the writer at
 `checkpoint:after-weights` and `checkpoint:before-rename`.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import random
 import re
@@ -39,6 +45,9 @@ from pipeline.errors import ChatpipeError
 from pipeline.faults import fault_point
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+STATE_FILE = "state.json"
+DIGESTS_KEY = "sha256"  # in state.json: {path relative to the checkpoint: sha256} of every other file
+STATE_DIGEST_KEY = "state_sha256"  # in state.json: the sha256 of the rest of state.json
 
 
 def checkpoint_dir(root: Path, step: int) -> Path:
@@ -51,7 +60,7 @@ def complete_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))]
-    return [path for step, path in sorted(found, reverse=True) if (path / "state.json").exists()]
+    return [path for step, path in sorted(found, reverse=True) if (path / STATE_FILE).exists()]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -139,13 +148,65 @@ def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any]
         save_rng_state(partial, accelerator.process_index)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (partial / "state.json").write_text(json.dumps({"step": step, **state}, default=_json_default))
+            write_state(partial, {"step": step, **state})
             fault_point("checkpoint:before-rename")
             if final.exists():  # a damaged checkpoint of this step that resuming skipped: replaced
                 shutil.rmtree(final)
             partial.rename(final)
             prune_checkpoints(root, keep)
     accelerator.wait_for_everyone()
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checkpoint_files(folder: Path) -> list[str]:
+    """Every file of a checkpoint but state.json, by path relative to it."""
+    folder = Path(folder)
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != STATE_FILE)
+
+
+def write_state(folder: Path, state: dict[str, Any]) -> None:
+    """state.json: `state`, the sha256 of every other file in `folder` (one read of each), and its own."""
+    body = json.dumps({**state, DIGESTS_KEY: {name: file_sha256(folder / name) for name in checkpoint_files(folder)}},
+                      default=_json_default)
+    record = {**json.loads(body), STATE_DIGEST_KEY: hashlib.sha256(body.encode()).hexdigest()}
+    (Path(folder) / STATE_FILE).write_text(json.dumps(record))
+
+
+def read_state_record(folder: Path) -> dict[str, Any]:
+    """state.json as written, its digests included, checked against its own sha256 (when it has one)."""
+    path = Path(folder) / STATE_FILE
+    record = json.loads(path.read_text())
+    recorded = record.pop(STATE_DIGEST_KEY, None)
+    if recorded is not None and hashlib.sha256(json.dumps(record).encode()).hexdigest() != recorded:
+        raise CheckpointDamaged(f"{path} was damaged after it was written (its sha256 differs from the one recorded)")
+    return record
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """state.json's step, extras and whatever the stage stored (checked, without the digests)."""
+    state = read_state_record(folder)
+    state.pop(DIGESTS_KEY, None)
+    return state
+
+
+def verify_checkpoint(folder: Path) -> None:
+    """Check every file of a checkpoint against the sha256 recorded in its state.json (one read of each).
+
+    Raises CheckpointDamaged naming the first damaged file, FileNotFoundError for a recorded file
+    that is gone. A checkpoint written before digests were recorded passes unchecked. Every
+    process checks all files, each rank's included, so all reach the same verdict.
+    """
+    folder = Path(folder)
+    for name, digest in sorted(read_state_record(folder).get(DIGESTS_KEY, {}).items()):
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(errno.ENOENT, "recorded in state.json but missing", str(path))
+        if file_sha256(path) != digest:
+            raise CheckpointDamaged(f"{path} was damaged after it was written (its sha256 differs from the one recorded)")
 
 
 class DiskFullError(ChatpipeError):
@@ -276,12 +337,19 @@ class Checkpointer:
     def restore(self, model, optimizer, scheduler) -> Restored | None:
         """Load the newest complete checkpoint that loads; None when there is none.
 
-        A checkpoint damaged after it was written (a file deleted, a truncated tensor file) is
-        reported and skipped for the next newest one. If every one is damaged, that is an error
+        A checkpoint damaged after it was written (a file deleted, truncated, or changed by a
+        single bit, which its recorded sha256 shows) is reported, naming the file, and skipped for
+        the next newest one. If every one is damaged, that is an error
         naming them: starting over silently would throw the run's progress away.
         """
         damaged = []
         for path in complete_checkpoints(self.root):
+            try:
+                verify_checkpoint(path)
+            except (OSError, ValueError, CheckpointDamaged) as error:
+                damaged.append(path)
+                self.accelerator.print(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one")
+                continue
             self.require_same_world(path)
             try:
                 return Restored(path, *self.load(path, model, optimizer, scheduler))
@@ -303,8 +371,8 @@ class Checkpointer:
         be the run that was interrupted. Checkpoints from before the world size was recorded pass.
         """
         try:
-            written = json.loads((path / "state.json").read_text()).get("world_size")
-        except (OSError, ValueError):
+            written = read_state(path).get("world_size")
+        except (OSError, ValueError, CheckpointDamaged):
             return  # a damaged state.json: load() reports it and falls back
         current = self.accelerator.num_processes
         if written is not None and written != current:
@@ -315,7 +383,7 @@ class Checkpointer:
             )
 
     def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
-        state = json.loads((path / "state.json").read_text())
+        state = read_state(path)
         if is_fsdp2(model):
             self.load_sharded(path, model, optimizer, scheduler)
         elif is_deepspeed(model):
@@ -484,6 +552,10 @@ class CheckpointError(ChatpipeError):
     """No resumable checkpoint of a stage can be loaded."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint file no longer matches the sha256 recorded when it was written."""
+
+
 def load_model_weights(folder: Path, model: torch.nn.Module) -> None:
     """Load a save_pretrained folder's weights into `model` in place: full weights, or a peft adapter's."""
     folder = Path(folder)
@@ -525,4 +597,4 @@ def _json_default(value: Any) -> Any:
         return value.item() if value.numel() == 1 else value.tolist()
     if isinstance(value, (set, tuple)):
         return list(value)
-    raise TypeError(f"cannot store {type(value).__name__} in state.json")
+    raise TypeError(f"cannot store {type(value).__name__} in {STATE_FILE}")

@@ -175,3 +175,67 @@ def test_a_full_disk_mid_checkpoint_removes_the_partial_folder_and_says_what_spa
     monkeypatch.setattr(state, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("invalid tensor")))
     with pytest.raises(SafetensorError):  # anything but a full disk is not disguised as one
         checkpointer.save(3, model=model, optimizer=optimizer, scheduler=scheduler)
+
+
+def flip_byte(path, offset: int = -5) -> None:
+    """Change one byte of a file in place (by default near its end: a tensor file's data, not its header)."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def two_checkpoints(tmp_path):
+    """Checkpoints at steps 1 and 2 (with other weights); the parts, and the weights at step 1."""
+    accelerator, model, optimizer, scheduler = training_parts()
+    checkpointer = Checkpointer(tmp_path, accelerator, keep=3)
+    OptimizerStep(accelerator, model, optimizer, scheduler, 1.0)([torch.randint(0, 64, (2, 8))], lambda ids: (model(input_ids=ids, labels=ids).loss, {}))
+    checkpointer.save(1, model=model, optimizer=optimizer, scheduler=scheduler)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    OptimizerStep(accelerator, model, optimizer, scheduler, 1.0)([torch.randint(0, 64, (2, 8))], lambda ids: (model(input_ids=ids, labels=ids).loss, {}))
+    checkpointer.save(2, model=model, optimizer=optimizer, scheduler=scheduler)
+    return checkpointer, saved
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "optimizer.json", "rng-rank0.safetensors", "rng-rank0.json", "state.json"])
+def test_a_flipped_byte_in_any_checkpoint_file_is_named_and_the_checkpoint_before_is_used(tmp_path, capsys, name):
+    checkpointer, saved = two_checkpoints(tmp_path)
+    damaged = tmp_path / "step-000002" / name
+    # state.json: a digit of the step (2 -> 3), which would still parse; the others: a byte of their data
+    flip_byte(damaged, damaged.read_text().index('"step": 2') + 8 if name == "state.json" else -5)
+
+    _, fresh, fresh_optimizer, fresh_scheduler = training_parts(seed=5)
+    restored = checkpointer.restore(fresh, fresh_optimizer, fresh_scheduler)
+    assert restored.step == 1 and restored.path.name == "step-000001"
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+    out = capsys.readouterr().out
+    assert f"{damaged} was damaged after it was written" in out and "trying an older one" in out
+
+
+def test_every_process_checks_every_ranks_files_so_all_resume_from_the_same_checkpoint(tmp_path):
+    """Rank 1 of a launch does not read rank 0's RNG file, yet must not resume from a checkpoint rank 0 rejects."""
+    checkpointer, _ = two_checkpoints(tmp_path)
+    flip_byte(tmp_path / "step-000002" / "rng-rank0.safetensors")
+
+    class RankOne:  # the same launch seen from its second process
+        def __init__(self, accelerator):
+            self.accelerator, self.process_index = accelerator, 1
+
+        def __getattr__(self, name):
+            return getattr(self.accelerator, name)
+
+    _, fresh, fresh_optimizer, fresh_scheduler = training_parts(seed=5)
+    restored = Checkpointer(tmp_path, RankOne(checkpointer.accelerator), keep=3).restore(fresh, fresh_optimizer, fresh_scheduler)
+    assert restored.step == 1
+
+
+def test_a_checkpoint_written_before_digests_were_recorded_still_loads(tmp_path):
+    checkpointer, _ = two_checkpoints(tmp_path)
+    state_file = tmp_path / "step-000002" / "state.json"
+    state = json.loads(state_file.read_text())
+    assert len(state.pop("sha256")) >= 5 and state.pop("state_sha256")
+    state_file.write_text(json.dumps(state))  # as older versions wrote it
+
+    _, fresh, fresh_optimizer, fresh_scheduler = training_parts(seed=5)
+    restored = checkpointer.restore(fresh, fresh_optimizer, fresh_scheduler)
+    assert restored.step == 2 and "sha256" not in restored.state
