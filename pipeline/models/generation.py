@@ -18,7 +18,10 @@ queries, 32 new tokens, a 213k-parameter Llama):
   config look-ups) was another ~15%, which a fixed loop does not need.
 
 Top-k and top-p (for chat) only set the logits they exclude to -inf before the same draw, so
-with both off the draw is exactly RL's. Temperature 0 is greedy.
+with both off the draw is exactly RL's. Temperature 0 is greedy, and so is any temperature below
+`GREEDY_BELOW` (1e-5, vLLM's threshold): dividing float32 logits by 1e-300 overflows to inf and
+the softmax to NaN, which drew an id past the vocabulary, while at 1e-5 a token 0.001 below the
+best already has e^-100 of its odds. Ordinary temperatures take exactly the ops they always did.
 
 Seeding: with `generator=None` draws come from torch's global generator on the model's device,
 which is what PPO wants (its RNG state is checkpointed, so a resumed run draws the same
@@ -38,6 +41,8 @@ raw logits through `on_logits` (for the logprobs it reports). Left unset, nothin
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -46,6 +51,14 @@ from transformers import DynamicCache
 
 from pipeline.errors import ConfigError
 from pipeline.models.logprobs import position_ids_from
+
+# Below this a temperature is greedy: dividing by it can overflow, and its draw is the argmax anyway.
+GREEDY_BELOW = 1e-5
+
+
+def is_real(value) -> bool:
+    """A plain number: int or float (numpy's too), not a bool, a string or None."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -57,10 +70,14 @@ class Sampling:
     top_k: int = 0  # keep only the k likeliest tokens; 0 = off
 
     def __post_init__(self) -> None:
+        if not is_real(self.temperature) or not math.isfinite(self.temperature):
+            raise ConfigError(f"temperature {self.temperature!r} is not a finite number; use 0 (greedy) or more")
         if self.temperature < 0:
             raise ConfigError(f"temperature {self.temperature} is negative; use 0 (greedy) or more")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p {self.top_p} is outside (0, 1]; use 1 to turn nucleus sampling off")
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p {self.top_p!r} is outside (0, 1]; use 1 to turn nucleus sampling off")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise ConfigError(f"top_k {self.top_k!r} is not a whole number; use 0 to turn it off, or k >= 1")
         if self.top_k < 0:
             raise ConfigError(f"top_k {self.top_k} is negative; use 0 to turn it off")
 
@@ -93,7 +110,7 @@ def sample_next(logits: torch.Tensor, sampling: Sampling, generator: torch.Gener
     same cumulative value as the token before it, so the search stops at that token or passes
     both (and u > 0 rules out a first token of probability 0).
     """
-    if sampling.temperature == 0:
+    if sampling.temperature < GREEDY_BELOW:  # 0, or so small that logits / temperature overflows
         return logits.argmax(dim=-1)
     probabilities = torch.softmax(filtered_logits(logits, sampling), dim=-1)
     cumulative = probabilities.cumsum(dim=-1)

@@ -122,3 +122,26 @@ def test_sampling_settings_are_checked():
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}):
         with pytest.raises(ConfigError):
             Sampling(**bad)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-6])
+def test_a_temperature_too_small_to_divide_by_is_greedy(bpe_tokenizer, temperature):
+    """logits / 1e-300 overflowed to inf, softmax gave NaN and the draw an id past the vocabulary (IndexError)."""
+    logits = torch.randn(64, 50) * 10
+    assert torch.equal(sample_next(logits, Sampling(temperature), seeded_generator(0, "cpu")), logits.argmax(dim=-1))
+    model = tiny_causal_lm(bpe_tokenizer).eval()
+    ids = torch.tensor([[11, 12, 13]])
+    kwargs = dict(max_new_tokens=6, eos_token_id=bpe_tokenizer.eos_token_id, pad_token_id=bpe_tokenizer.pad_token_id)
+    assert torch.equal(generate(model, ids, torch.ones_like(ids), sampling=Sampling(temperature), **kwargs),
+                       generate(model, ids, torch.ones_like(ids), sampling=Sampling(0), **kwargs))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", float("nan")), ("temperature", float("inf")), ("temperature", "hot"), ("temperature", True),
+    ("temperature", None), ("top_p", float("nan")), ("top_p", "0.9"), ("top_p", True), ("top_k", 1.5),
+    ("top_k", "5"), ("top_k", True), ("top_k", float("nan")),
+])
+def test_sampling_settings_refuse_non_finite_numbers_and_wrong_types(field, value):
+    """A NaN temperature passed every check and crashed the draw; a string raised a bare TypeError."""
+    with pytest.raises(ConfigError, match=field):
+        Sampling(**{field: value})
