@@ -7,11 +7,17 @@
 The store is one token stream: every document's ids followed by EOS, end to end (empty documents
 are skipped), cut into shards of about `shard_bytes` of text each. A shard is a raw little-endian
 array of uint16 ids (uint32 when the vocabulary exceeds 65,536), `shard-00000.bin`, and a small
-JSON header beside it, `shard-00000.json` (tokens, documents, text bytes), written after the ids
-and renamed into place: a shard with a header is complete, so a crash mid-tokenization loses at
-most the shards in flight. `store.json` lists them all and is written last; its presence means the
-store is whole. On disk that is 2 bytes per token (4 above 65,536 ids) plus a few hundred bytes per
-shard, and nothing else: no Arrow cache of the text, no second copy.
+JSON header beside it, `shard-00000.json` (tokens, documents, text bytes, and the sha256 of the ids,
+taken as they are written), written after the ids and renamed into place: a shard with a header is
+complete, so a crash mid-tokenization loses at most the shards in flight. `store.json` lists them
+all with their digests and is written last; its presence means the store is whole. On disk that
+is 2 bytes per token (4 above 65,536 ids) plus a few hundred bytes per shard, and nothing else: no
+Arrow cache of the text, no second copy.
+
+Opening a store checks every shard against its digest (one read of each; a store written before
+digests were recorded is checked by size only). A damaged store (a shard changed by a single bit,
+a truncated one, an unreadable `store.json` or header) is repaired by the next build that finds
+it, with a warning naming the damaged files: only the damaged shards are tokenized again.
 
 Training reads blocks straight out of the shards through `np.memmap`: a process holds only the
 pages it touches, so its memory does not grow with the corpus, and the processes of a launch (all
@@ -27,7 +33,9 @@ machine takes every n-th shard, its share of the cores, and writes its shards in
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import socket
 import time
@@ -45,6 +53,8 @@ STORE_FILE = "store.json"
 FORMAT_VERSION = 1
 ENCODE_BATCH = 1024  # documents per call into the Rust tokenizer (threads split each batch)
 WAIT_POLL_SECONDS = 0.5
+
+logger = logging.getLogger(__name__)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -66,29 +76,54 @@ def validation_count(n_blocks: int, validation_fraction: float) -> int:
 # ------------------------------------------------------------------------------------- reading
 
 
+class DamagedStore(DataError):
+    """A finished store whose index or shards changed since they were written.
+
+    `damaged`: the damaged files' paths with what is wrong with each; `shards`: the indices of
+    the damaged shards; `index`: whether store.json itself is unreadable.
+    """
+
+    def __init__(self, folder: Path, damaged: list[str], shards: list[int] = (), index: bool = False):
+        super().__init__(
+            f"{'; '.join(damaged)}: the token store is damaged; delete {folder} and rerun to tokenize the corpus again"
+        )
+        self.damaged, self.shards, self.index = damaged, list(shards), index
+
+
 class TokenStore:
-    """A finished store: the token stream of all its shards, memory-mapped on first read."""
+    """A finished store: the token stream of all its shards, memory-mapped on first read.
+
+    Opening it checks every shard's size and sha256 against the index (one read of each); a
+    damaged store is a DamagedStore naming the damaged files (build_token_store rebuilds them).
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        index = json.loads((self.folder / STORE_FILE).read_text())
-        self.dtype = np.dtype(index["dtype"])
-        self.shard_tokens = [shard["tokens"] for shard in index["shards"]]
-        self.documents = index["documents"]
-        self.text_bytes = index["text_bytes"]
-        self.eos_id = index["eos_id"]
+        try:
+            index = json.loads((self.folder / STORE_FILE).read_text())
+            self.dtype = np.dtype(index["dtype"])
+            shards = index["shards"]
+            self.shard_tokens = [int(shard["tokens"]) for shard in shards]
+            self.documents = index["documents"]
+            self.text_bytes = index["text_bytes"]
+            self.eos_id = index["eos_id"]
+        except (ValueError, KeyError, TypeError) as error:  # not JSON, or not the index's keys
+            problem = f"{self.folder / STORE_FILE} cannot be read ({type(error).__name__}: {error})"
+            raise DamagedStore(self.folder, [problem], index=True) from None
         # starts[k] = position of shard k's first token in the stream; starts[-1] = the total
         self.starts = np.concatenate([[0], np.cumsum(self.shard_tokens, dtype=np.int64)])
         self._maps: dict[int, np.ndarray] = {}
-        for index, tokens in enumerate(self.shard_tokens):  # a stat per shard: a damaged store fails here, named
+        damaged = {}
+        for index, (tokens, shard) in enumerate(zip(self.shard_tokens, shards)):
             path = self.folder / f"{shard_name(index)}.bin"
             size = path.stat().st_size if path.exists() else None
             if size != tokens * self.dtype.itemsize:
                 found = "is missing" if size is None else f"has {size} bytes"
-                raise DataError(
-                    f"{path} {found}, not the {tokens * self.dtype.itemsize} its index records: the token store "
-                    f"is damaged; delete {self.folder} and rerun to tokenize the corpus again"
-                )
+                damaged[index] = f"{path} {found}, not the {tokens * self.dtype.itemsize} its index records"
+            elif shard.get("sha256") is not None and file_sha256(path) != shard["sha256"]:
+                damaged[index] = f"{path} was changed after it was written (its sha256 differs from the one recorded)"
+        if damaged:
+            raise DamagedStore(self.folder, list(damaged.values()), shards=sorted(damaged))
 
     @property
     def tokens(self) -> int:
@@ -192,9 +227,12 @@ class ShardWriter:
         self.handle = open(self.temporary, "wb")
         self.tokens = self.documents = self.text_bytes = 0
         self.dtype: np.dtype | None = None
+        self.digest = hashlib.sha256()  # of the bytes written, as they are written: no second read
 
     def append(self, ids: np.ndarray, documents: int, text_bytes: int) -> None:
+        ids = np.ascontiguousarray(ids)
         ids.tofile(self.handle)
+        self.digest.update(memoryview(ids).cast("B"))
         self.dtype = ids.dtype
         self.tokens += len(ids)
         self.documents += documents
@@ -206,13 +244,73 @@ class ShardWriter:
         try:
             os.replace(self.temporary, self.folder / f"{self.name}.bin")
             fault_point("token-store:shard-written")
-            header = {"tokens": self.tokens, "documents": self.documents, "text_bytes": self.text_bytes, "worker": self.worker}
+            header = {
+                "tokens": self.tokens, "documents": self.documents, "text_bytes": self.text_bytes, "worker": self.worker,
+                "sha256": self.digest.hexdigest(),
+            }
             write_atomically(header_path, lambda path: path.write_text(json.dumps(header)))
         except FileNotFoundError:
             # Machines sharing the run dir each tokenize every shard; the first to finish the store
             # clears the others' temporaries. The shard is on disk, identical: nothing is lost.
             if not header_path.exists():
                 raise
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def read_header(folder: Path, index: int, repair: bool = False) -> dict | None:
+    """Shard `index`'s header if it is there and readable, else None.
+
+    With `repair` (the shard's own worker, which writes it again) an unreadable header is
+    reported and removed; a worker waiting for another's shard leaves that to its owner.
+    """
+    path = folder / f"{shard_name(index)}.json"
+    try:
+        header = json.loads(path.read_text())
+        int(header["tokens"]), int(header["documents"]), int(header["text_bytes"])
+        return header
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as error:
+        if repair:
+            logger.warning(f"{path} is damaged ({type(error).__name__}: {error}); tokenizing that shard again")
+            path.unlink(missing_ok=True)
+        return None
+
+
+def shard_indices(folder: Path) -> list[int]:
+    """The indices of the shards with a header or ids in `folder`."""
+    names = {path.name.split(".")[0] for pattern in ("shard-*.json", "shard-*.bin") for path in folder.glob(pattern)}
+    return sorted(int(name[len("shard-"):]) for name in names if name[len("shard-"):].isdigit())
+
+
+def shard_is_intact(folder: Path, index: int) -> bool:
+    """Whether shard `index` has a readable header and ids of its recorded sha256 (one read), or
+    (written before digests) of a size its token count allows."""
+    header = read_header(folder, index)
+    path = folder / f"{shard_name(index)}.bin"
+    if header is None or not path.exists():
+        return False
+    if header.get("sha256") is None:
+        return path.stat().st_size in (2 * int(header["tokens"]), 4 * int(header["tokens"]))
+    return file_sha256(path) == header["sha256"]
+
+
+def remove_damaged(folder: Path, damage: DamagedStore) -> None:
+    """Clear what the repair of a damaged store writes again: its index and its damaged shards.
+
+    An unreadable index lists no digests: every shard is then checked against its own header.
+    """
+    shards = damage.shards
+    if damage.index:
+        shards = [index for index in shard_indices(folder) if not shard_is_intact(folder, index)]
+    for index in shards:
+        (folder / f"{shard_name(index)}.json").unlink(missing_ok=True)
+        (folder / f"{shard_name(index)}.bin").unlink(missing_ok=True)
+    (folder / STORE_FILE).unlink(missing_ok=True)
 
 
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
@@ -241,10 +339,20 @@ def build_token_store(
     already on disk are skipped, so a crashed build resumes at the first unfinished shard. Every
     worker reads the whole stream (to find its shards' documents) and returns once all the
     shards are on disk; worker 0 then writes `store.json`. Memory holds one run of documents.
+
+    A finished store found damaged (see TokenStore) is repaired by worker 0 alone, with a warning
+    naming the damaged files: they are removed and tokenized again while the other workers wait.
     """
     folder = Path(folder)
     if (folder / STORE_FILE).exists():
-        return TokenStore(folder)
+        try:
+            return TokenStore(folder)
+        except DamagedStore as damage:
+            if worker != 0:
+                return wait_for_store(folder)
+            logger.warning(f"{'; '.join(damage.damaged)}: the token store {folder} is damaged; tokenizing the damaged part again")
+            remove_damaged(folder, damage)
+            workers = 1  # this process repairs alone; the others wait for its index
     folder.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(vocab_size)
     eos = np.array([eos_id], dtype=dtype)
@@ -252,7 +360,7 @@ def build_token_store(
     writer, tokens_done, n_shards = None, 0, 0
     for index, run, text_bytes, closes in runs_by_shard(batches, shard_bytes):
         n_shards = index + 1
-        if index % workers != worker or (folder / f"{shard_name(index)}.json").exists():
+        if index % workers != worker or read_header(folder, index, repair=True) is not None:
             continue
         writer = writer or ShardWriter(folder, index, worker)
         pieces = []
@@ -278,19 +386,38 @@ def build_token_store(
             "eos_id": eos_id,
             "documents": sum(header["documents"] for header in headers),
             "text_bytes": sum(header["text_bytes"] for header in headers),
-            "shards": [{"file": f"{shard_name(i)}.bin", "tokens": header["tokens"]} for i, header in enumerate(headers)],
+            "shards": [
+                {"file": f"{shard_name(i)}.bin", "tokens": header["tokens"], "sha256": header.get("sha256")}
+                for i, header in enumerate(headers)
+            ],
         }
         write_atomically(folder / STORE_FILE, lambda path: path.write_text(json.dumps(index, indent=1)))
         for leftover in folder.glob("shard-*.tmp"):  # shards a crashed build left half-written
             leftover.unlink(missing_ok=True)
+        return TokenStore(folder)
     return wait_for_store(folder)  # the other workers wait for worker 0's index
 
 
 def wait_for_store(folder: str | Path) -> TokenStore:
-    """The store in `folder` once its index is written (by another process)."""
-    while not (Path(folder) / STORE_FILE).exists():
+    """The store in `folder` once its index is written (by another process) and opens intact.
+
+    A damaged store found here is being repaired by worker 0 (see build_token_store): this waits
+    for the index it writes next (each index is checked once).
+    """
+    index_file = Path(folder) / STORE_FILE
+    checked = None
+    while True:
+        try:
+            found = index_file.stat()
+        except FileNotFoundError:
+            found = None
+        identity = found and (found.st_ino, found.st_mtime_ns, found.st_size)
+        if identity is not None and identity != checked:
+            try:
+                return TokenStore(folder)
+            except DamagedStore:
+                checked = identity  # still the damaged index, or one mid-repair
         time.sleep(WAIT_POLL_SECONDS)
-    return TokenStore(folder)
 
 
 def wait_for_shards(folder: Path, n_shards: int) -> list[dict]:
@@ -302,9 +429,8 @@ def wait_for_shards(folder: Path, n_shards: int) -> list[dict]:
     headers: list[dict | None] = [None] * n_shards
     while True:
         for index in range(n_shards):
-            path = folder / f"{shard_name(index)}.json"
-            if headers[index] is None and path.exists():
-                headers[index] = json.loads(path.read_text())
+            if headers[index] is None:
+                headers[index] = read_header(folder, index)
         if all(header is not None for header in headers):
             return headers  # type: ignore[return-value]
         time.sleep(WAIT_POLL_SECONDS)

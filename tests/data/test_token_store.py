@@ -146,3 +146,87 @@ def test_a_damaged_store_is_an_error_naming_the_shard_and_the_fix(bpe_tokenizer,
     shard.write_bytes(shard.read_bytes()[:-2])  # a truncated copy
     with pytest.raises(DataError, match=rf"shard-00001.bin has \d+ bytes, not the \d+ its index records.*delete {tmp_path}"):
         TokenStore(tmp_path)
+
+
+def flip_byte(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def shards_and_tokenizer(bpe_tokenizer, documents, folder):
+    """A finished store of several shards in `folder`, its token stream, and a counting tokenizer to rebuild with."""
+    store = build_token_store(folder, batches_of(documents), bpe_tokenizer.backend_tokenizer, EOS, 400, shard_bytes=20_000, progress=False)
+    return store.read(0, store.tokens).copy(), CountingTokenizer(bpe_tokenizer.backend_tokenizer)
+
+
+def test_a_flipped_byte_in_a_shard_is_named_and_only_that_shard_is_tokenized_again(bpe_tokenizer, documents, tmp_path, caplog):
+    stream, tokenizer = shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    shard = tmp_path / "shard-00001.bin"
+    flip_byte(shard, 100)  # the same size: only its digest tells
+    with pytest.raises(DataError, match=rf"{shard} was changed after it was written.*delete {tmp_path}"):
+        TokenStore(tmp_path)
+
+    store = build_token_store(tmp_path, batches_of(documents), tokenizer, EOS, 400, shard_bytes=20_000, progress=False)
+    assert np.array_equal(store.read(0, store.tokens), stream)
+    assert tokenizer.encoded == json.loads((tmp_path / "shard-00001.json").read_text())["documents"]
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert str(shard) in warning and "damaged" in warning and "tokenizing the damaged part again" in warning
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "wrong keys"])
+def test_an_unreadable_index_is_rebuilt_from_the_shard_headers(bpe_tokenizer, documents, tmp_path, caplog, damage):
+    stream, tokenizer = shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    index = tmp_path / STORE_FILE
+    index.write_text({"garbage": "\x00\x17not json", "truncated": index.read_text()[:40], "wrong keys": '{"shards": 3}'}[damage])
+    flip_byte(tmp_path / "shard-00002.bin", 10)  # damaged too: the index that recorded its digest is gone
+    with pytest.raises(DataError, match=rf"{index} cannot be read"):
+        TokenStore(tmp_path)
+
+    store = build_token_store(tmp_path, batches_of(documents), tokenizer, EOS, 400, shard_bytes=20_000, progress=False)
+    assert np.array_equal(store.read(0, store.tokens), stream)
+    assert tokenizer.encoded == json.loads((tmp_path / "shard-00002.json").read_text())["documents"]
+    assert any(str(index) in record.getMessage() and "damaged" in record.getMessage() for record in caplog.records)
+
+
+def test_an_unreadable_shard_header_met_while_building_is_tokenized_again(bpe_tokenizer, documents, tmp_path, caplog):
+    stream, tokenizer = shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    (tmp_path / STORE_FILE).unlink()  # as if killed before the index was written
+    header = tmp_path / "shard-00000.json"
+    header.write_text("{\"tokens\": 12")
+
+    store = build_token_store(tmp_path, batches_of(documents), tokenizer, EOS, 400, shard_bytes=20_000, progress=False)
+    assert np.array_equal(store.read(0, store.tokens), stream)
+    assert tokenizer.encoded == json.loads(header.read_text())["documents"]
+    assert any(f"{header} is damaged" in record.getMessage() for record in caplog.records)
+
+
+def test_a_store_written_before_digests_were_recorded_still_opens(bpe_tokenizer, documents, tmp_path):
+    stream, tokenizer = shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    index = json.loads((tmp_path / STORE_FILE).read_text())
+    for shard in index["shards"]:
+        del shard["sha256"]
+    (tmp_path / STORE_FILE).write_text(json.dumps(index))
+    store = build_token_store(tmp_path, batches_of(documents), tokenizer, EOS, 400, shard_bytes=20_000, progress=False)
+    assert np.array_equal(store.read(0, store.tokens), stream) and tokenizer.encoded == 0
+
+
+def test_the_first_worker_repairs_a_damaged_store_while_the_others_wait(bpe_tokenizer, documents, tmp_path):
+    stream, _ = shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    flip_byte(tmp_path / "shard-00000.bin", 7)
+    tokenizers = [CountingTokenizer(bpe_tokenizer.backend_tokenizer) for _ in range(2)]
+    stores = [None, None]
+
+    def work(worker):
+        stores[worker] = build_token_store(
+            tmp_path, batches_of(documents), tokenizers[worker], EOS, 400, shard_bytes=20_000,
+            worker=worker, workers=2, progress=False,
+        )
+
+    threads = [threading.Thread(target=work, args=(worker,)) for worker in (1, 0)]  # the waiter first
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert all(store is not None and np.array_equal(store.read(0, store.tokens), stream) for store in stores)
+    assert tokenizers[1].encoded == 0 and tokenizers[0].encoded == json.loads((tmp_path / "shard-00000.json").read_text())["documents"]
