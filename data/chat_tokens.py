@@ -4,12 +4,21 @@ The mask is exactly the chat template's `{% generation %}` span (`return_assista
 and overlong conversations follow the configured policy with counts. SFT trains on it (labels
 are -100 everywhere but the assistant's tokens, stages/sft/batching.py); eval measures
 perplexity on it; PPO reads its prompts through `load_conversations`.
+
+Rendered ids are cached under RUN_DIR/cache/chat_tokens/<key>/ as three .npy files (never
+pickled) and `sha256.json`, their digests taken as they are written. Reading them back checks
+each against its digest (one read of each); a damaged cache (a flipped bit, a truncated or
+unreadable file) is reported by a warning naming the file and rendered again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import io
+import json
+import logging
 import multiprocessing
 import os
 import shutil
@@ -25,6 +34,11 @@ from data.sources import load_source
 from data.token_store import cores_per_process
 from pipeline.config import BadRowPolicy, ConversationData, config_hash
 from pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
+CACHE_FORMAT = 2  # in the cache key: folders of format 1 (no digests) are not read
+DIGESTS_FILE = "sha256.json"
+RAGGED_FILES = ("offsets", "masks", "ids")
 
 
 @dataclass
@@ -76,15 +90,20 @@ def chat_ids(
     template is rendered by a pool of forked processes, a share of the machine's cores each
     (rendering is Python: threads would take turns). With a `cache_dir` the ids are kept there
     under a key made of the conversations, the tokenizer and the options, so a resumed or
-    repeated stage reads them back instead of rendering them again.
+    repeated stage reads them back instead of rendering them again (checked against the digests
+    recorded when they were written; damaged ones are rendered again, with a warning).
     """
     options = {"assistant_masks": assistant_masks, "generation_prompt": generation_prompt}
     folder = None
     if cache_dir is not None:
-        key = {"conversations": conversations, "tokenizer": tokenizer_fingerprint(tokenizer), **options}
+        key = {"conversations": conversations, "tokenizer": tokenizer_fingerprint(tokenizer), **options, "format": CACHE_FORMAT}
         folder = Path(cache_dir) / config_hash(key)
-        if (folder / "ids.npy").exists():
-            return read_ragged(folder)
+        if folder.is_dir():
+            try:
+                return read_ragged(folder)
+            except DamagedCache as damage:
+                logger.warning(f"{damage}; the chat-token cache {folder} is damaged: rendering its conversations again")
+                remove_folder(folder)
     work = functools.partial(render_chunk, tokenizer, options)
     chunks = [conversations[start : start + RENDER_CHUNK] for start in range(0, len(conversations), RENDER_CHUNK)]
     workers = min(cores_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", 1))), len(chunks))
@@ -145,16 +164,47 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return config_hash([backend, tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token])
 
 
+class DamagedCache(DataError):
+    """A cached file that is missing, unreadable, or no longer matches its recorded sha256."""
+
+
+class HashingWriter:
+    """A file handle that takes the sha256 of what is written through it: a digest without a second read."""
+
+    def __init__(self, handle):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+
+def remove_folder(folder: Path) -> None:
+    """Remove a cache folder: renamed aside first, so no reader sees it half deleted."""
+    aside = folder.with_name(f"{folder.name}.{os.getpid()}.damaged")
+    try:
+        folder.rename(aside)
+    except FileNotFoundError:  # another process removed it first
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def write_ragged(folder: Path, rows: list[tuple[list[int], list[int]]]) -> None:
-    """Rows of (ids, mask) as flat int32 ids, uint8 masks and int64 offsets: .npy files, no pickles."""
+    """Rows of (ids, mask) as flat int32 ids, uint8 masks and int64 offsets: .npy files, no pickles,
+    with their sha256 in `sha256.json`."""
     lengths = np.array([len(ids) for ids, _ in rows], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     ids = np.concatenate([np.asarray(row, dtype=np.int32) for row, _ in rows] or [np.zeros(0, np.int32)])
     masks = np.concatenate([np.asarray(mask, dtype=np.uint8) for _, mask in rows] or [np.zeros(0, np.uint8)])
     partial = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
     partial.mkdir(parents=True, exist_ok=True)
-    for name, array in (("offsets", offsets), ("masks", masks), ("ids", ids)):
-        np.save(partial / f"{name}.npy", array, allow_pickle=False)
+    digests = {}
+    for name, array in zip(RAGGED_FILES, (offsets, masks, ids)):
+        with open(partial / f"{name}.npy", "wb") as handle:
+            writer = HashingWriter(handle)
+            np.save(writer, array, allow_pickle=False)
+        digests[f"{name}.npy"] = writer.digest.hexdigest()
+    (partial / DIGESTS_FILE).write_text(json.dumps(digests))
     try:
         partial.rename(folder)
     except OSError:  # another process wrote the same rows first
@@ -162,7 +212,22 @@ def write_ragged(folder: Path, rows: list[tuple[list[int], list[int]]]) -> None:
 
 
 def read_ragged(folder: Path) -> list[tuple[list[int], list[int]]]:
-    offsets, ids, masks = (np.load(folder / f"{name}.npy", allow_pickle=False) for name in ("offsets", "ids", "masks"))
+    """The rows write_ragged wrote, each file checked against its sha256 (read once); DamagedCache if not."""
+    path = folder / DIGESTS_FILE
+    try:
+        digests = json.loads(path.read_text())
+        arrays = {}
+        for name in RAGGED_FILES:
+            path = folder / f"{name}.npy"
+            data = path.read_bytes()
+            if hashlib.sha256(data).hexdigest() != digests[path.name]:
+                raise DamagedCache(f"{path} was changed after it was written (its sha256 differs from the one recorded)")
+            arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+    except (OSError, ValueError, KeyError, TypeError) as error:  # missing, not JSON, not .npy (numpy: "pickled data")
+        raise DamagedCache(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+    offsets, ids, masks = arrays["offsets"], arrays["ids"], arrays["masks"]
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[-1] != len(ids) or len(masks) not in (0, len(ids)):
+        raise DamagedCache(f"{folder}: its offsets, ids and masks do not fit together")
     ids, has_masks = ids.tolist(), len(masks) > 0
     masks = masks.tolist()
     return [
