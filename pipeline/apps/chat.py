@@ -91,6 +91,34 @@ def resolve_policy(run_dir: str | Path, stage: str | None = None) -> Path:
     return resolve_policy_stage(run_dir, stage)[1]
 
 
+def load_policy(
+    run_dir: str | Path, stage: str, folder: str | Path, device: str | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """`load_chat_model` for `stage` of a run: a checkpoint that cannot be loaded (weights truncated
+    or deleted since the stage recorded them) is a ManifestError naming its files and the fix,
+    not transformers' traceback."""
+    try:
+        return load_chat_model(folder, device)
+    except Exception as error:  # safetensors, transformers and tokenizers each raise their own kinds
+        entry = read_manifest(run_dir).stages[stage]
+        changed = altered_files(run_dir, entry.output) if entry.output is not None else []
+        files = [f"{Path(folder) / name} {'changed' if (Path(folder) / name).exists() else 'went missing'}"
+                 for name in changed[:5]]
+        damaged = (f"{', '.join(files)} since {manifest_path(run_dir)} recorded it" if changed
+                   else f"{Path(folder)}: {str(error).splitlines()[0] if str(error) else type(error).__name__}")
+        raise ManifestError(
+            f"the {stage} checkpoint cannot be loaded: {damaged}; rebuild it with "
+            f"`chatpipe run CONFIG --run-dir {run_dir}`, or choose another --stage"
+        ) from None
+
+
+def check_seed(seed: int | None) -> int | None:
+    """`seed` as given, refused unless a torch generator can take it as is (0 to 2**63 - 1)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ConfigError(f"seed {seed!r} is out of range; use a whole number from 0 to 2**63 - 1")
+    return seed
+
+
 def load_chat_model(folder: str | Path, device: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) from a full or adapter checkpoint, on a GPU when there is one."""
     folder = Path(folder)
@@ -193,7 +221,7 @@ class ReplyStream:
         settings: SamplingSettings,
         seed: int | None = None,
     ):
-        self.model, self.tokenizer, self.settings, self.seed = model, tokenizer, settings, seed
+        self.model, self.tokenizer, self.settings, self.seed = model, tokenizer, settings, check_seed(seed)
         self.input_ids, self.max_new_tokens = fit_prompt(model, tokenizer, messages, settings.max_new_tokens)
         self.prompt_tokens = len(self.input_ids)
         self.completion_tokens = 0
@@ -360,11 +388,12 @@ def chat_command(
     seed: int | None = None,
 ) -> int:
     """`chatpipe chat`: print the reply to `prompt` alone (for scripts), or chat in the terminal."""
+    check_seed(seed)
     stage, folder = resolve_policy_stage(run_dir, stage)
     warning = checkpoint_warning(run_dir, stage)
+    model, tokenizer = load_policy(run_dir, stage, folder)  # a checkpoint that cannot load stops here, unwarned
     if warning:
         print(warning, file=sys.stderr)
-    model, tokenizer = load_chat_model(folder)
     settings = settings or SamplingSettings()
     if prompt is not None:
         for piece in stream_reply(model, tokenizer, [{"role": "user", "content": prompt}], settings, seed):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +24,9 @@ from pipeline.apps.chat import (
     start_reply,
     stream_reply,
 )
+from pipeline.cli import main
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.orchestration.manifest import new_manifest, update_stage, write_manifest
+from pipeline.orchestration.manifest import new_manifest, output_record, update_stage, write_manifest
 from tests.conftest import REPO_ROOT, tiny_causal_lm
 
 GREEDY = SamplingSettings(temperature=0, max_new_tokens=12)
@@ -48,6 +51,20 @@ def save_tiny_run(run_dir: Path, tokenizer, stage: str = "sft") -> Path:
     tiny_causal_lm(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return run_dir
+
+
+def damaged_copy(run_dir: Path, into: Path, damage: str) -> Path:
+    """A copy of a tiny run whose manifest records its checkpoint's hashes, then the weights
+    truncated to half their size ("truncated") or deleted ("missing")."""
+    copy = into / "damaged_run"
+    shutil.copytree(run_dir, copy)
+    update_stage(copy, "sft", output=output_record(copy, copy / "sft" / "final"))
+    weights = copy / "sft" / "final" / "model.safetensors"
+    if damage == "truncated":
+        os.truncate(weights, weights.stat().st_size // 2)
+    else:
+        weights.unlink()
+    return copy
 
 
 def end_of_turn_model(tokenizer):
@@ -277,3 +294,50 @@ def test_truncating_a_long_conversation_is_fast_and_drops_the_fewest_turns(bpe_t
     kept = next(k for k in range(1, 1001) if render(conversation[-k:]) == ids)
     assert len(render(conversation[-(kept + 1):])) > 120
     assert render(conversation[-kept:])[:3] == prompt_ids(bpe_tokenizer, conversation[:1], None)[:3]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command's flags and a damaged checkpoint: a message and exit code 2, never a traceback
+
+
+@pytest.mark.parametrize("temperature", ["1e-300", "5e-324"])
+def test_chat_command_takes_a_tiny_temperature_as_greedy(tiny_run, loaded, capsys, temperature):
+    """`chatpipe chat --temperature 1e-300` ended in an IndexError: the draw overflowed to NaN."""
+    model, tokenizer = loaded
+    assert main(["chat", str(tiny_run), "--prompt", "Good morrow", "--temperature", temperature,
+                 "--max-new-tokens", "12"]) == 0
+    expected = reply(model, tokenizer, [{"role": "user", "content": "Good morrow"}], GREEDY)
+    assert capsys.readouterr().out == expected + "\n"
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--temperature", "nan", "temperature"), ("--temperature", "inf", "temperature"),
+    ("--temperature", "-1", "temperature"), ("--top-p", "0", "top_p"), ("--top-p", "nan", "top_p"),
+    ("--top-k", "-1", "top_k"), ("--max-new-tokens", "0", "max_new_tokens"), ("--seed", "-1", "seed"),
+    ("--seed", str(2**64), "seed"),
+])
+def test_chat_command_refuses_bad_flags_by_name(tiny_run, capsys, flag, value, named):
+    assert main(["chat", str(tiny_run), "--prompt", "hi", f"{flag}={value}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("chatpipe: ") and named in captured.err and "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("flag, value", [("--top-k", "1.5"), ("--temperature", "warm"), ("--max-new-tokens", "x")])
+def test_chat_command_refuses_flags_of_the_wrong_type(tiny_run, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit:
+        main(["chat", str(tiny_run), "--prompt", "hi", f"{flag}={value}"])
+    assert exit.value.code == 2 and flag in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_chat_command_stops_on_a_damaged_checkpoint_with_one_message(tiny_run, tmp_path, capsys, damage):
+    """A truncated or deleted model.safetensors warned, then crashed in transformers with a traceback."""
+    run_dir = damaged_copy(tiny_run, tmp_path, damage)
+    assert main(["chat", str(run_dir), "--prompt", "hi"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("chatpipe: ") and "model.safetensors" in line
+    assert f"--run-dir {run_dir}" in line  # what to do: rebuild the stage
