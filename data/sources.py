@@ -14,11 +14,20 @@ A malformed JSON line is a `DataError`, not a bad row under `on_bad_row`: `datas
 the file past it, and a line that is not JSON means a damaged file (a torn write, two files
 concatenated) more often than one odd row; skipping it quietly would hide that. Its message names
 the line, so fixing or deleting it is one edit.
+
+`load_source` keeps what `datasets` prepares (Arrow files) under the run's cache
+(RUN_DIR/cache/datasets), which `datasets` reads back without checking it. So the sha256 of each
+Arrow file goes beside it (`<file>.sha256`) the first time it is loaded and is checked on every
+load after; an Arrow file that no longer matches, or that `datasets` cannot read, is reported by a
+warning naming it and prepared again from the source.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +35,8 @@ import datasets
 
 from pipeline.config import DataSource
 from pipeline.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 FORMAT_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SCAN_BYTES = 8 << 20  # read size of the UTF-8 scan; a longer line is carried over whole
@@ -129,16 +140,18 @@ def local_format(source: DataSource) -> str:
     return formats.pop()
 
 
-def open_source(source: DataSource, cache_dir: str | Path | None = None, *, streaming: bool = False):
+def open_source(source: DataSource, cache_dir: str | Path | None = None, *, streaming: bool = False, prepare_again: bool = False):
     """`datasets.load_dataset` for a source: a Dataset, or with `streaming` an IterableDataset.
 
     Streaming reads rows as they are needed: from the hub without downloading the whole config,
-    from local files without writing an Arrow copy of them.
+    from local files without writing an Arrow copy of them. `prepare_again` writes the prepared
+    Arrow files anew (what was downloaded is reused).
     """
+    mode = datasets.DownloadMode.REUSE_CACHE_IF_EXISTS if prepare_again else None
     if source.hub is not None:
         return datasets.load_dataset(
             source.hub, source.hub_config, split=source.split, revision=source.revision, cache_dir=cache_dir,
-            streaming=streaming,
+            streaming=streaming, download_mode=mode,
         )
     builder = local_format(source)
     if builder in ("json", "text"):
@@ -146,7 +159,8 @@ def open_source(source: DataSource, cache_dir: str | Path | None = None, *, stre
             check_local_file(path)
     options = {"sample_by": source.sample_by} if builder == "text" else {}
     return datasets.load_dataset(
-        builder, data_files={"train": source.files()}, split="train", cache_dir=cache_dir, streaming=streaming, **options
+        builder, data_files={"train": source.files()}, split="train", cache_dir=cache_dir, streaming=streaming,
+        download_mode=mode, **options,
     )
 
 
@@ -166,10 +180,73 @@ def load_failure(source: DataSource, error: Exception) -> DataError:
     )
 
 
-def load_source(source: DataSource, cache_dir: str | Path | None = None) -> datasets.Dataset:
-    """The rows of a data source (all columns), limited to `max_rows` when set."""
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def check_cache_files(dataset: datasets.Dataset, record: bool = False) -> list[str]:
+    """The Arrow files behind `dataset` that no longer match their recorded sha256 (one read of each).
+
+    A file seen for the first time (or with `record`, one just prepared again) has its digest
+    recorded beside it, in `<file>.sha256`.
+    """
+    damaged = []
+    for entry in dataset.cache_files:
+        path = Path(entry["filename"])
+        digest_file = path.with_name(path.name + ".sha256")
+        digest = file_sha256(path)
+        try:
+            recorded = digest_file.read_text().strip()
+        except FileNotFoundError:
+            recorded = None
+        if record or recorded is None or len(recorded) != 64:  # new, or its record unreadable: record it
+            partial = digest_file.with_name(f"{digest_file.name}.{os.getpid()}.tmp")
+            partial.write_text(digest)
+            os.replace(partial, digest_file)
+        elif digest != recorded:
+            damaged.append(str(path))
+    return damaged
+
+
+def open_checked(source: DataSource, cache_dir: str | Path | None) -> datasets.Dataset:
+    """`open_source`, with the Arrow files `datasets` keeps in `cache_dir` checked; damaged ones prepared again."""
+    if cache_dir is None:
+        return open_source(source)
+    origin = source.hub or source.path
     try:
         dataset = open_source(source, cache_dir)
+    except DataError:
+        raise
+    except Exception as error:
+        # Either the cache cannot be read or the source is bad: preparing again tells which (a bad
+        # source fails again, and is reported as such by the caller).
+        dataset = open_source(source, cache_dir, prepare_again=True)
+        logger.warning(
+            f"the datasets cache {cache_dir} could not be read for {origin} ({type(error).__name__}: {error}); "
+            f"it was prepared again from the source"
+        )
+        check_cache_files(dataset, record=True)
+        return dataset
+    damaged = check_cache_files(dataset)
+    if damaged:
+        logger.warning(
+            f"{', '.join(damaged)} changed after it was written (its sha256 differs from the one recorded): "
+            f"the datasets cache is damaged; preparing {origin} again"
+        )
+        dataset = open_source(source, cache_dir, prepare_again=True)
+        check_cache_files(dataset, record=True)
+    return dataset
+
+
+def load_source(source: DataSource, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """The rows of a data source (all columns), limited to `max_rows` when set.
+
+    With a `cache_dir`, the Arrow files `datasets` prepares there are checked against their
+    digests, and prepared again (with a warning naming them) if they changed or cannot be read.
+    """
+    try:
+        dataset = open_checked(source, cache_dir)
     except DataError:
         raise
     except Exception as error:  # datasets raises many kinds; say which source failed and why

@@ -153,3 +153,30 @@ def test_a_broken_line_met_while_streaming_names_the_line(tmp_path):
     path.write_bytes(jsonl(*({"text": f"row {n}"} for n in range(2000)), b'{"text": "unterminated', {"text": "after"}))
     with pytest.raises(DataError, match=r"corpus.jsonl: line 2001: not valid JSON"):
         streamed(DataSource(path=str(path)), tmp_path / "cache")
+
+
+def arrow_file(cache_dir) -> Path:
+    (path,) = Path(cache_dir).rglob("*.arrow")
+    return path
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "garbage"])
+def test_a_damaged_datasets_cache_is_named_and_prepared_again(tmp_path, caplog, damage):
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(jsonl(*(chat(f"question {i}", f"answer {i}") for i in range(20))))
+    cache = tmp_path / "cache"
+    conversations, _ = load_sft(path, cache)
+    arrow = arrow_file(cache)
+    data = bytearray(arrow.read_bytes())
+    if damage == "flipped byte":  # still loads: "answer 7" becomes "answer 6"
+        data[data.index(b"answer 7") + 7] ^= 0x01
+    else:
+        data = bytearray(b"not an arrow file")
+    arrow.write_bytes(bytes(data))
+
+    assert load_sft(path, cache)[0] == conversations
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert (str(arrow) if damage == "flipped byte" else f"the datasets cache {cache} could not be read") in warning
+    assert "prepar" in warning and "again" in warning
+    caplog.clear()
+    assert load_sft(path, cache)[0] == conversations and not caplog.records  # repaired for good
