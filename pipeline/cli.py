@@ -22,14 +22,20 @@ import sys
 from pathlib import Path
 
 from pipeline.config import LaunchConfig, RunConfig, load_config, validate_config
-from pipeline.errors import ChatpipeError, ConfigError
+from pipeline.errors import ChatpipeError, ConfigError, ManifestError
 from pipeline.orchestration.launcher import run_logged, stage_launch
+from pipeline.orchestration.lock import describe_holder, hold_run_dir, lock_holder
 from pipeline.orchestration.manifest import (
     Manifest,
     StageEntry,
+    altered_files,
     manifest_path,
     new_manifest,
+    output_folder,
+    previous_manifest_path,
     read_manifest,
+    read_previous_manifest,
+    recover_manifest,
     require_run,
     write_manifest,
 )
@@ -111,16 +117,28 @@ def main(argv: list[str] | None = None) -> int:
     except ChatpipeError as error:
         print(f"chatpipe: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the filesystem refused: a read-only folder, a file where a folder belongs
+        print(f"chatpipe: {error.filename or ''}: {error.strerror or error}; "
+              "check the path and its permissions", file=sys.stderr)
+        return 2
 
 
 def command_run(config_path: str, run_dir: str | None, overrides: list[str], start: str | None = None,
                 only: str | None = None) -> int:
+    if Path(config_path).is_dir():
+        raise ConfigError(f"{config_path}: a folder, not a run config; pass a YAML file, e.g. configs/tiny.yaml")
     config = load_config(config_path, overrides)
     for name in filter(None, (start, only)):
         require_enabled(get_stage(name), config)
     run_dir_path = Path(run_dir or Path("runs") / config.name).resolve()
-    record_config(run_dir_path, config, config_path)
-    manifest = read_manifest(run_dir_path)
+    with hold_run_dir(run_dir_path, "chatpipe run") as notes:
+        announce(notes, recover(run_dir_path))
+        record_config(run_dir_path, config, config_path)
+        return run_stages(config, run_dir_path, start, only)
+
+
+def run_stages(config: RunConfig, run_dir: Path, start: str | None, only: str | None) -> int:
+    manifest = read_manifest(run_dir)
     forced = False
     for spec in STAGES:
         if not spec.enabled(config):
@@ -129,47 +147,82 @@ def command_run(config_path: str, run_dir: str | None, overrides: list[str], sta
         if only is not None and spec.name != only:
             continue
         decision = plan_stage(
-            manifest, spec.name, spec.config_digest(config), spec.inputs_for(config), run_dir_path,
+            manifest, spec.name, spec.config_digest(config), spec.inputs_for(config), run_dir,
             requested=forced or spec.name == only,
+            launch_changes=spec.launch_changes(config, manifest.stages.get(spec.name)),
         )
+        if decision.action == "refuse":
+            print(f"chatpipe: {spec.name}: {decision.describe()}", file=sys.stderr)
+            return 2
         print(f"chatpipe: {spec.name}: {decision.describe()}")
         if decision.action == "skip":
             continue
-        code = launch_stage(spec, config, run_dir_path)
+        code = launch_stage(spec, config, run_dir)
         if code != 0:
             return code
-        manifest = read_manifest(run_dir_path)
-    print(f"chatpipe: run complete: {run_dir_path}")
-    print_status(read_manifest(run_dir_path))
-    offline_runs = sorted((run_dir_path / "wandb").glob("offline-run-*"))
+        manifest = read_manifest(run_dir)
+    print(f"chatpipe: run complete: {run_dir}")
+    print_status(read_manifest(run_dir), run_dir)
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     if offline_runs:
-        print(f"chatpipe: W&B ran offline; to upload: wandb sync {run_dir_path / 'wandb'}/offline-run-*")
+        print(f"chatpipe: W&B ran offline; to upload: wandb sync {run_dir / 'wandb'}/offline-run-*")
     return 0
+
+
+def recover(run_dir: Path) -> list[str]:
+    """Bring a run dir's lost or damaged manifest back from the one before it, if it has one."""
+    note = recover_manifest(run_dir) if manifest_path(run_dir).exists() or previous_manifest_path(run_dir).exists() else None
+    return [note] if note else []
+
+
+def announce(*notes: list[str]) -> None:
+    for note in (line for group in notes for line in group):
+        print(f"chatpipe: {note}")
 
 
 def command_stage(name: str, run_dir: Path) -> int:
     spec = get_stage(name)
-    manifest = require_run(run_dir, read_manifest(run_dir))
-    config = validate_config(manifest.config, source=f"{manifest_path(run_dir)} config")
-    require_enabled(spec, config)
-    return launch_stage(spec, config, run_dir.resolve())
+    run_dir = run_dir.resolve()
+    with hold_run_dir(run_dir, f"chatpipe stage {name}") as notes:
+        announce(notes, recover(run_dir))
+        manifest = require_run(run_dir, read_manifest(run_dir))
+        config = validate_config(manifest.config, source=f"{manifest_path(run_dir)} config")
+        require_enabled(spec, config)
+        return launch_stage(spec, config, run_dir)
 
 
 def command_eval(run_dir: Path, preferences: str | None) -> int:
     """Run the eval stage on an existing run, adding an `eval:` section (defaults) if it has none."""
-    manifest = require_run(run_dir, read_manifest(run_dir))
-    raw = manifest.config
-    section = dict(raw.get("eval") or {})
-    if preferences is not None:
-        section["preferences"] = {"path": preferences}
-    raw = {**raw, "eval": section}
-    config = validate_config(raw, source=f"{manifest_path(run_dir)} config (with --preferences)")
-    record_config(run_dir.resolve(), config, manifest.config_source)
-    return launch_stage(get_stage("eval"), config, run_dir.resolve())
+    run_dir = run_dir.resolve()
+    with hold_run_dir(run_dir, "chatpipe eval") as notes:
+        announce(notes, recover(run_dir))
+        manifest = require_run(run_dir, read_manifest(run_dir))
+        raw = manifest.config
+        section = dict(raw.get("eval") or {})
+        if preferences is not None:
+            section["preferences"] = {"path": preferences}
+        raw = {**raw, "eval": section}
+        config = validate_config(raw, source=f"{manifest_path(run_dir)} config (with --preferences)")
+        record_config(run_dir, config, manifest.config_source)
+        return launch_stage(get_stage("eval"), config, run_dir)
 
 
 def command_status(run_dir: Path) -> int:
-    print_status(require_run(run_dir, read_manifest(run_dir)))
+    """The manifest as a table; from the previous manifest (read, not restored) when it is lost or damaged."""
+    try:
+        manifest = require_run(run_dir, read_manifest(run_dir))
+    except ManifestError as error:
+        try:
+            manifest = require_run(run_dir, read_previous_manifest(run_dir))
+        except ManifestError:
+            raise error from None
+        print(f"chatpipe: {error}")
+        print(f"chatpipe: showing {previous_manifest_path(run_dir)}, the manifest before the last write; "
+              "`chatpipe run` recovers the run from it")
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        print(f"chatpipe: in use by {describe_holder(holder)}")
+    print_status(manifest, run_dir)
     return 0
 
 
@@ -208,15 +261,19 @@ def launch_stage(spec: StageSpec, config: RunConfig, run_dir: Path) -> int:
     return code
 
 
-def print_status(manifest: Manifest) -> None:
+def print_status(manifest: Manifest, run_dir: Path) -> None:
     rows = [("stage", "status", "started", "took", "procs", "metrics", "output")]
+    altered = {}
     for spec in STAGES:
         if spec.name not in manifest.stages and manifest.config.get(spec.name, {}) is None:
             continue  # not part of this run
         entry = manifest.stages.get(spec.name) or StageEntry()
+        changed = altered_output(run_dir, entry)
+        if changed:
+            altered[spec.name] = changed
         rows.append((
             spec.name,
-            "stale" if is_stale(manifest, entry) else entry.status,
+            "altered" if changed else "stale" if is_stale(manifest, entry) else entry.status,
             (entry.started_at or "")[:19].replace("T", " "),
             entry.duration,
             str(entry.world_size or ""),
@@ -227,6 +284,18 @@ def print_status(manifest: Manifest) -> None:
     print(f"run {manifest.run_name} ({manifest.config_source})")
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for name, changed in altered.items():
+        print(f"chatpipe: {name}: its output changed since it was recorded ({', '.join(changed[:3])}); "
+              "`chatpipe run` rebuilds it")
+
+
+def altered_output(run_dir: Path, entry: StageEntry) -> list[str]:
+    """A completed stage's recorded output files that are missing or changed (all of them if its folder is gone)."""
+    if entry.status != "completed" or entry.output is None:
+        return []
+    if not output_folder(run_dir, entry.output).is_dir():
+        return [f"{entry.output.path}/ is missing"]
+    return altered_files(run_dir, entry.output)
 
 
 def is_stale(manifest: Manifest, entry: StageEntry) -> bool:

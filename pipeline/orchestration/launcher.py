@@ -15,6 +15,7 @@ machines is rehearsed as several machines: one torchrun launch per machine (`--n
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -25,6 +26,34 @@ from pipeline.config import LaunchConfig
 from pipeline.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Set in every process chatpipe launches: a stage process then ends when its launcher does
+# (pipeline/orchestration/stage.stop_with_launcher).
+LAUNCHED_ENV = "CHATPIPE_LAUNCHED"
+PR_SET_PDEATHSIG = 1
+
+
+def ask_for_kill_on_parent_exit() -> None:
+    """Ask Linux to SIGKILL this process when the thread that started it exits (PR_SET_PDEATHSIG).
+
+    It holds across exec, so `run_logged` sets it in each launched command (torchrun, accelerate,
+    python) between fork and exec (libc is loaded beforehand: nothing is imported in the child),
+    and each stage process sets it for itself. Elsewhere than Linux it does nothing.
+    """
+    prctl = _prctl()
+    if prctl is not None:
+        prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # 9: SIGKILL
+
+
+@functools.cache
+def _prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
 
 
 def has_gpu() -> bool:
@@ -160,21 +189,27 @@ def run_logged(
     `env`: variables added to this process's environment for the command. `alongside`: commands
     started with it (the other machines of a multi-machine rehearsal), each logging to
     `<log>.machine<i>.log`; the result is the first non-zero exit code of them all. If `command`
-    fails, those still running after a grace period are stopped.
+    fails, those still running after a grace period are stopped. Every command is killed when this
+    process ends, however it ends, and takes its own workers with it (LAUNCHED_ENV).
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", LAUNCHED_ENV: "1"}
+    _prctl()  # loaded here, not in the forked child
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     others = []
     for index, other in enumerate(alongside or [], start=1):
         with open(log_path.with_name(f"{log_path.stem}.machine{index}.log"), "ab") as other_log:
             other_log.write(f"$ {' '.join(other)}\n".encode())
             other_log.flush()
-            others.append(subprocess.Popen(other, stdout=other_log, stderr=subprocess.STDOUT, env=env))
+            others.append(subprocess.Popen(
+                other, stdout=other_log, stderr=subprocess.STDOUT, env=env, preexec_fn=ask_for_kill_on_parent_exit
+            ))
     with open(log_path, "ab") as log:
         log.write(f"$ {' '.join(command)}\n".encode())
         log.flush()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, preexec_fn=ask_for_kill_on_parent_exit
+        )
         assert process.stdout is not None
         # Chunks, not lines: progress bars redraw with carriage returns.
         while chunk := process.stdout.read1(65536):

@@ -16,6 +16,9 @@ absent, keys this version does not know are kept), so runs of older and newer co
 
 Only the main process writes it, always atomically (temp file, fsync, rename), so a crash never
 leaves a torn manifest (CHATPIPE_FAULT=manifest:before-replace kills it just before the rename).
+The manifest it replaces stays beside it as `manifest.previous.json` (a hard link to the old
+file, so nothing is copied): when `manifest.json` is later lost or damaged, `recover_manifest`
+brings the run back from it, one write behind, instead of stranding every completed stage.
 A stage reads its inputs through `resolve_input`, which refuses an input
 that is missing, unfinished or altered since it was recorded.
 """
@@ -27,6 +30,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -37,6 +41,7 @@ from pipeline.errors import ManifestError
 from pipeline.faults import fault_point
 
 MANIFEST_NAME = "manifest.json"
+PREVIOUS_NAME = "manifest.previous.json"
 FORMAT_VERSION = 1
 
 Status = Literal["pending", "running", "completed", "failed"]
@@ -113,15 +118,31 @@ def manifest_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / MANIFEST_NAME
 
 
+def previous_manifest_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / PREVIOUS_NAME
+
+
 def read_manifest(run_dir: str | Path) -> Manifest:
     """The run's manifest, validated; any unreadable file or wrong shape is a ManifestError naming it."""
-    path = manifest_path(run_dir)
+    return _read_manifest_file(manifest_path(run_dir), run_dir)
+
+
+def read_previous_manifest(run_dir: str | Path) -> Manifest:
+    """`manifest.previous.json`: the manifest as it was before the last write (see `recover_manifest`)."""
+    return _read_manifest_file(previous_manifest_path(run_dir), run_dir)
+
+
+def _read_manifest_file(path: Path, run_dir: str | Path) -> Manifest:
+    if Path(run_dir).exists() and not Path(run_dir).is_dir():
+        raise ManifestError(f"{run_dir}: not a run dir (it is a file); pass the folder holding manifest.json")
     try:
         raw = json.loads(path.read_bytes())
     except FileNotFoundError:
         raise ManifestError(
             f"{path}: no manifest; start the run with `chatpipe run CONFIG --run-dir {run_dir}`"
         ) from None
+    except OSError as error:
+        raise ManifestError(f"{path}: cannot be read ({error.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ManifestError(f"{path}: not valid JSON ({error}); restore it or start a new run dir") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION or "stages" not in raw:
@@ -162,6 +183,7 @@ def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
             temp.flush()
             os.fsync(temp.fileno())
         fault_point("manifest:before-replace")
+        _keep_as_previous(path)
         os.replace(temp_name, path)
     except OSError as error:
         Path(temp_name).unlink(missing_ok=True)
@@ -175,6 +197,81 @@ def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _keep_as_previous(path: Path) -> None:
+    """Make the manifest about to be replaced `manifest.previous.json`, atomically (a hard link, renamed)."""
+    if not path.is_file():
+        return
+    previous = path.with_name(PREVIOUS_NAME)
+    temp = path.with_name(f".{PREVIOUS_NAME}.{os.getpid()}.tmp")
+    temp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(path, temp)
+        except OSError:  # a filesystem without hard links: copy it
+            shutil.copyfile(path, temp)
+        os.replace(temp, previous)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def recover_manifest(run_dir: str | Path) -> str | None:
+    """Bring back a lost or damaged `manifest.json` from `manifest.previous.json`; says what it did.
+
+    Returns None when the manifest reads and records a run (nothing to do), and a note for the
+    user when it recovered one: the damaged file is kept beside it (`manifest.damaged-<time>.json`),
+    and each completed stage's output is checked against its recorded hashes (an altered one is
+    rebuilt by the next `chatpipe run`, as always). Raises the original ManifestError when there
+    is nothing to recover from.
+    """
+    path, previous_path = manifest_path(run_dir), previous_manifest_path(run_dir)
+    try:
+        if read_manifest(run_dir).config:
+            return None
+        damage = "records no run config"
+    except ManifestError as error:
+        if not previous_path.is_file():
+            raise
+        damage = str(error).removeprefix(f"{path}: ").split(";")[0]
+        failure = error
+    else:
+        failure = None
+    try:
+        previous = _read_manifest_file(previous_path, run_dir)
+    except ManifestError:
+        if failure is not None:
+            raise failure from None
+        return None
+    if not previous.config:
+        if failure is not None:
+            raise failure from None
+        return None
+    kept = ""
+    if path.exists():
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        aside = path.with_name(f"manifest.damaged-{stamp}.json")
+        os.replace(path, aside)
+        kept = f"; the damaged file is kept as {aside.name}"
+    write_manifest(run_dir, previous)
+    verified, altered, unfinished = [], [], []
+    for stage, entry in previous.stages.items():
+        if entry.status != "completed" or entry.output is None:
+            unfinished.append(f"{stage} ({entry.status})")
+        elif not output_folder(run_dir, entry.output).is_dir() or altered_files(run_dir, entry.output):
+            altered.append(stage)
+        else:
+            verified.append(stage)
+    parts = [f"completed and verified: {', '.join(verified) or 'none'}"]
+    if altered:
+        parts.append(f"outputs altered since recorded, to be rebuilt: {', '.join(altered)}")
+    if unfinished:
+        parts.append(f"not completed: {', '.join(unfinished)}")
+    return (
+        f"{path}: {damage}; recovered the run from {PREVIOUS_NAME} (the manifest before the last write, "
+        f"{previous.updated_at or 'time unknown'}): {'; '.join(parts)}{kept}"
+    )
 
 
 def _problems(error: ValidationError) -> str:

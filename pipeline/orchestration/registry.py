@@ -48,13 +48,37 @@ class StageSpec:
         It is `config_hash` of the config slice with each local data path replaced by the sha256
         of the data it names, so moving the data (or the run dir) changes nothing and editing it does.
         """
+        return self._digest(config, self.config_slice(config))
+
+    def _digest(self, config: RunConfig, sliced: dict[str, Any]) -> str:
         digests = {source.path: data_digest(source) for source in data_sources(config) if source.path}
-        launch = self.launch(config)
-        if launch is not None and launch.accelerate_config is not None:
+        launch = (sliced.get(self.name) or {}).get("launch") if isinstance(sliced.get(self.name), dict) else None
+        file = launch.get("accelerate_config") if isinstance(launch, dict) else None
+        if file is not None and Path(file).is_file():
             # The launch layout is the file's content: a moved checkout with the same file is unchanged.
-            path = Path(launch.accelerate_config)
-            digests[launch.accelerate_config] = "sha256:" + _file_digest(str(path.resolve()), *_stamp(path))
-        return config_hash(_replace_paths(self.config_slice(config), digests))
+            digests[file] = "sha256:" + _file_digest(str(Path(file).resolve()), *_stamp(Path(file)))
+        return config_hash(_replace_paths(sliced, digests))
+
+    def launch_changes(self, config: RunConfig, entry) -> dict[str, tuple[Any, Any]] | None:
+        """{field: (recorded, now)} when `config` differs from the stage's recorded one in its `launch`
+        alone; None when something else differs too, or when nothing was recorded to compare with.
+
+        Put the recorded launch into today's slice: if that hashes to the recorded `config_hash`,
+        the launch is all that changed (data edited in place still changes the hash).
+        """
+        recorded = (entry.config or {}).get(self.name) if entry is not None else None
+        sliced = self.config_slice(config)
+        section = sliced.get(self.name)
+        if not isinstance(recorded, dict) or not isinstance(section, dict) or "launch" not in section:
+            return None
+        before = recorded.get("launch")
+        if not isinstance(before, dict):
+            return None
+        with_recorded = {**sliced, self.name: {**section, "launch": before}}
+        if self._digest(config, with_recorded) != entry.config_hash:
+            return None
+        now = section["launch"]
+        return {key: (before.get(key), now.get(key)) for key in sorted({*before, *now}) if before.get(key) != now.get(key)}
 
     def launch(self, config: RunConfig):
         section = getattr(config, self.name, None)

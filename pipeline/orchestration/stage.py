@@ -16,18 +16,22 @@ chose; `execute_stage` asks it again when the stage starts, so the two cannot di
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
 
 from pipeline.config import RunConfig, validate_config
-from pipeline.errors import ChatpipeError, ConfigError
+from pipeline.errors import ChatpipeError, ConfigError, ManifestError
+from pipeline.orchestration.launcher import LAUNCHED_ENV, ask_for_kill_on_parent_exit
+from pipeline.orchestration.lock import hold_run_dir
 from pipeline.orchestration.manifest import (
     Manifest,
     StageEntry,
@@ -79,9 +83,13 @@ class StageResult:
 
 @dataclass(frozen=True)
 class Decision:
-    """What an attempt at a stage does, and why (the reason reads after the stage's name)."""
+    """What an attempt at a stage does, and why (the reason reads after the stage's name).
 
-    action: Literal["skip", "resume", "restart"]
+    `refuse`: going on would throw away state the user may want (checkpoints written under another
+    launch, outputs the manifest does not record); the reason says what to do instead.
+    """
+
+    action: Literal["skip", "resume", "restart", "refuse"]
     reason: str
 
     def describe(self) -> str:
@@ -90,7 +98,13 @@ class Decision:
             return f"{self.reason}, skipped"
         if self.action == "resume":
             return f"resuming from the last checkpoint ({self.reason})"
+        if self.action == "refuse":
+            return self.reason
         return f"{self.reason}; running from scratch"
+
+
+# Launch fields that say how processes start, not what they compute: changing one restarts nothing.
+RESULT_NEUTRAL_LAUNCH = frozenset({"launcher"})
 
 
 def plan_stage(
@@ -100,18 +114,45 @@ def plan_stage(
     upstream: Iterable[str],
     run_dir: str | Path,
     requested: bool = False,
+    launch_changes: dict[str, tuple[Any, Any]] | None = None,
 ) -> Decision:
     """Skip, resume or restart stage `name`, whose config slice now hashes to `config_digest`.
 
     upstream: the stages whose outputs it consumes; a changed output means its checkpoints are stale.
     requested: the user asked for this stage to run (`chatpipe stage`, `--only`, `--from`), so a
     completed stage runs again instead of being skipped.
+    launch_changes: when the config differs from the recorded one in the stage's `launch` alone,
+    {field: (recorded, now)} (`StageSpec.launch_changes`). A new launcher changes nothing; a new
+    process count, engine or precision is a new result, but checkpoints an interrupted attempt
+    wrote under the old one are not thrown away for it: that is refused, naming them.
     """
     entry = manifest.stages.get(name)
     if entry is None or entry.status == "pending":
+        unrecorded = unrecorded_outputs(Path(run_dir), name)
+        if unrecorded:
+            return Decision("refuse", (
+                f"{Path(run_dir) / name} holds {' and '.join(unrecorded)} that the manifest does not record "
+                "(from a run whose manifest was lost or replaced?); chatpipe does not delete what it did not "
+                f"record: move {Path(run_dir) / name} away, or delete it, and run again"
+            ))
         return Decision("restart", "not run yet")
     if entry.config_hash != config_digest:
-        return Decision("restart", "config changed")
+        if launch_changes is None:
+            return Decision("restart", "config changed")
+        changed = {key: values for key, values in launch_changes.items() if key not in RESULT_NEUTRAL_LAUNCH}
+        if changed:
+            checkpoint = newest_checkpoint(Path(run_dir), name)
+            if entry.status in ("running", "failed") and checkpoint is not None:
+                then = " ".join(f"--set {name}.launch.{key}={old}" for key, (old, _) in changed.items())
+                described = ", ".join(f"launch.{key}={old} (now {new})" for key, (old, new) in changed.items())
+                return Decision("refuse", (
+                    f"its checkpoint {checkpoint} was written with {described}, and resuming under another "
+                    f"launch would not continue the same run; resume it with {then}, or delete "
+                    f"{checkpoint.parent} to start the stage over under the new launch"
+                ))
+            described = ", ".join(f"launch.{key} {old} -> {new}" for key, (old, new) in changed.items())
+            return Decision("restart", f"its launch changed ({described})")
+        # Only how the processes start changed: plan as if nothing had.
     for stage in upstream:
         recorded = entry.inputs.get(stage)
         current = manifest.stages.get(stage)
@@ -134,17 +175,63 @@ def plan_stage(
     return Decision("skip", "up to date")
 
 
+def newest_checkpoint(run_dir: Path, name: str) -> Path | None:
+    """The newest complete resumable checkpoint a stage's attempt left (`<stage>/checkpoints/**/step-N`)."""
+    found = [path.parent for path in (run_dir / name / "checkpoints").glob("**/step-*/state.json")]
+    return max(found, key=lambda path: (path.stat().st_mtime_ns, path.name)) if found else None
+
+
+def unrecorded_outputs(run_dir: Path, name: str) -> list[str]:
+    """What a stage folder holds that only a completed or resumable attempt writes: its final output
+    (`final/`) or checkpoints. A folder with neither is what a kill right after creating it leaves."""
+    stage_dir = run_dir / name
+    found = []
+    if (stage_dir / "final").is_dir() and any((stage_dir / "final").iterdir()):
+        found.append("a final output (final/)")
+    if newest_checkpoint(run_dir, name) is not None:
+        found.append("checkpoints (checkpoints/)")
+    return found
+
+
 def run_stage(name: str, train: Callable[[StageContext], StageResult], argv: list[str] | None = None) -> None:
     """Entry point of `python -m stages.<name>`; exits non-zero with a clear message on failure."""
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=f"Run the {name} stage.")
     parser.add_argument("--run-dir", required=True, help="Run directory holding manifest.json.")
     args = parser.parse_args(argv)
+    stop_with_launcher()
     try:
         execute_stage(name, Path(args.run_dir), train)
     except ChatpipeError as error:
         print(f"chatpipe: {name}: {error}", file=sys.stderr)
         sys.exit(2)
     leave_process_group()
+
+
+def stop_with_launcher() -> None:
+    """End this stage process the moment the chatpipe launch that started it is gone.
+
+    torchrun starts each worker in a session of its own, so a `kill -9` of the launch's process
+    group does not reach the workers: they trained on, and one wrote the manifest after the kill.
+    A process started by chatpipe (CHATPIPE_LAUNCHED, set by `run_logged`) asks the kernel for
+    SIGKILL when its parent exits (Linux's PR_SET_PDEATHSIG; the launcher is set up the same way
+    by `run_logged`), and a watchdog thread checks its parent as well where that is not available.
+    A stage started by hand is left alone: its parent is a shell.
+    """
+    if os.environ.get(LAUNCHED_ENV) != "1":
+        return
+    import threading
+
+    parent = os.getppid()
+    ask_for_kill_on_parent_exit()
+    if os.getppid() != parent:  # the launcher exited before the request took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="chatpipe-launcher-watchdog", daemon=True).start()
 
 
 def leave_process_group() -> None:
@@ -177,6 +264,12 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     # ignores a torchrun world on a machine without GPUs and runs every process alone.
     state = PartialState(cpu=not torch.cuda.is_available())
     run_dir = run_dir.resolve()
+    # The main process writes the run dir: under its launcher's lock, or its own when started by hand.
+    with hold_run_dir(run_dir, f"python -m stages.{name}") if state.is_main_process else contextlib.nullcontext():
+        return _execute_stage(name, run_dir, train, state)
+
+
+def _execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], StageResult], state) -> StageResult:
     manifest = require_run(run_dir, read_manifest(run_dir))
     config = validate_config(manifest.config, source=f"{run_dir}/manifest.json config")
     spec = get_stage(name)
@@ -186,7 +279,12 @@ def execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Stag
     digest = spec.config_digest(config)
     previous = manifest.stages.get(name)
     upstreams = spec.inputs_for(config)
-    resuming = plan_stage(manifest, name, digest, upstreams, run_dir, requested=True).action == "resume"
+    decision = plan_stage(
+        manifest, name, digest, upstreams, run_dir, requested=True, launch_changes=spec.launch_changes(config, previous)
+    )
+    if decision.action == "refuse":
+        raise ManifestError(decision.reason)
+    resuming = decision.action == "resume"
     stage_dir = run_dir / name
     aside = previous_output_path(run_dir, name)
 

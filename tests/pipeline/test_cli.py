@@ -179,3 +179,172 @@ def test_serve_refuses_a_manifest_of_the_wrong_shape_in_one_message_naming_it(tm
     assert cli.main(["serve", str(tmp_path), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"chatpipe: {manifest_path(tmp_path)}: ") and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing the run dir holds is lost to a lost manifest, a new launch or a misused path
+
+
+def test_a_lost_manifest_never_deletes_outputs_it_does_not_record(stages, write_config, tmp_path, capsys):
+    from pipeline.orchestration.manifest import manifest_path, previous_manifest_path
+
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    manifest_path(run_dir).unlink()
+    previous_manifest_path(run_dir).unlink()
+
+    assert cli.main(["run", str(write_config()), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert f"chatpipe: tokenizer: {run_dir / 'tokenizer'} holds a final output (final/) that the manifest does not record" in err
+    assert "chatpipe does not delete what it did not record" in err
+    assert (run_dir / "tokenizer" / "final" / "weights.txt").read_text() == "vocab v1"
+    assert (run_dir / "pretrain" / "final" / "weights.txt").exists()
+
+
+@pytest.mark.parametrize("damage", [b"\x00garbage", b'{"format": 1, "stages": {}}', None])
+def test_a_damaged_or_missing_manifest_is_recovered_from_the_one_before_it(stages, write_config, tmp_path, capsys, damage):
+    from pipeline.orchestration.manifest import manifest_path
+
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    if damage is None:
+        manifest_path(run_dir).unlink()
+    else:
+        manifest_path(run_dir).write_bytes(damage)
+
+    code, lines = run(capsys, write_config(), run_dir)
+    assert code == 0
+    recovered = next(line for line in lines if "recovered the run from manifest.previous.json" in line)
+    assert "completed and verified: tokenizer" in recovered
+    kept = list(run_dir.glob("manifest.damaged-*.json"))
+    if damage is None:
+        assert kept == []
+    else:
+        assert [path.read_bytes() for path in kept] == [damage]
+        assert f"the damaged file is kept as {kept[0].name}" in recovered
+    # One write behind: pretrain's `completed` was the write lost, so it resumes from its checkpoint.
+    assert "chatpipe: tokenizer: up to date, skipped" in lines
+    assert "chatpipe: pretrain: resuming from the last checkpoint (it was interrupted)" in lines
+    assert (run_dir / "tokenizer" / "final" / "weights.txt").read_text() == "vocab v1"
+    assert status_rows(capsys, run_dir) == {"tokenizer": "completed", "pretrain": "completed"}
+
+
+def test_status_shows_the_previous_manifest_when_the_current_one_is_damaged(stages, write_config, tmp_path, capsys):
+    from pipeline.orchestration.manifest import manifest_path
+
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    manifest_path(run_dir).write_bytes(b"\x00garbage")
+    assert cli.main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "not valid JSON" in out and "`chatpipe run` recovers the run from it" in out
+    assert manifest_path(run_dir).read_bytes() == b"\x00garbage"  # status only reads
+
+
+def test_status_flags_an_output_altered_since_it_was_recorded(stages, write_config, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    (run_dir / "tokenizer" / "final" / "weights.txt").write_text("vocab v1, edited")
+    cli.command_status(run_dir)
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:4]}
+    assert rows == {"tokenizer": "altered", "pretrain": "completed"}
+    assert "chatpipe: tokenizer: its output changed since it was recorded (weights.txt); `chatpipe run` rebuilds it" in out
+
+
+def test_a_new_launcher_changes_nothing_and_a_new_process_count_keeps_an_interrupted_stages_checkpoints(
+    stages, write_config, tmp_path, capsys
+):
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    code, lines = run(capsys, write_config(), run_dir, "pretrain.launch.launcher=torchrun")
+    assert "chatpipe: pretrain: up to date, skipped" in lines
+
+    # Interrupted with a checkpoint written by 2 processes, then rerun with 1: refused, nothing deleted.
+    run_dir = tmp_path / "interrupted"
+    stages.fail = {"pretrain"}
+    run(capsys, write_config(), run_dir, "pretrain.launch.num_processes=2")
+    checkpoint = run_dir / "pretrain" / "checkpoints" / "step-000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 10, "world_size": 2}')
+    stages.fail = set()
+    assert cli.main(["run", str(write_config()), "--run-dir", str(run_dir)]) == 2
+    err = capsys.readouterr().err
+    assert (f"chatpipe: pretrain: its checkpoint {checkpoint} was written with launch.num_processes=2 (now 1)" in err
+            and "resume it with --set pretrain.launch.num_processes=2" in err)
+    assert (checkpoint / "state.json").exists() and (run_dir / "pretrain" / "checkpoints" / "attempt").exists()
+
+    code, lines = run(capsys, write_config(), run_dir, "pretrain.launch.num_processes=2")
+    assert "chatpipe: pretrain: resuming from the last checkpoint (it failed)" in lines
+    # A completed stage under a new process count is a new result: rerun, the old output kept until replaced.
+    code, lines = run(capsys, write_config(), run_dir)
+    assert "chatpipe: pretrain: its launch changed (launch.num_processes 2 -> 1); running from scratch" in lines
+
+
+def refuse_writes_under(folder, monkeypatch):
+    """Make `folder` read-only: chmod, and (as root, whom chmod does not stop) the refusals the kernel gives others."""
+    import builtins
+    import errno
+    import io
+    import os
+    import tempfile
+
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+
+    def inside(path) -> bool:
+        path = os.path.abspath(path)
+        return path == str(folder) or path.startswith(str(folder) + os.sep)
+
+    def refuse(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    real_open, real_os_open, real_mkstemp, real_mkdir, real_access = (
+        builtins.open, os.open, tempfile.mkstemp, os.mkdir, os.access)
+    def guarded_open(path, mode="r", *args, **kwargs):
+        if isinstance(path, (str, os.PathLike)) and inside(path) and set(mode) & set("wax+"):
+            refuse(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)  # pathlib's
+    monkeypatch.setattr(os, "open", lambda path, flags, *a, **k: refuse(path) if (
+        inside(path) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)) else real_os_open(path, flags, *a, **k))
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, dir=None, **k: refuse(dir) if dir is not None and inside(dir)
+                        else real_mkstemp(*a, dir=dir, **k))
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: refuse(path) if inside(path) else real_mkdir(path, *a, **k))
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if inside(path) and mode & os.W_OK
+                        else real_access(path, mode, *a, **k))
+
+
+@pytest.mark.parametrize("command", ["run", "stage", "report"])
+def test_a_read_only_run_dir_is_one_message(stages, write_config, tmp_path, capsys, monkeypatch, command):
+    run_dir = tmp_path / "run"
+    run(capsys, write_config(), run_dir)
+    refuse_writes_under(run_dir, monkeypatch)
+    argv = {"run": ["run", str(write_config()), "--run-dir", str(run_dir)],
+            "stage": ["stage", "pretrain", "--run-dir", str(run_dir)],
+            "report": ["report", str(run_dir)]}[command]
+    try:
+        code = cli.main(argv)
+    finally:
+        run_dir.chmod(0o755)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"chatpipe: {run_dir}") and ("not writable" in err or "Permission denied" in err)
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("misuse", ["run dir is a file", "status of a file", "config is a folder"])
+def test_a_path_of_the_wrong_kind_is_one_message_naming_it(write_config, tmp_path, capsys, misuse):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    argv = {"run dir is a file": ["run", str(write_config()), "--run-dir", str(a_file)],
+            "status of a file": ["status", str(a_file)],
+            "config is a folder": ["run", str(tmp_path), "--run-dir", str(tmp_path / "run")]}[misuse]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    named = tmp_path if misuse == "config is a folder" else a_file
+    assert err.startswith(f"chatpipe: {named}") and len(err.strip().splitlines()) == 1
+    assert a_file.read_text() == "x"
