@@ -670,9 +670,14 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a run config file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = read_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except DuplicateKeyError as error:
+        raise ConfigError(
+            f"{path}, line {error.line}: key {error.key!r} is given twice in one mapping (first at line {error.first_line}); "
+            "YAML would keep only the later value without a word: delete one of them"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
@@ -680,6 +685,38 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     for override in overrides:
         apply_override(raw, override)
     return validate_config(raw, source=str(path), base_dir=path.parent)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that gives the same key twice (lines are 1-based)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"line {line}: key {key!r} is given twice in one mapping (first at line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key given twice in one mapping is an error: plain YAML
+    keeps the later value, so `max_steps: 40` followed by `max_steps: 400` would silently train 400."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` keys may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, key_node.start_mark.line + 1, seen[key] + 1)
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: the base loader says what is wrong with it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML as yaml.safe_load does, refusing duplicate keys (DuplicateKeyError)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)
 
 
 def validate_config(raw: dict[str, Any], source: str = "<config>", base_dir: str | Path | None = None) -> RunConfig:
@@ -702,7 +739,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"--set {override!r}: {part!r} is a value, not a section")
         node = child
     try:
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = read_yaml(value)
     except yaml.YAMLError as error:
         problem = str(getattr(error, "problem", None) or error).strip()
         raise ConfigError(

@@ -204,3 +204,20 @@ def test_the_command_line_reports_a_bad_model_value_without_a_traceback(write_co
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model.config.hidden_size = 'abc'" in result.stderr
     assert not (tmp_path / "run" / "pretrain").exists()
+
+
+def test_a_key_given_twice_in_one_mapping_is_an_error(write_config):
+    # Before, YAML kept the later value silently: a run trained for 400 steps that read as 40.
+    path = write_config()
+    text = path.read_text().replace("  max_steps: 40\n", "  max_steps: 40\n  max_steps: 400\n")
+    path.write_text(text)
+    line = text.splitlines().index("  max_steps: 400") + 1
+    with pytest.raises(ConfigError, match=rf"run\.yaml, line {line}: key 'max_steps' is given twice in one mapping "
+                       rf"\(first at line {line - 1}\).*delete one"):
+        load_config(path)
+
+
+def test_a_yaml_merge_key_overridden_on_purpose_is_not_a_duplicate():
+    from pipeline.config import read_yaml
+
+    assert read_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")["other"] == {"x": 3, "y": 2}
