@@ -109,6 +109,12 @@ class ModelConfig(Section):
     revision: str | None = Field(None, description="Hub revision of base_model.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
 
+    def transformers_config(self, **fields: Any):
+        """The transformers config of `architecture` built from `config` (`fields` win): what pretraining builds."""
+        from transformers import AutoConfig
+
+        return AutoConfig.for_model(self.architecture, **{**self.config, **fields})
+
     @field_validator("architecture")
     @classmethod
     def _known_architecture(cls, architecture: str) -> str:
@@ -164,6 +170,9 @@ def _architecture_config_problem(config_class, architecture: str, values: dict[s
                 f"model.config.{key} = {value!r} is not a valid {architecture} {key}: expected "
                 f"{type(default).__name__} (like the default, {default!r}){hint}; fix it in the config or the --set"
             )
+    problem = _heads_problem(config_class, defaults, values)
+    if problem:
+        return problem
     try:
         config_class(**values)
     except Exception as error:  # transformers raises ValueError, TypeError or its strict-dataclass errors
@@ -171,6 +180,56 @@ def _architecture_config_problem(config_class, architecture: str, values: dict[s
         field = re.search(r"field '(\w+)'", str(error))
         where = f"model.config.{field.group(1)} = {values.get(field.group(1))!r}" if field else "model.config"
         return f"{where} does not build a {architecture} config: {reason[0]}; fix it in the config or the --set"
+    return None
+
+
+def _user_value(config_class, defaults, values: dict[str, Any], name: str) -> tuple[str, Any, bool]:
+    """(the key the user wrote or would write, its value, whether model.config sets it) for a
+    standard config attribute (`hidden_size`), which some architectures spell their own way
+    (gpt2: n_embd) through their `attribute_map`."""
+    own_name = getattr(config_class, "attribute_map", {}).get(name, name)
+    for key in (name, own_name):
+        if key in values:
+            return key, values[key], True
+    return own_name, getattr(defaults, name, None), False
+
+
+def _heads_problem(config_class, defaults, values: dict[str, Any]) -> str | None:
+    """Why the attention heads cannot split the hidden size, or None.
+
+    Every head gets hidden_size / heads dimensions unless the architecture has its own head_dim
+    (set in model.config, or a fixed default like qwen3's): some build the config and fail only
+    when the model is built, others fail with a message about RoPE's rotary dimension.
+    """
+    import inspect
+
+    head_dim = inspect.signature(config_class.__init__).parameters.get("head_dim")
+    if "head_dim" in values or (head_dim is not None and head_dim.default not in (None, inspect.Parameter.empty)):
+        return None
+    hidden_key, hidden, _ = _user_value(config_class, defaults, values, "hidden_size")
+    heads_key, heads, _ = _user_value(config_class, defaults, values, "num_attention_heads")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (hidden, heads)) or hidden % heads == 0:
+        return None
+    nearest = max(heads, round(hidden / heads) * heads)
+    return (
+        f"model.config.{hidden_key} = {hidden} is not a multiple of model.config.{heads_key} = {heads} "
+        f"(each attention head gets {hidden_key} / {heads_key} dimensions): make {hidden_key} a multiple of "
+        f"{heads_key} (e.g. {nearest}), or pick a {heads_key} that divides {hidden}"
+    )
+
+
+# Where architectures keep the most positions they embed, in the order they are looked for
+# (`max_position_embeddings` first: gpt2 and others map it to their own name).
+POSITION_LIMIT_NAMES = ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx", "context_length", "max_sequence_length", "seq_length")
+
+
+def position_limit(model_config) -> tuple[str, int] | None:
+    """(its name in POSITION_LIMIT_NAMES, its value) of a transformers config's position limit: the
+    longest sequence the model takes. None where it has none (Mamba...)."""
+    for name in POSITION_LIMIT_NAMES:
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return name, value
     return None
 
 
@@ -648,6 +707,31 @@ class RunConfig(Section):
             raise ValueError(f"ppo.select_by: {self.ppo.select_by} needs a judges section (the judges pick the policy)")
         return self
 
+    @model_validator(mode="after")
+    def _sequences_fit_the_model(self) -> "RunConfig":
+        if self.model.base_model is None:  # a base model's limit is known when it loads: the pretrain stage checks it
+            problems = sequence_length_problems(self, self.model.transformers_config(), source=None)
+            if problems:
+                raise ValueError("\n  ".join(problems))
+        return self
+
+    @property
+    def sequence_lengths(self) -> list[tuple[list[str], list[int]]]:
+        """The longest sequence each stage feeds the model, as (the keys, their values) that add up to it."""
+        lengths = []
+        if self.model.base_model is None:
+            lengths.append((["pretrain.block_size"], [self.pretrain.block_size]))
+        trained_judges = self.judges if self.judges is not None and self.judges.count > 0 else None
+        for name, section in (("sft", self.sft), ("reward", self.reward), ("judges", trained_judges)):
+            if section is not None:
+                lengths.append(([f"{name}.max_length"], [section.max_length]))
+        if self.ppo is not None:
+            lengths.append((["ppo.data.max_prompt_length", "ppo.sampling.response_length"],
+                            [self.ppo.data.max_prompt_length, self.ppo.sampling.response_length]))
+        if self.eval is not None:
+            lengths.append((["eval.max_prompt_length", "eval.response_length"], [self.eval.max_prompt_length, self.eval.response_length]))
+        return lengths
+
     @property
     def policy_stage(self) -> str:
         """The stage whose model RL starts from: the SFT policy when there is one."""
@@ -657,6 +741,47 @@ class RunConfig(Section):
     def tokenizer_corpus(self) -> list[DataSource] | None:
         """The tokenizer's corpus as a list of sources read in order (None: nothing to train on)."""
         return corpus_sources(self.tokenizer.corpus or self.pretrain.data)
+
+
+def sequence_length_problems(config: RunConfig, model_config, source: str | None) -> list[str]:
+    """What in `config` is longer than the model built from `model_config` takes, one line each.
+
+    Past its last position a model with learned position embeddings (gpt2) fails with an IndexError
+    at the first forward pass, and a rotary one (llama) runs on positions it never learned.
+    `source`: the base model the limit comes from, or None for the one built from model.config.
+    """
+    limit = position_limit(model_config)
+    if limit is None:
+        return []
+    name, most = limit
+    if source is not None:
+        own_name = getattr(model_config, "attribute_map", {}).get(name, name)
+        where, fix = f"model.base_model {source!r} has {own_name} = {most}", ""
+    else:
+        key, _, is_set = _user_value(type(model_config), model_config, config.model.config, name)
+        default = "" if is_set else f" (the {config.model.architecture} default)"
+        where, fix = f"model.config.{key} = {most}{default}", f" or raise model.config.{key}"
+    problems = []
+    for keys, values in config.sequence_lengths:
+        total = sum(values)
+        if total <= most:
+            continue
+        if len(keys) == 1:
+            what, lower = f"{keys[0]} = {total}", f"lower {keys[0]} to at most {most}"
+        else:
+            what = f"{' + '.join(keys)} = {' + '.join(map(str, values))} = {total}"
+            lower = f"lower {' or '.join(keys)} so that their sum is at most {most}"
+        problems.append(f"{what} is more tokens than the model has positions: {where}; {lower}{fix}")
+    return problems
+
+
+def check_sequence_lengths(config: RunConfig, model_config) -> None:
+    """ConfigError unless every sequence the run's stages feed a base model fits its positions (see
+    sequence_length_problems): checked by the stage that loads the base model, whose limit a config
+    naming a hub id cannot know."""
+    problems = sequence_length_problems(config, model_config, source=config.model.base_model)
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def corpus_sources(data: DataSource | list[DataSource] | None) -> list[DataSource] | None:

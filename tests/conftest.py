@@ -49,7 +49,7 @@ def tiny_config(corpus: Path, **sections) -> dict:
                 "num_hidden_layers": 2,
                 "num_attention_heads": 2,
                 "num_key_value_heads": 2,
-                "max_position_embeddings": 128,
+                "max_position_embeddings": 512,  # every stage's default sequence length fits
             },
         },
         "wandb": {"mode": "disabled"},

@@ -19,6 +19,7 @@ import torch
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
+from pipeline.config import check_sequence_lengths
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, whole_model_init
 from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
@@ -119,6 +120,7 @@ def adopt(context: StageContext, tokenizer) -> StageResult:
     model = None
     if context.is_main:
         model = adopt_base_model(context.config.model, tokenizer)
+        check_sequence_lengths(context.config, model.config)  # its position limit, unknown until now
         model.save_pretrained(context.output_dir, safe_serialization=True)
         tokenizer.save_pretrained(context.output_dir)
     metrics = {"source": context.config.model.base_model}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.config import ModelConfig
 
@@ -13,15 +13,11 @@ def model_from_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
     The vocabulary size and the special-token ids always come from the tokenizer, so the config
     cannot disagree with it.
     """
-    config = AutoConfig.for_model(
-        model.architecture,
-        **{
-            **model.config,
-            "vocab_size": len(tokenizer),
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "bos_token_id": tokenizer.bos_token_id,
-        },
+    config = model.transformers_config(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
     )
     return AutoModelForCausalLM.from_config(config)
 

@@ -186,8 +186,8 @@ def test_a_model_config_value_of_the_wrong_type_is_named_at_config_time(write_co
     with pytest.raises(ConfigError, match=r"model\.config\.rms_norm_eps = '1e-5' .* write it with a dot, e\.g\. 1\.0e-05"):
         load_config(write_config(), overrides=["model.config.rms_norm_eps=1e-5"])
     # What only transformers knows is checked by building the config object.
-    with pytest.raises(ConfigError, match=r"model\.config does not build a llama config: .*not a multiple of the number of attention heads \(3\)"):
-        load_config(write_config(), overrides=["model.config.num_attention_heads=3"])
+    with pytest.raises(ConfigError, match=r"model\.config does not build a llama config: .*head_dim"):
+        load_config(write_config(), overrides=["model.config.num_attention_heads=4", "model.config.head_dim=7"])
     assert load_config(write_config(), overrides=["model.config.rms_norm_eps=0.00001"]).model.config["rms_norm_eps"] == 1e-5
 
 
@@ -204,6 +204,67 @@ def test_the_command_line_reports_a_bad_model_value_without_a_traceback(write_co
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "model.config.hidden_size = 'abc'" in result.stderr
     assert not (tmp_path / "run" / "pretrain").exists()
+
+
+# ------------------------------------------------------------- what the model can take (issue 26)
+
+GPT2_SMALL = {"architecture": "gpt2", "config": {"n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}}
+
+
+def test_a_block_size_beyond_the_models_positions_is_refused_at_load(write_config):
+    # gpt2: the first forward pass failed with an IndexError in the position embedding.
+    with pytest.raises(ConfigError, match=r"pretrain\.block_size = 128 is more tokens than the model has positions: "
+                       r"model\.config\.n_positions = 64.*lower pretrain\.block_size to at most 64 or raise model\.config\.n_positions"):
+        load_config(write_config(model=GPT2_SMALL), overrides=["pretrain.block_size=128"])
+    # llama: the run started and stalled. The limit is the architecture's default when model.config does not set it.
+    with pytest.raises(ConfigError, match=r"pretrain\.block_size = 256 .*model\.config\.max_position_embeddings = 128"):
+        load_config(write_config(), overrides=["pretrain.block_size=256", "model.config.max_position_embeddings=128"])
+    with pytest.raises(ConfigError, match=r"pretrain\.block_size = 2048 .*model\.config\.n_positions = 1024 \(the gpt2 default\)"):
+        load_config(write_config(model={"architecture": "gpt2", "config": {"n_embd": 32, "n_layer": 2, "n_head": 2}}),
+                    overrides=["pretrain.block_size=2048"])
+    assert load_config(write_config(model=GPT2_SMALL), overrides=["pretrain.block_size=64"]).pretrain.block_size == 64
+
+
+def test_every_sequence_a_stage_feeds_the_model_must_fit_its_positions(write_config):
+    from tests.conftest import tiny_sft_section
+
+    positions = ["model.config.max_position_embeddings=128"]
+    with pytest.raises(ConfigError, match=r"sft\.max_length = 256 .*max_position_embeddings = 128;.*lower sft\.max_length to at most 128"):
+        load_config(write_config(sft=tiny_sft_section(max_length=256)), overrides=positions)
+    ppo = nest_ppo_keys({**PPO_FLAT, "max_prompt_length": 120})[0]  # + the default 64 response tokens
+    with pytest.raises(ConfigError, match=r"ppo\.data\.max_prompt_length \+ ppo\.sampling\.response_length = 120 \+ 64 = 184 .*"
+                       r"so that their sum is at most 128"):
+        load_config(write_config(ppo=ppo, reward={**REWARD, "max_length": 64}), overrides=positions)
+    with pytest.raises(ConfigError, match=r"reward\.max_length = 512 .*\n.*eval\.max_prompt_length \+ eval\.response_length = 256 \+ 64"):
+        load_config(write_config(reward=REWARD, eval={"prompts": {"path": HH}}), overrides=positions)
+    # A hub base model's positions are not known before it is loaded: the pretrain stage checks them.
+    raw = {"model": {"architecture": "llama", "base_model": "some-org/some-model"}, "sft": tiny_sft_section(max_length=4096)}
+    assert load_config(write_config(**raw)).sft.max_length == 4096
+
+
+def test_the_stage_that_adopts_a_base_model_checks_the_lengths_against_it(write_config):
+    from transformers import GPT2Config
+
+    from pipeline.config import check_sequence_lengths
+    from tests.conftest import tiny_sft_section
+
+    config = load_config(write_config(model={"architecture": "gpt2", "config": {}, "base_model": "some-org/some-model"},
+                                      sft=tiny_sft_section(max_length=100)))
+    check_sequence_lengths(config, GPT2Config(n_positions=100))
+    with pytest.raises(ConfigError, match=r"sft\.max_length = 100 is more tokens than the model has positions: "
+                       r"model\.base_model 'some-org/some-model' has n_positions = 64.*lower sft\.max_length to at most 64"):
+        check_sequence_lengths(config, GPT2Config(n_positions=64))
+
+
+def test_a_hidden_size_the_heads_do_not_divide_names_both_keys(write_config):
+    with pytest.raises(ConfigError, match=r"model\.config\.n_embd = 30 is not a multiple of model\.config\.n_head = 4 .*"
+                       r"make n_embd a multiple of n_head \(e\.g\. 32\)"):
+        load_config(write_config(model={**GPT2_SMALL, "config": {**GPT2_SMALL["config"], "n_embd": 30, "n_head": 4}}))
+    with pytest.raises(ConfigError, match=r"model\.config\.hidden_size = 32 is not a multiple of model\.config\.num_attention_heads = 3"):
+        load_config(write_config(), overrides=["model.config.num_attention_heads=3"])
+    # An explicit head_dim decouples them (q/k/v project to heads x head_dim): nothing to refuse.
+    load_config(write_config(model={"architecture": "qwen3", "config": {"hidden_size": 30, "num_attention_heads": 4,
+                                                                         "num_key_value_heads": 2, "head_dim": 8}}))
 
 
 def test_a_key_given_twice_in_one_mapping_is_an_error(write_config):
