@@ -15,8 +15,9 @@ import hashlib
 import json
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -108,6 +109,25 @@ class ModelConfig(Section):
     base_model: str | None = Field(None, description="Hub id or local path of a base model; skips pretraining.")
     revision: str | None = Field(None, description="Hub revision of base_model.")
     trust_remote_code: bool = Field(False, description="Run code shipped with a hub model. Off unless you trust it.")
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_model_can_exist(cls, base_model: str | None) -> str | None:
+        """A base model that is plainly a local path must be a model folder now; a hub id is checked when it loads."""
+        if base_model is None:
+            return None
+        folder = Path(base_model).expanduser()
+        if folder.is_dir() and not any((folder / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ValueError(
+                f"{base_model!r} is a folder without config.json, so not a model: point it at the folder "
+                "save_pretrained wrote (it holds config.json), or at a hub id"
+            )
+        if not folder.exists() and not _could_be_hub_id(base_model):
+            raise ValueError(
+                f"{base_model!r} is neither a local folder (no such folder {folder.absolute()}) nor a hub id "
+                "(org/name): fix the path, or name a hub model"
+            )
+        return base_model
 
     def transformers_config(self, **fields: Any):
         """The transformers config of `architecture` built from `config` (`fields` win): what pretraining builds."""
@@ -231,6 +251,48 @@ def position_limit(model_config) -> tuple[str, int] | None:
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
             return name, value
     return None
+
+
+def _could_be_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a hub repo id (name or org/name); a path like ./x or /a/b/c does not."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+@contextmanager
+def loading_model(key: str, name: str, holds: str = "config.json") -> Iterator[None]:
+    """Load a model or tokenizer named by config key `key` inside this block: a folder that is not
+    there or a hub id this machine cannot reach becomes one ConfigError saying what `name` must be,
+    instead of a transformers traceback (transformers and huggingface_hub raise OSError subclasses,
+    and HFValidationError for a name that is neither)."""
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0].rstrip(".") if lines else type(error).__name__
+        if HF_HUB_OFFLINE:
+            how = (
+                "HF_HUB_OFFLINE is set, so a hub id loads only from this machine's cache: download it there first "
+                f"(`hf download {name}` where there is network), or unset HF_HUB_OFFLINE"
+            )
+        else:
+            how = (
+                f"check the name and the network; on a machine without network, download it beforehand (`hf download {name}`) "
+                "and set HF_HUB_OFFLINE=1 so that it loads from the cache without minutes of retries"
+            )
+        raise ConfigError(
+            f"{key} = {name!r} could not be loaded ({reason}). It must be a local folder with {holds}, "
+            f"or a hub id reachable from this machine: {how}"
+        ) from None
 
 
 def _is_number(text: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, loading_model
 
 
 def model_from_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
@@ -24,9 +24,10 @@ def model_from_config(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) ->
 
 def adopt_base_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """The base model named in the config, its embeddings grown if the tokenizer gained tokens."""
-    base = AutoModelForCausalLM.from_pretrained(
-        model.base_model, revision=model.revision, trust_remote_code=model.trust_remote_code, dtype="auto"
-    )
+    with loading_model("model.base_model", model.base_model):
+        base = AutoModelForCausalLM.from_pretrained(
+            model.base_model, revision=model.revision, trust_remote_code=model.trust_remote_code, dtype="auto"
+        )
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))
     for config in (base.config, base.generation_config):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from data.sources import stream_corpus
+from pipeline.config import loading_model
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from stages.tokenizer.bpe import adopt_pretrained, train_bpe
 
@@ -22,7 +23,9 @@ def train(context: StageContext) -> StageResult:
     if context.is_main:
         pretrained = section.pretrained or config.model.base_model
         if pretrained is not None:
-            tokenizer = adopt_pretrained(pretrained, config.model.revision, config.model.trust_remote_code)
+            key, holds = ("tokenizer.pretrained", "tokenizer_config.json") if section.pretrained else ("model.base_model", "config.json")
+            with loading_model(key, pretrained, holds):
+                tokenizer = adopt_pretrained(pretrained, config.model.revision, config.model.trust_remote_code)
             metrics["source"] = pretrained
         else:
             # Streamed: a hub corpus is read only as far as max_rows / max_chars take it.

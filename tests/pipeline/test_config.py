@@ -267,6 +267,37 @@ def test_a_hidden_size_the_heads_do_not_divide_names_both_keys(write_config):
                                                                          "num_key_value_heads": 2, "head_dim": 8}}))
 
 
+def test_a_base_model_folder_that_does_not_exist_is_refused_at_load(write_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.base_model: 'models/absent/base' is neither a local folder.*no such folder .*absent"):
+        load_config(write_config(model={"architecture": "llama", "base_model": "models/absent/base"}))
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"model\.base_model: .*empty_model' is a folder without config\.json"):
+        load_config(write_config(model={"architecture": "llama", "base_model": str(empty)}))
+
+
+def test_an_unreachable_hub_model_is_one_clear_message(monkeypatch):
+    import huggingface_hub.constants
+
+    from pipeline.config import ModelConfig
+    from stages.pretrain.model import adopt_base_model
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match=r"model\.base_model = 'some-org/absent-model' could not be loaded .*"
+                       r"a local folder with config\.json, or a hub id reachable from this machine.*HF_HUB_OFFLINE is set"):
+        adopt_base_model(ModelConfig(base_model="some-org/absent-model"), tokenizer=None)
+
+
+def test_the_command_line_reports_an_unreachable_base_model_without_a_traceback(write_config, tmp_path):
+    from tests.conftest import chatpipe
+
+    config = write_config(model={"architecture": "llama", "base_model": "some-org/absent-model"})
+    result = chatpipe("run", str(config), "--run-dir", str(tmp_path / "run"), env={"HF_HUB_OFFLINE": "1"}, check=False)
+    output = result.stdout + result.stderr  # the stage's own output is copied to the console
+    assert result.returncode == 2 and "Traceback" not in output, output
+    assert "chatpipe: tokenizer: model.base_model = 'some-org/absent-model' could not be loaded" in output
+
+
 def test_a_key_given_twice_in_one_mapping_is_an_error(write_config):
     # Before, YAML kept the later value silently: a run trained for 400 steps that read as 40.
     path = write_config()
