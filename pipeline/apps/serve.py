@@ -11,10 +11,17 @@
 The standard library's ThreadingHTTPServer is enough for one model: each connection gets a
 thread that parses its request and renders its prompt (truncated to fit the context), then hands
 it to the batch scheduler (pipeline/apps/batching.py), which generates the requests that arrive
-together in one batched engine call. Every bad request gets a 4xx JSON error
-`{"error": {"message", "type", "code"}}` naming the field to fix, even a request line too broken to
-route; an unexpected failure is a 500 of the same shape, logged, never a traceback sent to the
-client. A field of OpenAI's API that this server does not implement is refused, never ignored.
+together in one batched engine call and takes newcomers into a running batch between steps.
+Every bad request gets a 4xx JSON error `{"error": {"message", "type", "code"}}` naming the field
+to fix, even a request line too broken to route; an unexpected failure is a 500 of the same
+shape, logged, never a traceback sent to the client, and never sent to a request batched with
+the one that failed. A field of OpenAI's API that this server does not implement is refused,
+never ignored.
+
+Sampling fields are checked here, each against the range its 400 states: `temperature` 0 to 2
+(OpenAI's range; below 1e-5 it is greedy, as 0), `top_p` above 0 up to 1, `top_k` 0 (off) or
+more, `max_tokens` 1 or more (cut to fit the context), `n` 1 to 16, `seed` 0 to 2**63 - 1, each
+a JSON number of the right kind: not a string, a bool, NaN or an infinity.
 """
 
 from __future__ import annotations
@@ -29,13 +36,13 @@ import uuid
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from pipeline.apps.batching import MAX_TOP_LOGPROBS, BatchScheduler, Job
-from pipeline.apps.chat import SamplingSettings, checkpoint_warning, fit_prompt, load_chat_model, resolve_policy_stage
+from pipeline.apps.chat import SamplingSettings, checkpoint_warning, fit_prompt, load_policy, resolve_policy_stage
 from pipeline.errors import ConfigError
 from pipeline.orchestration.manifest import read_manifest
 
@@ -48,6 +55,7 @@ CHAT_PATH = "/v1/chat/completions"
 DRAIN_LIMIT_BYTES = 64 << 20
 MODELS_PATH = "/v1/models"
 MAX_CHOICES = 16  # 'n' at most
+MAX_TEMPERATURE = 2.0  # 'temperature' at most, as OpenAI's API (below 1e-5 it is greedy, as 0)
 MAX_STOPS = 4  # as OpenAI: up to 4 stop sequences
 # Fields accepted when they ask for nothing (OpenAI's defaults); any other value is refused.
 NEUTRAL_FIELDS = {
@@ -115,7 +123,7 @@ def make_server(
     """A server bound to host:port (0 = any free port, see `server.server_address`), not yet serving.
 
     Requests arriving within `batch_window_s` of each other (or while a batch runs) are generated
-    together, up to `max_batch_rows` rows (a request with n choices is n rows).
+    together, up to `max_batch_rows` rows (a request with n choices is n rows, dealt a fair share).
     Run it with `serve_forever()` (in a thread, for tests), stop it with `shutdown()` and `server_close()`.
     """
     model.eval()
@@ -167,14 +175,28 @@ def parse_messages(value: Any, max_messages: int | None = None) -> list[dict[str
     return messages
 
 
-def _number(body: dict, key: str, kind: type, default):
+def _number(body: dict, key: str, kind: type, default, accepted: str, valid: Callable[[Any], bool] = lambda value: True):
+    """body[key] (or `default` when absent or null), refused with a 400 naming the key and `accepted`
+    unless it is an integer (any finite number when `kind` is float) for which `valid` holds."""
     value = body.get(key)
     if value is None:
         return default
     allowed = (int, float) if kind is float else (int,)
-    if isinstance(value, bool) or not isinstance(value, allowed) or not math.isfinite(value):
-        raise RequestError(400, f"'{key}' must be {'a number' if kind is float else 'an integer'}", "invalid_parameter")
+    # A float NaN or infinity (JSON's NaN, Infinity, 1e400) fails every comparison or bound; a huge
+    # int is compared exactly, never converted to float first (10**400 made math.isfinite raise).
+    if (isinstance(value, bool) or not isinstance(value, allowed)
+            or (isinstance(value, float) and not math.isfinite(value)) or not valid(value)):
+        raise RequestError(400, f"'{key}' is {_shown(value)}; send {accepted}", "invalid_parameter")
     return kind(value)
+
+
+def _shown(value: Any) -> str:
+    """A request value as JSON, cut short: a field's error message never echoes a whole huge value."""
+    try:
+        text = json.dumps(value)
+    except ValueError:  # an int too long for str() (over 4,300 digits)
+        return "a number too large"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass(frozen=True)
@@ -227,37 +249,30 @@ def parse_request(body: Any, model_name: str, max_messages: int | None = None) -
     messages = parse_messages(body.get("messages"), max_messages)
     defaults = SamplingSettings()
     length_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, length_key, int, defaults.max_new_tokens)
-    if max_tokens < 1:
-        raise RequestError(400, f"'{length_key}' is {max_tokens}; ask for at least 1 token", "invalid_parameter")
+    # Every sampling field is checked here, so a request the engine cannot sample is a 400 naming its field.
+    max_tokens = _number(body, length_key, int, defaults.max_new_tokens,
+                         "an integer from 1 to 2**63 - 1 (a reply is cut to fit the context)", lambda v: 1 <= v < 2**63)
+    temperature = _number(body, "temperature", float, defaults.temperature,
+                          f"a number from 0 (greedy) to {MAX_TEMPERATURE}", lambda v: 0 <= v <= MAX_TEMPERATURE)
+    top_p = _number(body, "top_p", float, defaults.top_p, "a number above 0 and at most 1 (1 = off)", lambda v: 0 < v <= 1)
+    top_k = _number(body, "top_k", int, defaults.top_k, "an integer from 0 (off) to 2**63 - 1", lambda v: 0 <= v < 2**63)
     try:
-        settings = SamplingSettings(
-            temperature=_number(body, "temperature", float, defaults.temperature),
-            top_p=_number(body, "top_p", float, defaults.top_p),
-            top_k=_number(body, "top_k", int, defaults.top_k),
-            max_new_tokens=max_tokens,
-        )
+        settings = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_tokens)
     except ConfigError as error:
         raise RequestError(400, str(error), "invalid_parameter") from None
-    n = _number(body, "n", int, 1)
-    if not 1 <= n <= MAX_CHOICES:
-        raise RequestError(400, f"'n' is {n}; ask for 1 to {MAX_CHOICES} choices", "invalid_parameter")
+    n = _number(body, "n", int, 1, f"an integer from 1 to {MAX_CHOICES} (choices)", lambda v: 1 <= v <= MAX_CHOICES)
     stop = parse_stop(body.get("stop"))
     logprobs = body.get("logprobs", False)
     if not isinstance(logprobs, bool) and logprobs is not None:
         raise RequestError(400, "'logprobs' must be true or false", "invalid_parameter")
-    top_logprobs = _number(body, "top_logprobs", int, None)
-    if top_logprobs is not None:
-        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
-            raise RequestError(400, f"'top_logprobs' is {top_logprobs}; use 0 to {MAX_TOP_LOGPROBS}", "invalid_parameter")
-        if not logprobs:
-            raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "invalid_parameter")
+    top_logprobs = _number(body, "top_logprobs", int, None, f"an integer from 0 to {MAX_TOP_LOGPROBS}",
+                           lambda v: 0 <= v <= MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise RequestError(400, "'top_logprobs' needs 'logprobs': true", "invalid_parameter")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError(400, "'stream' must be true or false", "invalid_parameter")
-    seed = _number(body, "seed", int, None)
-    if seed is not None and not 0 <= seed < 2**63:
-        raise RequestError(400, f"'seed' {seed} is out of range; use 0 to 2**63 - 1", "invalid_parameter")
+    seed = _number(body, "seed", int, None, "an integer from 0 to 2**63 - 1", lambda v: 0 <= v < 2**63)
     options = body.get("stream_options") or {}
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     return ChatRequest(messages, settings, stream, seed, include_usage, n, stop,
@@ -400,7 +415,8 @@ class ChatRequestHandler(BaseHTTPRequestHandler):
         self.body_read = True
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        # ValueError covers JSONDecodeError, UnicodeDecodeError and an int of over 4,300 digits.
+        except (ValueError, RecursionError) as error:
             raise RequestError(400, f"the request body is not valid JSON ({error})", "invalid_json") from None
 
     def chat_completions(self) -> None:
@@ -501,12 +517,14 @@ def serve_command(
     model_name: str | None = None,
 ) -> int:
     """`chatpipe serve`: load the run's policy and answer requests until Ctrl-C."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} is not a TCP port; choose one from 1 to 65535 (0: any free port)")
     stage, folder = resolve_policy_stage(run_dir, stage)
     warning = checkpoint_warning(run_dir, stage)
+    model_name = model_name or f"{read_manifest(run_dir).run_name or Path(run_dir).name}-{stage}"
+    model, tokenizer = load_policy(run_dir, stage, folder)  # a checkpoint that cannot load stops here, unwarned
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    model_name = model_name or f"{read_manifest(run_dir).run_name or Path(run_dir).name}-{stage}"
-    model, tokenizer = load_chat_model(folder)
     try:
         server = make_server(model, tokenizer, model_name, host, port)
     except OSError as error:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -16,10 +17,13 @@ from contextlib import contextmanager
 
 import pytest
 
-from pipeline.apps.chat import SamplingSettings, load_chat_model, reply, resolve_policy
+from pipeline.apps.batching import BatchScheduler, Job
+from pipeline.apps.chat import SamplingSettings, load_chat_model, prompt_ids, reply, resolve_policy
 from pipeline.apps.serve import make_server
+from pipeline.cli import main
+from pipeline.models.generation import Sampling
 from tests.conftest import REPO_ROOT
-from tests.pipeline.test_chat import end_of_turn_model, save_tiny_run
+from tests.pipeline.test_chat import damaged_copy, end_of_turn_model, save_tiny_run
 
 MODEL_NAME = "tiny-sft"
 HELLO = [{"role": "user", "content": "Good morrow, how fares the king?"}]
@@ -226,16 +230,37 @@ def test_bad_messages_are_400(port, messages, code):
     ("temperature", -1), ("temperature", "hot"), ("top_p", 2), ("max_tokens", 0), ("max_tokens", 1.5),
     ("stream", "yes"), ("seed", True), ("seed", -1), ("n", 0), ("n", 17), ("stop", 5), ("stop", ["a"] * 5),
     ("logprobs", "yes"), ("top_logprobs", 21), ("top_logprobs", 2),
-])
+    # found by the fault probe: each a 500, or accepted and crashing the batch
+    ("temperature", 2.5), ("temperature", 10**400), ("temperature", [1]), ("temperature", True),
+    ("top_p", 0), ("top_p", -0.5), ("top_p", "0.9"), ("top_k", -1), ("top_k", 1.5), ("top_k", "5"), ("top_k", 10**400),
+    ("max_tokens", -3), ("max_tokens", 10**400), ("max_completion_tokens", 0), ("n", 1.5), ("n", "2"),
+    ("seed", 2**63), ("seed", 1.5), ("seed", "7"), ("top_logprobs", -1),
+], ids=lambda value: repr(value)[:12])
 def test_bad_parameters_are_400(port, field, value):
     status, payload = post_chat(port, {"model": MODEL_NAME, "messages": HELLO, field: value})
     assert_error(status, payload, 400, "invalid_parameter")
-    assert field in payload["error"]["message"]
+    assert f"'{field}'" in payload["error"]["message"]
 
 
-def test_non_finite_numbers_are_400(port):
-    body = b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
-    assert_error(*post_chat(port, body), 400, "invalid_parameter")
+@pytest.mark.parametrize("field", ["temperature", "top_p", "top_k", "max_tokens", "n", "seed"])
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_numbers_are_400(port, field, number):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "%s": %s}' % (field.encode(), number.encode())
+    status, payload = post_chat(port, body)
+    assert_error(status, payload, 400, "invalid_parameter")
+    assert f"'{field}'" in payload["error"]["message"]
+
+
+def test_a_number_too_long_to_read_is_400(port):
+    body = b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1' + b"0" * 5000 + b"}"
+    assert_error(*post_chat(port, body), 400, "invalid_json")
+
+
+def test_range_errors_say_what_is_accepted(port):
+    message = post_chat(port, {"messages": HELLO, "temperature": 7})[1]["error"]["message"]
+    assert "'temperature'" in message and "0" in message and "2" in message
+    message = post_chat(port, {"messages": HELLO, "top_p": 0})[1]["error"]["message"]
+    assert "'top_p'" in message and "1" in message
 
 
 def test_text_content_parts_are_accepted(port):
@@ -512,3 +537,184 @@ def test_concurrent_requests_are_generated_in_one_batch(loaded):
     for solo, batched, length in zip(alone, together, range(4, 8)):
         assert batched["usage"]["completion_tokens"] == length
         assert batched["choices"][0]["message"]["content"] == solo["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One request never reaches another's response: bad settings, a failing row, a large request
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_neighbour(loaded):
+    """temperature 1e-300 drew a token past the vocabulary: a 500 for it and for 11 of 24 batched with it."""
+    model, tokenizer = loaded
+    server = make_server(model, tokenizer, MODEL_NAME, batch_window_s=0.3)
+    with running(server) as port:
+        greedy = greedy_text(port, max_tokens=8)["choices"][0]["message"]["content"]
+        bodies = [{"messages": HELLO, "max_tokens": 8, "temperature": tiny} for tiny in (1e-300, 5e-324)]
+        bodies += [{"messages": HELLO, "max_tokens": 8, "temperature": 1.0, "seed": seed} for seed in range(8)]
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            results = list(pool.map(lambda body: post_chat(port, body), bodies))
+        alone = [post_chat(port, body)[1] for body in bodies[2:]]
+        assert max(server.scheduler.batch_sizes) > 2, server.scheduler.batch_sizes
+    assert [status for status, _ in results] == [200] * len(bodies), results
+    assert [completion["choices"][0]["message"]["content"] for _, completion in results[:2]] == [greedy, greedy]
+    assert [completion["choices"] for _, completion in results[2:]] == [completion["choices"] for completion in alone]
+
+
+class LoggedQueue(queue.Queue):
+    """A job's event queue that also appends (name, event) to a shared log, in the order events come."""
+
+    def __init__(self, log: list, name: str):
+        super().__init__()
+        self.log, self.name = log, name
+
+    def put(self, item, block=True, timeout=None):
+        self.log.append((self.name, item))
+        super().put(item, block, timeout)
+
+
+def job_text(job: Job) -> list[str]:
+    """Each choice's whole text, after the job has finished."""
+    texts = [""] * job.n
+    for delta in job:
+        texts[delta.choice] += delta.text
+    return texts
+
+
+def poisoned(sampling: Sampling) -> Sampling:
+    """Settings no request can send any more (a NaN temperature), as a stand-in for any settings that break a step."""
+    object.__setattr__(sampling, "temperature", float("nan"))
+    return sampling
+
+
+@contextmanager
+def held_at_forward(model, number: int):
+    """Hold the batcher inside its `number`th forward pass until the returned event is set."""
+    calls, reached, release = [0], threading.Event(), threading.Event()
+
+    def hold(module, args, kwargs):
+        calls[0] += 1
+        if calls[0] == number:
+            reached.set()
+            assert release.wait(60)
+
+    handle = model.register_forward_pre_hook(hold, with_kwargs=True)
+    try:
+        yield reached, release
+    finally:
+        release.set()
+        handle.remove()
+
+
+@pytest.mark.parametrize("bad", ["settings", "prompt"])
+def test_a_request_that_breaks_generation_fails_alone(loaded, bad):
+    """A failing engine call answered every request in it with the failure; now only the one that causes it."""
+    model, tokenizer = loaded
+    prompts = [prompt_ids(tokenizer, [{"role": "user", "content": f"Tell me of {name}"}], None)
+               for name in ("Rome", "the king", "a ghost", "love")]
+    settings = [Sampling(0), Sampling(1.0), Sampling(0.7, top_p=0.9), Sampling(0, top_k=3)]
+    alone_scheduler = BatchScheduler(model, tokenizer)
+    try:
+        alone = [job_text(alone_scheduler.submit(Job(prompt, 6, sampling, n=2, seed=9)))
+                 for prompt, sampling in zip(prompts, settings)]
+    finally:
+        alone_scheduler.close()
+    scheduler = BatchScheduler(model, tokenizer, window_s=0.5)
+    try:
+        jobs = [Job(prompt, 6, sampling, n=2, seed=9) for prompt, sampling in zip(prompts, settings)]
+        if bad == "settings":
+            culprit = Job(prompts[0], 6, poisoned(Sampling(1.0)))
+        else:  # a token id past the vocabulary: the embedding raises IndexError for the whole batch
+            culprit = Job(prompts[0] + [len(tokenizer) + 5], 6, Sampling(0))
+        for job in jobs[:2] + [culprit] + jobs[2:]:
+            scheduler.submit(job)
+        with pytest.raises(Exception):
+            job_text(culprit)
+        assert [job_text(job) for job in jobs] == alone
+        assert scheduler.batch_sizes[0] == 9  # they did share a call
+    finally:
+        scheduler.close()
+
+
+def test_a_request_that_breaks_a_running_batch_costs_the_others_nothing(loaded):
+    """A bad request joining a running batch: the others resume where they were, nothing sent twice."""
+    model, tokenizer = loaded
+    prompt = prompt_ids(tokenizer, HELLO, None)
+    scheduler = BatchScheduler(model, tokenizer, window_s=0.0)
+    try:
+        expected = job_text(scheduler.submit(Job(prompt, 24, Sampling(1.0), n=3, seed=4)))
+        with held_at_forward(model, 6) as (reached, release):
+            running_job = scheduler.submit(Job(prompt, 24, Sampling(1.0), n=3, seed=4))
+            assert reached.wait(60)
+            culprit = scheduler.submit(Job(prompt + [len(tokenizer) + 5], 4, Sampling(0)))
+            release.set()
+            with pytest.raises(Exception):
+                job_text(culprit)
+            assert job_text(running_job) == expected
+        assert scheduler.batch_sizes[-3:] == [4, 3, 1]  # joined, failed together, then each alone
+    finally:
+        scheduler.close()
+
+
+def test_a_small_request_is_not_stuck_behind_a_large_one(loaded):
+    """A 1-token request waited 4.3 s behind a 16-choice one: a running batch took no one until it ended."""
+    model, tokenizer = loaded
+    prompt = prompt_ids(tokenizer, HELLO, None)
+    log: list = []
+    scheduler = BatchScheduler(model, tokenizer, window_s=0.0)
+    try:
+        small_alone = job_text(scheduler.submit(Job(prompt, 3, Sampling(0))))
+        with held_at_forward(model, 3) as (reached, release):
+            large = scheduler.submit(Job(prompt, 48, Sampling(0), n=16, events=LoggedQueue(log, "large")))
+            assert reached.wait(60)  # the large request is generating
+            small = scheduler.submit(Job(prompt, 3, Sampling(0), events=LoggedQueue(log, "small")))
+            release.set()
+            assert job_text(small) == small_alone
+            large_texts = job_text(large)
+    finally:
+        scheduler.close()
+    finishes = [name for name, event in log if event.finish_reason is not None]
+    assert finishes[0] == "small" and finishes.count("large") == 16
+    # It joined within a few steps: the large request had drawn at most a dozen tokens per choice by then.
+    large_tokens_before = sum(1 for name, event in log[:log.index(next(e for e in log if e[0] == "small" and e[1].finish_reason))]
+                              if name == "large")
+    assert large_tokens_before <= 16 * 12, large_tokens_before
+    assert len(set(large_texts)) == 1 and len(large_texts[0]) > len(small_alone[0])
+
+
+def test_one_request_holds_at_most_its_share_of_a_full_batch(loaded):
+    """With the batch full of one request's choices, a newcomer still gets a row at once."""
+    model, tokenizer = loaded
+    prompt = prompt_ids(tokenizer, HELLO, None)
+    log: list = []
+    scheduler = BatchScheduler(model, tokenizer, window_s=0.0, max_batch_rows=4)
+    try:
+        with held_at_forward(model, 3) as (reached, release):
+            large = scheduler.submit(Job(prompt, 40, Sampling(1.0), n=4, seed=1, events=LoggedQueue(log, "large")))
+            assert reached.wait(60)
+            small = scheduler.submit(Job(prompt, 2, Sampling(0), events=LoggedQueue(log, "small")))
+            release.set()
+            job_text(small)
+            job_text(large)
+    finally:
+        scheduler.close()
+    assert max(scheduler.batch_sizes) <= 4
+    finishes = [name for name, event in log if event.finish_reason is not None]
+    assert finishes[0] == "small", finishes
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_serve_command_stops_on_a_damaged_checkpoint_with_one_message(tiny_run, tmp_path, capsys, damage):
+    """A truncated or deleted model.safetensors warned, then crashed in transformers with a traceback."""
+    run_dir = damaged_copy(tiny_run, tmp_path, damage)
+    assert main(["serve", str(run_dir), "--port", "0"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("chatpipe: ") and "model.safetensors" in line and f"--run-dir {run_dir}" in line
+
+
+@pytest.mark.parametrize("port_number", ["70000", "-1"])
+def test_serve_command_refuses_a_port_out_of_range(tiny_run, capsys, port_number):
+    assert main(["serve", str(tiny_run), f"--port={port_number}"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith("chatpipe: ") and "--port" in captured.err and "Traceback" not in captured.err
