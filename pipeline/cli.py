@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                              help="Which policy (default: the latest completed of ppo, sft, pretrain).")
         if name == "chat":
             command.add_argument("--prompt", help="Answer this one message and exit (for scripts).")
-            command.add_argument("--temperature", type=float, default=0.7, help="0 = greedy.")
+            command.add_argument("--temperature", type=float, default=0.7, help="0 = greedy, as is anything below 1e-5.")
             command.add_argument("--top-p", type=float, default=0.9)
             command.add_argument("--top-k", type=int, default=0, help="0 = off.")
             command.add_argument("--max-new-tokens", type=int, default=256)
