@@ -354,7 +354,8 @@ class BatchScheduler:
         """Whether the next call would take a row this one lacks: a new request, when fewer requests
         than `max_batch_rows` are running (its first row is dealt one), or a left-out row dealt a
         slot freed here. With max_batch_rows=1 a call never stops for anyone: it would resume itself."""
-        if not self.queue.empty() and len(self.jobs_of([row for row in self.rows if row.finish_reason is None])) < self.max_batch_rows:
+        running_jobs = self.jobs_of([row for row in self.rows if row.finish_reason is None])
+        if not self.queue.empty() and len(running_jobs) < self.max_batch_rows:
             return True
         if any(row.finish_reason is None for row in left_out):
             running = {id(row) for row in rows}

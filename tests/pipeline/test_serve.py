@@ -674,10 +674,10 @@ def test_a_small_request_is_not_stuck_behind_a_large_one(loaded):
         scheduler.close()
     finishes = [name for name, event in log if event.finish_reason is not None]
     assert finishes[0] == "small" and finishes.count("large") == 16
-    # It joined within a few steps: the large request had drawn at most a dozen tokens per choice by then.
-    large_tokens_before = sum(1 for name, event in log[:log.index(next(e for e in log if e[0] == "small" and e[1].finish_reason))]
-                              if name == "large")
-    assert large_tokens_before <= 16 * 12, large_tokens_before
+    # It joined within a few steps: by its end the large request had sent at most a dozen tokens per choice.
+    small_end = next(at for at, (name, event) in enumerate(log) if name == "small" and event.finish_reason is not None)
+    large_deltas_before = sum(1 for name, _ in log[:small_end] if name == "large")
+    assert large_deltas_before <= 16 * 12, large_deltas_before
     assert len(set(large_texts)) == 1 and len(large_texts[0]) > len(small_alone[0])
 
 
