@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -229,3 +231,96 @@ def test_a_full_disk_is_an_error_that_loses_nothing(upstream, tmp_path):
     assert f"pretrain: resuming from {(checkpoints / 'step-000010').resolve()}" in resumed.stdout
     assert read_manifest(run_dir).stages["pretrain"].status == "completed"
     assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")
+
+
+# ---------------------------------------------------------------------------------------------
+# The launch itself killed, and two launches at once
+
+
+def processes_naming(text: str) -> list[int]:
+    """Pids of the live processes whose command line mentions `text` (this machine's /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().replace(b"\0", b" ").decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as handle:
+                state = handle.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if text in cmdline and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def start_chatpipe(*args: str) -> subprocess.Popen:
+    """`chatpipe ARGS` in a session (process group) of its own, as a user's terminal starts it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={key: value for key, value in os.environ.items() if key not in ("CHATPIPE_FAULT", "CHATPIPE_LOCKED_RUN_DIR")},
+    )
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f}s")
+
+
+def test_killing_a_two_process_launch_kills_its_workers_and_a_new_process_count_keeps_its_checkpoint(upstream, tmp_path):
+    config, _ = upstream
+    run_dir = copy_of(upstream, tmp_path)
+    two = ["run", str(config), "--run-dir", str(run_dir), "--only", "sft", "--set", "sft.max_steps=60",
+           "--set", "sft.save_every=5", "--set", "sft.eval_every=60", "--set", "sft.launch.num_processes=2"]
+    launch = start_chatpipe(*two)
+    checkpoints = run_dir / "sft" / "checkpoints"
+    # The copied run's own sft checkpoints are steps 10 and 20; this attempt's first is step 5.
+    first = wait_for(lambda: sorted(checkpoints.glob("step-000005/state.json")), 300, "the first checkpoint")
+    assert len(processes_naming(str(run_dir))) >= 3  # chatpipe, torchrun and its two workers
+    os.killpg(launch.pid, signal.SIGKILL)  # what a terminal's kill of the job does
+    launch.communicate()
+    manifest_before = (run_dir / "manifest.json").read_bytes()
+
+    # torchrun starts each worker in a session of its own, out of the killed group: they must go too.
+    wait_for(lambda: not processes_naming(str(run_dir)), 5, "the workers to stop")
+    time.sleep(1)
+    assert (run_dir / "manifest.json").read_bytes() == manifest_before  # nothing written after the kill
+    assert read_manifest(run_dir).stages["sft"].status == "running"
+
+    # Rerun with one process: refused, naming the checkpoint; nothing deleted.
+    one = chatpipe(*two[:-2], check=False)
+    assert one.returncode == 2 and "Traceback" not in one.stderr
+    assert "was written with launch.num_processes=2 (now 1)" in one.stderr
+    assert "--set sft.launch.num_processes=2" in one.stderr
+    assert all(path.exists() for path in first)
+    # With two it resumes from that checkpoint and finishes.
+    resumed = chatpipe(*two)
+    assert "sft: resuming from the last checkpoint (it was interrupted)" in resumed.stdout
+    assert read_manifest(run_dir).stages["sft"].status == "completed"
+
+
+def test_two_runs_on_one_run_dir_the_second_is_refused_and_a_killed_ones_lock_is_taken_over(upstream, tmp_path):
+    config, _ = upstream
+    run_dir = copy_of(upstream, tmp_path)
+    command = ["run", str(config), "--run-dir", str(run_dir), "--from", "ppo"]
+    first = start_chatpipe(*command)
+    wait_for(lambda: read_manifest(run_dir).stages["ppo"].status == "running", 120, "ppo to start")
+
+    second = chatpipe(*command, check=False)
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"is in use by pid {first.pid} on " in second.stderr and "(chatpipe run, since" in second.stderr
+    assert read_manifest(run_dir).stages["ppo"].status == "running"  # the first run's work untouched
+
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate()
+    third = chatpipe("run", str(config), "--run-dir", str(run_dir))
+    assert f"took over the run dir's lock from pid {first.pid}" in third.stdout
+    assert "ppo: resuming from the last checkpoint (it was interrupted)" in third.stdout
+    assert read_manifest(run_dir).stages["ppo"].status == "completed"
