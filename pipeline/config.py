@@ -531,7 +531,11 @@ class PPOSampling(Section):
     rollout_batch_size: int = Field(64, ge=1, description="Responses per rollout, over all processes.")
     samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt; rloo and grpo need at least 2.")
     response_length: int = Field(64, ge=1, description="Tokens generated per response at most.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature (top_k=0, top_p=1); logprobs use the same.")
+    temperature: float = Field(
+        0.7, ge=1e-5,
+        description="Sampling temperature (top_k=0, top_p=1); logprobs use the same, so it must be at least 1e-5 "
+        "(below it the sampler is greedy and the logprobs overflow).",
+    )
 
 
 class PPOReward(Section):
@@ -706,7 +710,9 @@ class EvalConfig(BadRowPolicy):
     samples_per_prompt: int = Field(4, ge=1, description="Replies per prompt and policy; win rates compare every pair of them.")
     max_prompt_length: int = Field(256, ge=4)
     response_length: int = Field(64, ge=1, description="Tokens per reply at most; a reply cut here is also scored completed.")
-    temperature: float = Field(0.7, gt=0, description="Sampling temperature (seeded: reruns agree).")
+    temperature: float = Field(
+        0.7, ge=1e-5, description="Sampling temperature (seeded: reruns agree); at least 1e-5, below which sampling is greedy."
+    )
     batch_size: int = Field(16, ge=1)
     null_replies: list[str] = Field(
         default_factory=lambda: ["", "I don't know.", "I'm sorry, I can't help with that."],

@@ -313,3 +313,11 @@ def test_a_yaml_merge_key_overridden_on_purpose_is_not_a_duplicate():
     from pipeline.config import read_yaml
 
     assert read_yaml("base: &b {x: 1, y: 2}\nother:\n  <<: *b\n  x: 3\n")["other"] == {"x": 3, "y": 2}
+
+
+@pytest.mark.parametrize("key", ["ppo.sampling.temperature", "eval.temperature"])
+def test_a_sampling_temperature_too_small_to_divide_by_is_refused_by_name(key):
+    """Below 1e-5 the sampler turns greedy while the log-probs PPO and eval compute at that temperature overflow."""
+    with pytest.raises(ConfigError, match=rf"{key}: Input should be greater than or equal to 0.00001 \(got '1e-300'\)"):
+        load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"{key}=1e-300"])
+    assert load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"{key}=1e-5"])
