@@ -100,6 +100,10 @@ def hold_run_dir(run_dir: str | Path, command: str) -> Iterator[list[str]]:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
+            if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):  # a filesystem without locks
+                yield [f"{run_dir}'s filesystem does not support locks ({error.strerror}): "
+                       "make sure no other chatpipe command writes this run dir meanwhile"]
+                return
             if error.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             holder = _read_record(handle)
