@@ -5,9 +5,10 @@
 The policy is the latest completed of ppo, sft, pretrain (or the stage named), found through the
 manifest like any later stage would. Replies are streamed token by token: the generation engine
 (pipeline/models/generation.py) runs in a background thread and feeds transformers'
-`TextIteratorStreamer`, which the caller iterates. The same `start_reply` drives `chatpipe serve`
-(pipeline/apps/serve.py), so the terminal and the HTTP API sample identically for the same settings
-and seed; a seed draws from a private generator and never moves the global RNG.
+`TextIteratorStreamer`, which the caller iterates. `chatpipe serve` (pipeline/apps/serve.py)
+batches requests through pipeline/apps/batching.py on the same engine, and shares this module's
+policy loading, prompt fitting and sampling settings; a seed draws from a private generator and
+never moves the global RNG.
 """
 
 from __future__ import annotations
