@@ -178,6 +178,7 @@ def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
     text = json.dumps(manifest.to_json(), indent=2, sort_keys=False, default=str) + "\n"
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".manifest.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())  # mkstemp's 0600 would hide the run from everyone else
         with os.fdopen(handle, "w") as temp:
             temp.write(text)
             temp.flush()
@@ -197,6 +198,12 @@ def write_manifest(run_dir: str | Path, manifest: Manifest) -> None:
         Path(temp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _keep_as_previous(path: Path) -> None:

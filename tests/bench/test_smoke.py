@@ -252,3 +252,20 @@ def test_engines_runs_a_stage_on_one_process_and_under_ddp(tmp_path, shakespeare
         assert row["part"] == "stages" and row["completed"] and row["error"] is None
         assert_positive(row, "peak_rss_mib", "eval_loss")
         assert row["seconds"] >= 0  # the manifest's whole seconds: a two-step stage can take 0
+
+
+def test_the_fault_probe_classes_its_config_cases(tmp_path):
+    """scripts/fault_probe.py, at its cheapest group (bad configs need no finished run): every case
+    tried, classed, written as a JSON line; today each is a clear refusal."""
+    out = tmp_path / "probe.jsonl"
+    result = subprocess.run(
+        [sys.executable, "scripts/fault_probe.py", "--work", str(tmp_path / "work"), "--group", "validation",
+         "--out", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    cases = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(cases) == 5 and {case["group"] for case in cases} == {"validation"}
+    assert [case["outcome"] for case in cases] == ["clear"] * 5
+    assert all(case["exit_code"] == 2 and case["message"].startswith("chatpipe: ") for case in cases)
+    assert "validation      5      5          0     0     0" in result.stdout

@@ -204,3 +204,17 @@ def test_duration_reads_like_a_clock():
     assert manifest_module.duration("2026-01-02T10:00:00+00:00", "2026-01-02T11:02:03+00:00") == "1h02m03s"
     assert manifest_module.duration("2026-01-02T10:00:00+00:00", "2026-01-02T10:04:05+00:00") == "4m05s"
     assert manifest_module.duration("2026-01-02T10:00:00Z", "2026-01-02T10:00:07") == "7s"
+
+
+def test_the_manifest_is_as_readable_as_any_file_the_user_writes(tmp_path):
+    """mkstemp's 0600 hid a run's manifest from everyone but its owner (a shared run dir, `chatpipe report` by a teammate)."""
+    import os
+
+    from pipeline.orchestration.manifest import manifest_path, new_manifest, write_manifest
+
+    old = os.umask(0o022)
+    try:
+        write_manifest(tmp_path, new_manifest("demo", {"name": "demo"}, "demo.yaml"))
+    finally:
+        os.umask(old)
+    assert manifest_path(tmp_path).stat().st_mode & 0o777 == 0o644
