@@ -8,6 +8,8 @@ The manifest holds the run's resolved config and one entry per stage (`StageEntr
     output         {path, files: {name: sha256}, digest}: what it produced
     metrics        final metrics; started_at / finished_at; world_size; versions; git_commit;
                    wandb_run_id; error (why it failed); log; warnings
+    replacing      while a fresh attempt reruns a completed stage: that stage's previous entry,
+                   put back if the attempt fails (absent otherwise)
 
 The pydantic models below are the manifest's one description: `read_manifest` validates the file
 into them, so a wrong shape is one `ManifestError` naming the file and the key instead of a
@@ -91,6 +93,13 @@ class StageEntry(_Record):
     wandb_run_id: str | None = None
     log: str | None = None
     warnings: list[str] = []
+    # While a fresh attempt reruns a completed stage: the completed entry it replaces, whole, put
+    # back if the attempt fails (`restore_previous_output`). Absent from the JSON otherwise.
+    replacing: StageEntry | None = None
+
+    def without_replacing(self) -> StageEntry:
+        """This entry with no `replacing` record at all (the key left out of the JSON, not null)."""
+        return StageEntry.model_validate(self.model_dump(exclude_unset=True, exclude={"replacing"}))
 
     @property
     def duration(self) -> str:

@@ -292,16 +292,15 @@ def _execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Sta
         upstream: resolve_input(run_dir, manifest, upstream, verify=state.is_main_process)
         for upstream in upstreams
     }
-    replacing: dict[str, Any] = {}
+    replacing: dict[str, StageEntry] = {}  # {"replacing": entry} when there is one; nothing otherwise
     if state.is_main_process:
         if not resuming and stage_dir.exists():
             # A fresh attempt (new config, or a rerun of a finished stage) must not resume from
             # checkpoints of an earlier one. A completed output is moved aside, not deleted, until
             # its replacement exists: a rerun that fails puts it back (see restore_previous_output).
             # An attempt that was itself replacing one carries that record on.
-            record = previous.to_json() if previous is not None else {}
             completed = previous is not None and previous.status == "completed" and previous.output is not None
-            kept = record if completed else record.get("replacing")
+            kept = previous if completed else previous.replacing if previous is not None else None
             if kept is not None:
                 replacing = {"replacing": kept}
             if completed and aside.exists():
@@ -387,9 +386,8 @@ def _execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Sta
             warnings=tracker.warnings,
         )
         # The replacement is recorded; only now may the output it replaces go.
-        recorded = entry.to_json()
-        if recorded.pop("replacing", None) is not None:
-            replace_stage(run_dir, name, StageEntry.model_validate(recorded))
+        if entry.replacing is not None:
+            replace_stage(run_dir, name, entry.without_replacing())
         if aside.exists():
             shutil.rmtree(aside)
     tracker.finish()
@@ -433,17 +431,16 @@ def restore_previous_output(run_dir: Path, name: str, failed: StageEntry, reason
     had not completed before) the failed attempt is left as it is, to resume from.
     """
     aside = previous_output_path(run_dir, name)
-    previous = failed.to_json().get("replacing")
+    previous = failed.replacing
     if previous is None or not aside.is_dir():
         return
     stage_dir = Path(run_dir) / name
     if stage_dir.exists():
         shutil.rmtree(stage_dir)
     aside.rename(stage_dir)
-    replace_stage(run_dir, name, StageEntry.model_validate({
-        **previous,
-        "error": f"a rerun failed ({reason}); the previous output was kept",
-    }))
+    restored = previous.model_copy()
+    restored.error = f"a rerun failed ({reason}); the previous output was kept"
+    replace_stage(run_dir, name, restored)
 
 
 def resolve_mixed_precision(setting: str) -> str:

@@ -158,6 +158,24 @@ def test_a_manifest_written_by_earlier_code_loads_and_is_written_back_unchanged(
     assert {**written, "updated_at": None} == {**OLD_MANIFEST, "updated_at": None}
 
 
+def test_a_rerun_s_replacing_record_is_a_typed_entry_written_back_unchanged(tmp_path):
+    """`replacing` (the completed entry a rerun replaces) reads as a StageEntry, as earlier code wrote it."""
+    rerun = {
+        "status": "running",
+        "output": None,
+        "finished_at": None,
+        "replacing": {**OLD_MANIFEST["stages"]["tokenizer"], "a_key_from_another_version": 1},
+    }
+    manifest_path(tmp_path).write_text(json.dumps({**OLD_MANIFEST, "stages": {"tokenizer": rerun}}))
+    entry = read_manifest(tmp_path).stages["tokenizer"]
+    assert entry.replacing.status == "completed" and entry.replacing.output.digest == "5d46f60e83c4f783"
+    assert entry.to_json() == rerun
+    assert entry.without_replacing().to_json() == {"status": "running", "output": None, "finished_at": None}
+    update_stage(tmp_path, "tokenizer", status="failed")
+    written = json.loads(manifest_path(tmp_path).read_text())["stages"]["tokenizer"]
+    assert written == {**rerun, "status": "failed"}
+
+
 def test_update_stage_keeps_keys_it_does_not_know(tmp_path):
     manifest_path(tmp_path).write_text(json.dumps(OLD_MANIFEST))
     update_stage(tmp_path, "tokenizer", status="running")
