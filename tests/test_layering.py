@@ -37,8 +37,8 @@ def layer(module: str) -> str:
     raise AssertionError(f"{module}: not in any layer; add its package to RANKS in {Path(__file__).name}")
 
 
-def project_imports() -> list[tuple[str, str, int]]:
-    """(importing module, imported module, line) for every import of a project package."""
+def all_imports() -> list[tuple[str, str, int]]:
+    """(importing module, imported module, line) for every absolute import in the project's packages."""
     found = []
     for package in PACKAGES:
         for path in sorted((ROOT / package).rglob("*.py")):
@@ -50,8 +50,13 @@ def project_imports() -> list[tuple[str, str, int]]:
                     targets = [alias.name for alias in node.names]
                 else:
                     continue
-                found += [(module, target, node.lineno) for target in targets if target.split(".")[0] in PACKAGES]
+                found += [(module, target, node.lineno) for target in targets]
     return found
+
+
+def project_imports() -> list[tuple[str, str, int]]:
+    """(importing module, imported module, line) for every import of a project package."""
+    return [(module, target, line) for module, target, line in all_imports() if target.split(".")[0] in PACKAGES]
 
 
 def test_the_import_scan_sees_the_project():
@@ -76,3 +81,21 @@ def test_no_layer_imports_a_layer_above_it():
         if RANKS[layer(target)] > RANKS[layer(source)]
     ]
     assert not upward, "a lower layer imports a higher one:\n" + "\n".join(upward)
+
+
+def test_the_library_does_not_import_what_only_the_bench_extra_installs():
+    """trl is in the `bench` extra, not a runtime dependency: a library module importing it would
+    fail on a plain `pip install chatpipe`."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = {Requirement(requirement).name for requirement in project["dependencies"]}
+    bench = {Requirement(requirement).name for requirement in project["optional-dependencies"]["bench"]}
+    bench_only = {"trl"}
+    assert bench_only <= bench and not bench_only & runtime
+    found = [
+        f"{module}:{line} imports {target}" for module, target, line in all_imports() if target.split(".")[0] in bench_only
+    ]
+    assert not found, "move the import to bench/, or the package to `dependencies`:\n" + "\n".join(found)
