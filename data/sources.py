@@ -32,11 +32,33 @@ from pathlib import Path
 from typing import Iterator
 
 import datasets
+import pyarrow
 
 from pipeline.config import DataSource
 from pipeline.errors import DataError
 
+try:  # huggingface_hub 1.x and later talk to the hub through httpx, whose errors are not OSErrors
+    from httpx import HTTPError as HubHTTPError
+except ImportError:  # older huggingface_hub uses requests, whose errors are OSErrors
+    HubHTTPError = OSError
+
 logger = logging.getLogger(__name__)
+
+# What loading a source raises when the data (or the cache, or the network) is at fault, and
+# nothing else: a file or hub repo that is missing or unreachable (OSError, which huggingface_hub's
+# errors are, and httpx's), rows that do not parse or cast (ValueError, pyarrow's own errors,
+# which are also TypeError or KeyError kinds), a build that `datasets` gave up on (its
+# DatasetsError), or an empty file (`datasets` lets a StopIteration escape). A TypeError or
+# AttributeError of our own is a bug, not bad data: it is left to surface with its traceback
+# (and a DataError, already naming the file, passes through as it is).
+LOAD_ERRORS = (
+    OSError,
+    ValueError,
+    pyarrow.ArrowException,
+    datasets.exceptions.DatasetsError,
+    StopIteration,
+    HubHTTPError,
+)
 
 FORMAT_BY_SUFFIX = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SCAN_BYTES = 8 << 20  # read size of the UTF-8 scan; a longer line is carried over whole
@@ -216,9 +238,7 @@ def open_checked(source: DataSource, cache_dir: str | Path | None) -> datasets.D
     origin = source.hub or source.path
     try:
         dataset = open_source(source, cache_dir)
-    except DataError:
-        raise
-    except Exception as error:
+    except LOAD_ERRORS as error:
         # Either the cache cannot be read or the source is bad: preparing again tells which (a bad
         # source fails again, and is reported as such by the caller).
         dataset = open_source(source, cache_dir, prepare_again=True)
@@ -247,10 +267,8 @@ def load_source(source: DataSource, cache_dir: str | Path | None = None) -> data
     """
     try:
         dataset = open_checked(source, cache_dir)
-    except DataError:
-        raise
-    except Exception as error:  # datasets raises many kinds; say which source failed and why
-        raise load_failure(source, error) from None
+    except LOAD_ERRORS as error:  # datasets raises many kinds; say which source failed and why
+        raise load_failure(source, error) from error
     if source.max_rows is not None and len(dataset) > source.max_rows:
         dataset = dataset.select(range(source.max_rows))
     return dataset
@@ -288,10 +306,8 @@ def stream_texts(
                 yield texts
             if max_chars is not None and seen >= max_chars:
                 return
-    except DataError:
-        raise
-    except Exception as error:  # a bad row can surface mid-stream: name the source and the line
-        raise load_failure(source, error) from None
+    except LOAD_ERRORS as error:  # a bad row can surface mid-stream: name the source and the line
+        raise load_failure(source, error) from error
 
 
 def stream_corpus(

@@ -180,3 +180,36 @@ def test_a_damaged_datasets_cache_is_named_and_prepared_again(tmp_path, caplog, 
     assert "prepar" in warning and "again" in warning
     caplog.clear()
     assert load_sft(path, cache)[0] == conversations and not caplog.records  # repaired for good
+
+
+# ------------------------------------------------------------------------------ what is not bad data
+
+
+def test_a_bug_in_the_loading_code_is_not_reported_as_bad_data(tmp_path, monkeypatch):
+    """Only what the data path raises becomes a DataError; a TypeError of our own keeps its traceback."""
+    import datasets
+
+    from pipeline.config import DataSource
+
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(jsonl({"text": "a"}))
+
+    def buggy(*args, **kwargs):
+        raise TypeError("load_dataset() got an unexpected keyword argument 'sample_by'")
+
+    monkeypatch.setattr(datasets, "load_dataset", buggy)
+    for load in (lambda: load_source(DataSource(path=str(path)), tmp_path / "cache"),
+                 lambda: load_source(DataSource(path=str(path))),
+                 lambda: streamed(DataSource(path=str(path)), tmp_path / "cache")):
+        with pytest.raises(TypeError, match="unexpected keyword argument"):
+            load()
+
+
+def test_a_data_error_keeps_what_datasets_raised_as_its_cause(tmp_path):
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"not parquet at all")
+    from pipeline.config import DataSource
+
+    with pytest.raises(DataError, match=rf"{path}: could not load dataset") as caught:
+        load_source(DataSource(path=str(path)), tmp_path / "cache")
+    assert caught.value.__cause__ is not None and not isinstance(caught.value.__cause__, DataError)
