@@ -265,7 +265,8 @@ def judge_folders_with_reward(context: StageContext) -> dict:
 
 
 # ------------------------------------------------------------------------------------- stage
-def train(context: StageContext) -> StageResult:
+def evaluate(context: StageContext) -> StageResult:
+    """The eval stage: every policy answers the held-out prompts, scored by the reward model and the judges."""
     config, section = context.config, context.config.eval
     accelerator = make_accelerator()
     set_seed(config.seed)
@@ -383,4 +384,4 @@ def print_table(metrics: dict, policies: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    run_stage("eval", train)
+    run_stage("eval", evaluate)

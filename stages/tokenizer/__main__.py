@@ -16,7 +16,8 @@ from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from stages.tokenizer.bpe import adopt_pretrained, train_bpe
 
 
-def train(context: StageContext) -> StageResult:
+def build_tokenizer(context: StageContext) -> StageResult:
+    """The tokenizer stage: train byte-level BPE on the corpus, or adopt a pretrained tokenizer."""
     config, section = context.config, context.config.tokenizer
     started = time.perf_counter()
     metrics: dict = {}
@@ -48,4 +49,4 @@ def train(context: StageContext) -> StageResult:
 
 
 if __name__ == "__main__":
-    run_stage("tokenizer", train)
+    run_stage("tokenizer", build_tokenizer)
