@@ -33,6 +33,7 @@ from data.preferences import PreferenceGroup
 from pipeline.config import RewardTraining
 from accelerate.utils import set_seed
 
+from pipeline.models.lora import add_lora_adapters
 from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync, whole_model_init
 from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.optimization import adamw, warmup_cosine
@@ -113,12 +114,7 @@ def train_reward_model(
     with whole_model_init():
         model = build_reward_model(backbone_dir, pad_token_id=tokenizer.pad_token_id)
     if section.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
-            target_modules=section.lora.target_modules, task_type="SEQ_CLS", modules_to_save=["score"],
-        ))
+        model = add_lora_adapters(model, section.lora, task_type="SEQ_CLS", trained_whole=["score"])
     optimizer = adamw(model, section.learning_rate, section.weight_decay)
     scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
     fit_deepspeed_batch(accelerator, section.prompts_per_batch, section.max_grad_norm)

@@ -31,6 +31,7 @@ from transformers import AutoTokenizer
 from data.held_out import write_held_out
 from pipeline.errors import ConfigError
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import held_fraction, make_accelerator, prepare_frozen, replicas_in_sync, zero_stage
 from pipeline.training.loop import Cadence, require_checkpointable, save_final_model, step_indices
@@ -95,12 +96,7 @@ def train(context: StageContext) -> StageResult:
     policy = load_causal_lm(policy_dir)
     reference, reference_context = None, None
     if section.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        policy = get_peft_model(policy, LoraConfig(
-            r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=0.0,
-            target_modules=section.lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        policy = add_lora_adapters(policy, section.lora, dropout=0.0)  # PPO runs with every dropout off
         reference_context = policy.disable_adapter  # one copy of the weights: adapter off = SFT policy
     else:
         reference = load_causal_lm(policy_dir)

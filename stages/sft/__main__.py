@@ -36,6 +36,7 @@ from transformers import AutoTokenizer, get_scheduler
 from data.chat_tokens import load_conversations, tokenize_conversations
 from data.splits import held_out_split
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
+from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, shards_parameters
 from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
@@ -87,12 +88,7 @@ def train(context: StageContext) -> StageResult:
     if section.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if section.lora is not None:
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=section.lora.r, lora_alpha=section.lora.alpha, lora_dropout=section.lora.dropout,
-            target_modules=section.lora.target_modules, task_type="CAUSAL_LM",
-        ))
+        model = add_lora_adapters(model, section.lora)
     optimizer = adamw(model, section.learning_rate, section.weight_decay)
     scheduler = get_scheduler(
         section.lr_scheduler, optimizer, num_warmup_steps=math.ceil(section.warmup_ratio * total_steps),
