@@ -101,6 +101,35 @@ class LaunchConfig(Section):
         return str(resolve_data_path(path, (info.context or {}).get("base_dir")))
 
 
+def every(default: int, between: str, unit: str = "Steps") -> Any:
+    """A cadence field (`eval_every`, `save_every`, `log_every`): optimiser steps (or PPO's rollouts) between two events."""
+    return Field(default, ge=1, description=f"{unit} between {between}.")
+
+
+class LaunchedStage(Section):
+    """A stage section whose stage starts its own processes (every stage but the tokenizer's)."""
+
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+
+class CheckpointedStage(LaunchedStage):
+    """A training stage: evaluated and checkpointed (to resume from) on a cadence of optimiser steps.
+
+    The defaults suit SFT and the reward model; a stage whose default differs overrides that field
+    alone, with `every` (pretrain counts in more, shorter steps; PPO counts rollouts).
+    """
+
+    eval_every: int = every(50, "evaluations")
+    save_every: int = every(100, "resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk.")
+
+
+class LoggedStage(CheckpointedStage):
+    """A training stage that logs its training metrics every `log_every` steps (PPO logs every rollout)."""
+
+    log_every: int = every(10, "logged training metrics")
+
+
 class ModelConfig(Section):
     """The model architecture (trained from scratch) or an existing base model to start from."""
 
@@ -326,7 +355,7 @@ class TokenizerConfig(Section):
     max_chars: int | None = Field(None, ge=1, description="Train on at most this many characters of the corpus.")
 
 
-class PretrainConfig(Section):
+class PretrainConfig(LoggedStage):
     """The `pretrain` stage: causal-LM pretraining from scratch on packed blocks of text."""
 
     data: DataSource | list[DataSource] | None = Field(
@@ -350,12 +379,9 @@ class PretrainConfig(Section):
     adam_beta1: float = Field(0.9, gt=0, lt=1)
     adam_beta2: float = Field(0.95, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    eval_every: int = Field(100, ge=1, description="Steps between evaluations.")
+    eval_every: int = every(100, "evaluations")
     eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
-    save_every: int = Field(200, ge=1, description="Steps between resumable checkpoints.")
-    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk.")
-    log_every: int = Field(10, ge=1, description="Steps between logged training metrics.")
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+    save_every: int = every(200, "resumable checkpoints")
 
 
 # The fields a conversation row can have; `columns` maps them to a dataset's own column names.
@@ -404,7 +430,7 @@ class BadRowPolicy(Section):
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description="Fail when more than this share of rows is unusable.")
 
 
-class SFTConfig(BadRowPolicy):
+class SFTConfig(BadRowPolicy, LoggedStage):
     """The `sft` stage: supervised fine-tuning on conversations, loss on assistant tokens only."""
 
     data: ConversationData = Field(..., description="Training conversations.")
@@ -421,15 +447,10 @@ class SFTConfig(BadRowPolicy):
     lr_scheduler: str = Field("cosine", description="A transformers scheduler name: cosine, linear, constant...")
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    eval_every: int = Field(50, ge=1, description="Steps between evaluations.")
-    save_every: int = Field(100, ge=1, description="Steps between resumable checkpoints.")
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
     activation_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less memory, ~20% slower.")
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters instead of all weights.")
     sample_prompts: int = Field(4, ge=0, description="Held-out prompts answered at the end (samples.jsonl).")
     sample_max_new_tokens: int = Field(64, ge=1)
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 class PreferenceData(DataSource):
@@ -440,7 +461,7 @@ class PreferenceData(DataSource):
     )
 
 
-class RewardTraining(BadRowPolicy):
+class RewardTraining(BadRowPolicy, LoggedStage):
     """How a reward model trains: shared by the `reward` stage and the `judges` that check its policy."""
 
     max_length: int = Field(512, ge=8, description="Tokens per scored conversation (oldest context cut first).")
@@ -462,12 +483,7 @@ class RewardTraining(BadRowPolicy):
         description="Weigh pairs so that 'the shorter reply wins' and 'the longer reply wins' pairs count equally: "
         "length alone then predicts nothing, and the model must learn from content.",
     )
-    eval_every: int = Field(50, ge=1)
-    save_every: int = Field(100, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
-    log_every: int = Field(10, ge=1)
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged into the saved reward model).")
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 class RewardConfig(RewardTraining):
@@ -633,7 +649,7 @@ def nest_ppo_keys(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return values, flat
 
 
-class PPOConfig(Section):
+class PPOConfig(CheckpointedStage):
     """The `ppo` stage: RLHF against the reward model with a KL penalty to the SFT policy.
 
     Four concerns, four sub-sections: `data` (which prompts), `sampling` (what a rollout draws),
@@ -647,10 +663,9 @@ class PPOConfig(Section):
     reward: PPOReward = Field(default_factory=PPOReward)
     algorithm: PPOAlgorithm = Field(default_factory=PPOAlgorithm)
     eval_prompts: int = Field(64, ge=1, description="Held-out prompts scored at each evaluation.")
-    eval_every: int = Field(10, ge=1, description="Rollouts between evaluations.")
-    save_every: int = Field(10, ge=1, description="Rollouts between resumable checkpoints.")
-    keep_checkpoints: int = Field(2, ge=1)
-    sample_table_every: int = Field(10, ge=1, description="Rollouts between logged tables of sample responses.")
+    eval_every: int = every(10, "evaluations", unit="Rollouts")
+    save_every: int = every(10, "resumable checkpoints", unit="Rollouts")
+    sample_table_every: int = every(10, "logged tables of sample responses", unit="Rollouts")
     select_by: Literal["last", "judges", "judges_length_controlled"] = Field(
         "last",
         description="The policy PPO outputs: the last one, or the one with the best held-out judges' score at an "
@@ -661,7 +676,6 @@ class PPOConfig(Section):
         None, ge=1, description="Stop after this many evaluations without a better select_by figure (needs select_by)."
     )
     lora: LoraSettings | None = Field(None, description="LoRA on the policy; the reference is the same model with the adapter off.")
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
     @model_validator(mode="before")
     @classmethod
@@ -700,7 +714,7 @@ class PPOConfig(Section):
         return self
 
 
-class EvalConfig(BadRowPolicy):
+class EvalConfig(BadRowPolicy, LaunchedStage):
     """The `eval` stage: does RLHF help? Policies compared on held-out prompts, beside the baselines that would explain a win."""
 
     prompts: ConversationData | None = Field(
@@ -727,7 +741,6 @@ class EvalConfig(BadRowPolicy):
         description="Preference pairs for every reward model's accuracy; default: the pairs the judges (else the "
         "reward model) held out. Pairs a reported model trained on are always left out, and counted.",
     )
-    launch: LaunchConfig = Field(default_factory=LaunchConfig)
 
 
 class RunConfig(Section):

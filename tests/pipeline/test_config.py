@@ -321,3 +321,29 @@ def test_a_sampling_temperature_too_small_to_divide_by_is_refused_by_name(key):
     with pytest.raises(ConfigError, match=rf"{key}: Input should be greater than or equal to 0.00001 \(got '1e-300'\)"):
         load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"{key}=1e-300"])
     assert load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"{key}=1e-5"])
+
+
+def test_every_training_stage_has_the_cadence_fields_with_its_own_defaults():
+    """One declaration of eval_every, save_every, keep_checkpoints, log_every and launch; each stage keeps its defaults."""
+    from pydantic import ValidationError
+
+    from pipeline.config import (
+        CheckpointedStage, EvalConfig, JudgesConfig, LaunchConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+    )
+
+    defaults = {  # (eval_every, save_every, keep_checkpoints, log_every); PPO counts rollouts and logs each one
+        PretrainConfig: (100, 200, 2, 10), SFTConfig: (50, 100, 2, 10), RewardConfig: (50, 100, 2, 10),
+        JudgesConfig: (50, 100, 2, 10), PPOConfig: (10, 10, 2, None),
+    }
+    for section, expected in defaults.items():
+        fields = section.model_fields
+        assert issubclass(section, CheckpointedStage)
+        found = tuple(fields[name].default if name in fields else None
+                      for name in ("eval_every", "save_every", "keep_checkpoints", "log_every"))
+        assert found == expected, section.__name__
+        assert fields["launch"].default_factory is LaunchConfig
+        unit = "Rollouts" if section is PPOConfig else "Steps"
+        assert fields["eval_every"].description == f"{unit} between evaluations."
+        with pytest.raises(ValidationError, match="greater than or equal to 1"):
+            section.__pydantic_validator__.validate_assignment(section.model_construct(), "save_every", 0)
+    assert EvalConfig.model_fields["launch"].default_factory is LaunchConfig and "eval_every" not in EvalConfig.model_fields
