@@ -34,9 +34,9 @@ from pipeline.config import RewardTraining
 from accelerate.utils import set_seed
 
 from pipeline.models.lora import add_lora_adapters
-from pipeline.training.distributed import fit_deepspeed_batch, replicas_in_sync, whole_model_init
-from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
-from pipeline.training.optimization import adamw, warmup_cosine
+from pipeline.training.distributed import replicas_in_sync, whole_model_init
+from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
+from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
 from reward_model.batching import EncodedGroup, collate_groups, encode_groups, length_balancing_weights
 from reward_model.evaluation import evaluate_preferences
@@ -117,8 +117,11 @@ def train_reward_model(
         model = add_lora_adapters(model, section.lora, task_type="SEQ_CLS", trained_whole=["score"])
     optimizer = adamw(model, section.learning_rate, section.weight_decay)
     scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
-    fit_deepspeed_batch(accelerator, section.prompts_per_batch, section.max_grad_norm)
-    scorer, optimizer = accelerator.prepare(TokenScorer(model), optimizer)
+    optimizer_step = prepare_training(
+        accelerator, TokenScorer(model), optimizer, scheduler,
+        micro_batch_size=section.prompts_per_batch, max_grad_norm=section.max_grad_norm,
+    )
+    scorer = optimizer_step.model
 
     def micro_batches(step: int) -> list[dict]:
         """Whole prompts with all their completions, for each micro-step of optimiser step `step`."""
@@ -147,7 +150,7 @@ def train_reward_model(
     # ----------------------------------------------------------------------------------- loop
     result = fit(
         name, accelerator,
-        OptimizerStep(accelerator, scorer, optimizer, scheduler, section.max_grad_norm),
+        optimizer_step,
         Checkpointer(checkpoint_dir, accelerator, section.keep_checkpoints, parts={"": "pretrained_model"}),
         tracker,
         Cadence(total_steps, section.log_every, section.eval_every, section.save_every),

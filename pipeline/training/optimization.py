@@ -1,9 +1,14 @@
-"""The optimiser and schedule every hand-written training loop here uses."""
+"""The optimiser and schedule every hand-written training loop here uses, and the step that applies them."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from pipeline.training.distributed import fit_deepspeed_batch
+from pipeline.training.loop import OptimizerStep
 
 
 def adamw(
@@ -39,3 +44,25 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, warmup_steps, total_steps, min_lr_rate=min_lr_ratio
     )
+
+
+def prepare_training(
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    *,
+    micro_batch_size: int,
+    max_grad_norm: float,
+    clip_groups: Callable[[], dict[str, torch.nn.Module | None]] | None = None,
+) -> OptimizerStep:
+    """`model` and `optimizer` prepared by the engine, as the optimiser step that trains them.
+
+    A stage's micro-batch size and clipping norm come in here once: DeepSpeed takes both into its
+    config before `prepare` (`fit_deepspeed_batch`; it clips inside its engine), and the step clips
+    to the same norm under every other engine. The prepared model and optimizer are the step's
+    `model` and `optimizer`. `clip_groups`: see `OptimizerStep`.
+    """
+    fit_deepspeed_batch(accelerator, micro_batch_size, max_grad_norm)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return OptimizerStep(accelerator, model, optimizer, scheduler, max_grad_norm, clip_groups)

@@ -22,9 +22,8 @@ from pipeline.config import PPOConfig
 from pipeline.models.generation import seeded_generator
 from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, response_logits, token_logprobs
 from pipeline.models.responses import Responses, completed, length_sorted_micro_batches
-from pipeline.training.distributed import fit_deepspeed_batch, prepare_frozen, whole_for_rollout
-from pipeline.training.loop import OptimizerStep
-from pipeline.training.optimization import fused_adamw_supported
+from pipeline.training.distributed import prepare_frozen, whole_for_rollout
+from pipeline.training.optimization import fused_adamw_supported, prepare_training
 from reward_model.functions import RewardFunction
 from reward_model.judges import JudgePanel
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
@@ -106,13 +105,13 @@ class RLTrainer:
         optimizer = torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0, fused=fused_adamw_supported(trainable))
         schedule = (lambda step: 1.0 - step / max(total_updates, 1)) if config.algorithm.lr_schedule == "linear" else (lambda step: 1.0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        fit_deepspeed_batch(accelerator, config.algorithm.micro_batch_size, config.algorithm.max_grad_norm)
-        self.model, self.optimizer = accelerator.prepare(wrapper, optimizer)
         # Policy and value gradients are clipped apart: their scales differ.
-        self.optimizer_step = OptimizerStep(
-            accelerator, self.model, self.optimizer, self.scheduler, config.algorithm.max_grad_norm,
+        self.optimizer_step = prepare_training(
+            accelerator, wrapper, optimizer, self.scheduler,
+            micro_batch_size=config.algorithm.micro_batch_size, max_grad_norm=config.algorithm.max_grad_norm,
             clip_groups=lambda: {"policy": accelerator.unwrap_model(self.model).policy, "value": accelerator.unwrap_model(self.model).value},
         )
+        self.model, self.optimizer = self.optimizer_step.model, self.optimizer_step.optimizer
         self.kl_controller = (
             AdaptiveKLController(config.reward.kl_coef, config.reward.target_kl, config.reward.kl_horizon)
             if config.reward.adaptive_kl

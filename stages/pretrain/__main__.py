@@ -21,10 +21,10 @@ from transformers import AutoTokenizer
 
 from pipeline.config import check_sequence_lengths
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, whole_model_init
-from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
+from pipeline.training.distributed import make_accelerator, replicas_in_sync, whole_model_init
+from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
-from pipeline.training.optimization import adamw, warmup_cosine
+from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
 from stages.pretrain.corpus import prepare_blocks, prepare_store
 from stages.pretrain.model import adopt_base_model, count_parameters, model_from_config
@@ -61,8 +61,10 @@ def train(context: StageContext) -> StageResult:
     n_parameters = count_parameters(model)
     optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
     scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
-    fit_deepspeed_batch(accelerator, section.per_device_batch_size, section.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer_step = prepare_training(
+        accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch, max_grad_norm=section.max_grad_norm
+    )
+    model = optimizer_step.model
 
     def micro_batches(step: int) -> list[torch.Tensor]:
         """This process's blocks for each micro-step of optimiser step `step` (0-based)."""
@@ -83,7 +85,7 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- loop
     result = fit(
         "pretrain", accelerator,
-        OptimizerStep(accelerator, model, optimizer, scheduler, section.max_grad_norm),
+        optimizer_step,
         Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
         context.tracker,
         Cadence(section.max_steps, section.log_every, section.eval_every, section.save_every),

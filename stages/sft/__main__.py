@@ -38,10 +38,10 @@ from data.splits import held_out_split
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import fit_deepspeed_batch, make_accelerator, replicas_in_sync, shards_parameters
-from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
+from pipeline.training.distributed import make_accelerator, replicas_in_sync, shards_parameters
+from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
-from pipeline.training.optimization import adamw
+from pipeline.training.optimization import adamw, prepare_training
 from pipeline.training.state import Checkpointer
 from stages.sft.batching import collate_conversations
 from stages.sft.samples import generate_replies, sample_rows
@@ -94,8 +94,10 @@ def train(context: StageContext) -> StageResult:
         section.lr_scheduler, optimizer, num_warmup_steps=math.ceil(section.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    fit_deepspeed_batch(accelerator, micro_batch, section.max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    optimizer_step = prepare_training(
+        accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch, max_grad_norm=section.max_grad_norm
+    )
+    model = optimizer_step.model
 
     def micro_batches(step: int) -> list[dict]:
         steps = step_indices(
@@ -128,7 +130,7 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- loop
     result = fit(
         "sft", accelerator,
-        OptimizerStep(accelerator, model, optimizer, scheduler, section.max_grad_norm),
+        optimizer_step,
         Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
         context.tracker,
         Cadence(total_steps, section.log_every, section.eval_every, section.save_every),

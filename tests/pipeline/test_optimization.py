@@ -37,3 +37,30 @@ def test_fused_only_where_the_kernel_exists():
     assert fused_adamw_supported([torch.nn.Parameter(torch.zeros(2))])
     assert not fused_adamw_supported([torch.nn.Parameter(torch.zeros(2, device="meta"))])
     assert not fused_adamw_supported([])
+
+
+def test_prepare_training_takes_the_norm_and_micro_batch_once_for_every_engine():
+    """DeepSpeed clips inside its engine (its config gets the norm and micro-batch); the step clips elsewhere."""
+    from types import SimpleNamespace
+
+    from pipeline.training.optimization import prepare_training
+
+    class Engine:  # an accelerator under DeepSpeed, as far as prepare_training sees it
+        num_processes = 2
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"}))
+        prepared = []
+
+        def prepare(self, *objects):
+            self.prepared.append(objects)
+            return tuple(objects)
+
+    model = torch.nn.Linear(4, 4)
+    optimizer = adamw(model, learning_rate=1e-3, weight_decay=0.1)
+    scheduler = warmup_cosine(optimizer, 1, 10, 0.1)
+    engine = Engine()
+    step = prepare_training(engine, model, optimizer, scheduler, micro_batch_size=3, max_grad_norm=0.5)
+    assert engine.prepared == [(model, optimizer)]
+    assert (step.model, step.optimizer, step.scheduler, step.max_grad_norm) == (model, optimizer, scheduler, 0.5)
+    assert engine.state.deepspeed_plugin.deepspeed_config == {
+        "train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1, "train_batch_size": 6, "gradient_clipping": 0.5,
+    }
