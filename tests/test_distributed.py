@@ -78,3 +78,29 @@ def test_a_checkpoint_of_two_processes_is_refused_by_one(two_process_run, tmp_pa
     assert "step-000005 was written by 2 process(es) and this launch has 1" in result.stderr
     assert "resume with launch.num_processes=2" in result.stderr
     assert (copy / "sft" / "checkpoints" / "step-000005" / "state.json").exists()  # nothing was lost
+
+
+def test_processes_resume_from_one_checkpoint_when_only_one_process_cannot_load_it(two_process_run, tmp_path):
+    """Rank 1's RNG file in the newest checkpoint is damaged, in a checkpoint written before digests
+    (so only rank 1, which reads that file, can notice): both processes give it up together and
+    resume from the one before, instead of resuming from different steps and hanging."""
+    copy = tmp_path / "run"
+    shutil.copytree(two_process_run, copy)
+    newest = sorted((copy / "sft" / "checkpoints").glob("step-*"))[-1]
+    before = newest.with_name("step-000003")  # an older checkpoint to fall back to: the newest, relabelled
+    shutil.copytree(newest, before)
+    for folder, step in ((newest, None), (before, 3)):
+        state = json.loads((folder / "state.json").read_text())
+        state.pop("sha256", None), state.pop("state_sha256", None)  # as checkpoints before digests were written
+        state["step"] = step or state["step"]
+        (folder / "state.json").write_text(json.dumps(state))
+    (newest / "rng-rank1.json").write_text("{damaged")
+    update_stage(copy, "sft", status="failed", error="killed (test)")
+
+    result = chatpipe("stage", "sft", "--run-dir", str(copy), check=False, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert f"checkpoint {newest.resolve()} cannot be loaded (process 1: " in output
+    assert f"sft: resuming from {before.resolve()}" in output
+    entry = read_manifest(copy).stages["sft"]
+    assert entry.status == "completed" and entry.metrics["resumed_from_step"] == 3

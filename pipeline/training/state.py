@@ -63,6 +63,11 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [path for step, path in sorted(found, reverse=True) if (path / STATE_FILE).exists()]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step of a `step-N` checkpoint folder."""
+    return int(CHECKPOINT_PATTERN.match(Path(path).name).group(1))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     """The completed checkpoint with the highest step under `root`, if any."""
     complete = complete_checkpoints(root)
@@ -335,33 +340,76 @@ class Checkpointer:
         return checkpoint_dir(self.root, step)
 
     def restore(self, model, optimizer, scheduler) -> Restored | None:
-        """Load the newest complete checkpoint that loads; None when there is none.
+        """Load the newest complete checkpoint that loads; None when there is none (collective).
 
         A checkpoint damaged after it was written (a file deleted, truncated, or changed by a
         single bit, which its recorded sha256 shows) is reported, naming the file, and skipped for
-        the next newest one. If every one is damaged, that is an error
-        naming them: starting over silently would throw the run's progress away.
+        the next newest one. If every one is damaged, that is an error naming them: starting over
+        silently would throw the run's progress away.
+
+        The processes of a launch resume from one checkpoint, never each from its own: the main
+        process checks the candidates and its choice is broadcast, and a checkpoint that fails to
+        load on any process (a file only that process reads, in a checkpoint older than digests)
+        is given up by all of them together. Under FSDP2 or ZeRO a load is a run of collectives, so
+        processes at different steps would run mismatched ones and hang.
         """
-        damaged = []
-        for path in complete_checkpoints(self.root):
-            try:
-                verify_checkpoint(path)
-            except (OSError, ValueError, CheckpointDamaged) as error:
-                damaged.append(path)
-                self.accelerator.print(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one")
-                continue
+        damaged: list[Path] = []
+        remaining = complete_checkpoints(self.root)
+        while True:
+            chosen, damaged_names = self.agreed(lambda: self.first_intact(remaining, damaged))
+            damaged = [Path(name) for name in damaged_names]
+            if chosen is None:
+                break
+            path = Path(chosen)
+            remaining = [candidate for candidate in remaining if checkpoint_step(candidate) < checkpoint_step(path)]
             self.require_same_world(path)
             try:
-                return Restored(path, *self.load(path, model, optimizer, scheduler))
-            except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
-                damaged.append(path)
-                self.accelerator.print(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one")
+                loaded, failure = self.load(path, model, optimizer, scheduler), None
+            except (OSError, ValueError, KeyError, SafetensorError, CheckpointDamaged) as error:
+                loaded, failure = None, f"process {self.accelerator.process_index}: {type(error).__name__}: {error}"
+            failures = self.gathered(failure)
+            if not failures:
+                return Restored(path, *loaded)
+            damaged.append(path)
+            self.accelerator.print(f"checkpoint {path} cannot be loaded ({'; '.join(failures)}); trying an older one")
         if damaged:
             raise CheckpointError(
                 f"no checkpoint under {self.root} can be loaded ({', '.join(p.name for p in damaged)} are damaged); "
                 f"delete them to start the stage over"
             )
         return None
+
+    def first_intact(self, candidates: list[Path], damaged: list[Path]) -> tuple[str | None, list[str]]:
+        """(the newest of `candidates` whose files match their digests, or None; every damaged one so far)."""
+        for path in candidates:
+            try:
+                verify_checkpoint(path)
+            except (OSError, ValueError, CheckpointDamaged) as error:
+                damaged.append(path)
+                self.accelerator.print(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {error}); trying an older one")
+                continue
+            return str(path), [str(p) for p in damaged]
+        return None, [str(p) for p in damaged]
+
+    def agreed(self, choose):
+        """`choose()` as the main process computes it, the same on every process (a broadcast)."""
+        if self.accelerator.num_processes == 1:
+            return choose()
+        from accelerate.utils import broadcast_object_list
+
+        choice = [choose() if self.accelerator.is_main_process else None]
+        broadcast_object_list(choice, from_process=0)
+        return choice[0]
+
+    def gathered(self, failure: str | None) -> list[str]:
+        """Every process's failure (None where it succeeded), on every process."""
+        if self.accelerator.num_processes == 1:
+            return [failure] if failure is not None else []
+        import torch.distributed as dist
+
+        everyone: list[str | None] = [None] * self.accelerator.num_processes
+        dist.all_gather_object(everyone, failure)
+        return [item for item in everyone if item is not None]
 
     def require_same_world(self, path: Path) -> None:
         """Refuse a checkpoint written by a different number of processes.
