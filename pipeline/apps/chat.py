@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, TextIO
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, TextIteratorStreamer
 
 from pipeline.errors import ConfigError, ManifestError
@@ -100,9 +101,11 @@ def load_policy(
     not transformers' traceback."""
     try:
         return load_chat_model(folder, device)
-    except Exception as error:  # safetensors, transformers and tokenizers each raise their own kinds
+    except Exception as error:  # safetensors, transformers and tokenizers (plain Exception) each raise their own kinds
         entry = read_manifest(run_dir).stages[stage]
         changed = altered_files(run_dir, entry.output) if entry.output is not None else []
+        if not changed and not isinstance(error, (OSError, ValueError, SafetensorError)):
+            raise  # the checkpoint is as recorded: a fault of this code, with its traceback
         files = [f"{Path(folder) / name} {'changed' if (Path(folder) / name).exists() else 'went missing'}"
                  for name in changed[:5]]
         damaged = (f"{', '.join(files)} since {manifest_path(run_dir)} recorded it" if changed
@@ -110,7 +113,7 @@ def load_policy(
         raise ManifestError(
             f"the {stage} checkpoint cannot be loaded: {damaged}; rebuild it with "
             f"`chatpipe run CONFIG --run-dir {run_dir}`, or choose another --stage"
-        ) from None
+        ) from error
 
 
 def check_seed(seed: int | None) -> int | None:
