@@ -286,8 +286,6 @@ def _execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Sta
         raise ManifestError(decision.reason)
     resuming = decision.action == "resume"
     stage_dir = run_dir / name
-    aside = previous_output_path(run_dir, name)
-
     inputs = {
         upstream: resolve_input(run_dir, manifest, upstream, verify=state.is_main_process)
         for upstream in upstreams
@@ -295,23 +293,7 @@ def _execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Sta
     replacing: dict[str, StageEntry] = {}  # {"replacing": entry} when there is one; nothing otherwise
     if state.is_main_process:
         if not resuming and stage_dir.exists():
-            # A fresh attempt (new config, or a rerun of a finished stage) must not resume from
-            # checkpoints of an earlier one. A completed output is moved aside, not deleted, until
-            # its replacement exists: a rerun that fails puts it back (see restore_previous_output).
-            # An attempt that was itself replacing one carries that record on.
-            completed = previous is not None and previous.status == "completed" and previous.output is not None
-            kept = previous if completed else previous.replacing if previous is not None else None
-            if kept is not None:
-                replacing = {"replacing": kept}
-            if completed and aside.exists():
-                shutil.rmtree(aside)  # left by an earlier replacement that succeeded
-            # Recorded as running (and what it replaces) before the folder moves, so a kill in
-            # between never leaves the manifest claiming a completed output that is gone.
-            update_stage(run_dir, name, status="running", output=None, finished_at=None, **replacing)
-            if kept is not None and not aside.exists():
-                stage_dir.rename(aside)  # the output being replaced
-            else:
-                shutil.rmtree(stage_dir)  # checkpoints of an attempt that never completed
+            replacing = clear_for_a_fresh_attempt(run_dir, name, previous)
         stage_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
 
@@ -362,36 +344,70 @@ def _execute_stage(name: str, run_dir: Path, train: Callable[[StageContext], Sta
         result.metrics.update(peak_memory(state))
     except BaseException as error:
         if state.is_main_process:
-            reason = f"{type(error).__name__}: {error}"
-            try:
-                entry = update_stage(run_dir, name, status="failed", error=reason, finished_at=now())
-                restore_previous_output(run_dir, name, entry, reason)
-            except ChatpipeError as unrecorded:  # a full disk: the error itself matters more
-                print(f"chatpipe: {name}: the failure could not be recorded ({unrecorded})", file=sys.stderr)
+            record_failure(run_dir, name, error)
         tracker.finish(exit_code=1)
         raise
     if state.is_main_process:
-        tracker.summary(result.metrics)
-        output = output_record(run_dir, result.output_dir)
-        tracker.log_checkpoint(result.output_dir, name, output.digest, {"stage": name, "inputs": {
-            upstream: record.digest for upstream, record in inputs.items()
-        }})
-        entry = update_stage(
-            run_dir,
-            name,
-            status="completed",
-            output=output,
-            metrics=result.metrics,
-            finished_at=now(),
-            warnings=tracker.warnings,
-        )
-        # The replacement is recorded; only now may the output it replaces go.
-        if entry.replacing is not None:
-            replace_stage(run_dir, name, entry.without_replacing())
-        if aside.exists():
-            shutil.rmtree(aside)
+        record_completion(run_dir, name, result, inputs, tracker)
     tracker.finish()
     return result
+
+
+def clear_for_a_fresh_attempt(run_dir: Path, name: str, previous: StageEntry | None) -> dict[str, StageEntry]:
+    """Empty the stage folder for an attempt that starts over; returns {"replacing": entry} or {}.
+
+    A fresh attempt (new config, or a rerun of a finished stage) must not resume from checkpoints
+    of an earlier one. A completed output is moved aside, not deleted, until its replacement
+    exists: a rerun that fails puts it back (see restore_previous_output). An attempt that was
+    itself replacing one carries that record on.
+    """
+    stage_dir, aside = run_dir / name, previous_output_path(run_dir, name)
+    completed = previous is not None and previous.status == "completed" and previous.output is not None
+    kept = previous if completed else previous.replacing if previous is not None else None
+    replacing = {"replacing": kept} if kept is not None else {}
+    if completed and aside.exists():
+        shutil.rmtree(aside)  # left by an earlier replacement that succeeded
+    # Recorded as running (and what it replaces) before the folder moves, so a kill in
+    # between never leaves the manifest claiming a completed output that is gone.
+    update_stage(run_dir, name, status="running", output=None, finished_at=None, **replacing)
+    if kept is not None and not aside.exists():
+        stage_dir.rename(aside)  # the output being replaced
+    else:
+        shutil.rmtree(stage_dir)  # checkpoints of an attempt that never completed
+    return replacing
+
+
+def record_failure(run_dir: Path, name: str, error: BaseException) -> None:
+    """Mark the stage failed with its reason, and put back the output a failed rerun was replacing."""
+    reason = f"{type(error).__name__}: {error}"
+    try:
+        entry = update_stage(run_dir, name, status="failed", error=reason, finished_at=now())
+        restore_previous_output(run_dir, name, entry, reason)
+    except ChatpipeError as unrecorded:  # a full disk: the error itself matters more
+        print(f"chatpipe: {name}: the failure could not be recorded ({unrecorded})", file=sys.stderr)
+
+
+def record_completion(run_dir: Path, name: str, result: StageResult, inputs: dict, tracker: Tracker) -> None:
+    """Record the output's hashes and final metrics; only then let the output it replaces go."""
+    tracker.summary(result.metrics)
+    output = output_record(run_dir, result.output_dir)
+    tracker.log_checkpoint(result.output_dir, name, output.digest, {"stage": name, "inputs": {
+        upstream: record.digest for upstream, record in inputs.items()
+    }})
+    entry = update_stage(
+        run_dir,
+        name,
+        status="completed",
+        output=output,
+        metrics=result.metrics,
+        finished_at=now(),
+        warnings=tracker.warnings,
+    )
+    if entry.replacing is not None:
+        replace_stage(run_dir, name, entry.without_replacing())
+    aside = previous_output_path(run_dir, name)
+    if aside.exists():
+        shutil.rmtree(aside)
 
 
 def peak_memory(state) -> dict[str, float]:
