@@ -24,7 +24,6 @@ warning naming it and prepared again from the source.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ import datasets
 import pyarrow
 
 from pipeline.config import DataSource
+from pipeline.digests import file_sha256
 from pipeline.errors import DataError
 
 try:  # huggingface_hub 1.x and later talk to the hub through httpx, whose errors are not OSErrors
@@ -200,11 +200,6 @@ def load_failure(source: DataSource, error: Exception) -> DataError:
         + (f"; caused by {type(cause).__name__}: {cause}" if cause is not error else "")
         + ")"
     )
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def check_cache_files(dataset: datasets.Dataset, record: bool = False) -> list[str]:

@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.digests import file_sha256
 from pipeline.errors import DataError
 from pipeline.faults import fault_point
 
@@ -254,11 +255,6 @@ class ShardWriter:
             # clears the others' temporaries. The shard is on disk, identical: nothing is lost.
             if not header_path.exists():
                 raise
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def read_header(folder: Path, index: int, repair: bool = False) -> dict | None:

@@ -14,6 +14,7 @@ PACKAGES = ("pipeline", "data", "reward_model", "stages")
 RANKS = {
     "pipeline.errors": 0,
     "pipeline.faults": 0,
+    "pipeline.digests": 0,
     "pipeline.config": 1,
     "data": 2,
     "pipeline.models": 3,

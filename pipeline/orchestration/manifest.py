@@ -39,6 +39,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.digests import file_sha256 as hash_file
 from pipeline.errors import ManifestError
 from pipeline.faults import fault_point
 
@@ -371,14 +372,6 @@ def parse_time(value: str | None) -> dt.datetime | None:
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint hashes
-
-
-def hash_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_folder(folder: str | Path) -> dict[str, str]:

@@ -16,8 +16,8 @@ Every stage writes and reads these through one `Checkpointer`. A checkpoint is w
 the latest; a complete checkpoint that fails to load (a file deleted or damaged since) is skipped
 for the next newest, with a message naming the file. Damage that would still load (a flipped bit
 in a tensor) is caught by the digests: state.json records every file's sha256 when the checkpoint
-is written, and every process checks every file (each rank's RNG files too) before loading, so
-the processes of a launch agree on which checkpoint they resume from. Checkpoints written before
+is written, and the main process checks every file (each rank's RNG files too) before loading and
+tells the others which checkpoint to resume from, so the processes of a launch agree on it. Checkpoints written before
 digests were recorded load unchecked. A full disk mid-save removes the partial folder and is a
 `DiskFullError` saying how much space the checkpoint needs and how much is free. Loading never
 unpickles anything. CHATPIPE_FAULT (pipeline/faults.py) can kill the writer at
@@ -41,6 +41,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from pipeline.digests import file_sha256
 from pipeline.errors import ChatpipeError
 from pipeline.faults import fault_point
 
@@ -162,11 +163,6 @@ def writing_checkpoint(root: Path, step: int, accelerator, state: dict[str, Any]
     accelerator.wait_for_everyone()
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def checkpoint_files(folder: Path) -> list[str]:
     """Every file of a checkpoint but state.json, by path relative to it."""
     folder = Path(folder)
@@ -202,8 +198,8 @@ def verify_checkpoint(folder: Path) -> None:
     """Check every file of a checkpoint against the sha256 recorded in its state.json (one read of each).
 
     Raises CheckpointDamaged naming the first damaged file, FileNotFoundError for a recorded file
-    that is gone. A checkpoint written before digests were recorded passes unchecked. Every
-    process checks all files, each rank's included, so all reach the same verdict.
+    that is gone. A checkpoint written before digests were recorded passes unchecked. Each
+    rank's files are checked, so the verdict holds for every process of the launch.
     """
     folder = Path(folder)
     for name, digest in sorted(read_state_record(folder).get(DIGESTS_KEY, {}).items()):
