@@ -247,23 +247,16 @@ def recover_manifest(run_dir: str | Path) -> str | None:
     try:
         if read_manifest(run_dir).config:
             return None
-        damage = "records no run config"
+        damage, failure = "records no run config", None
     except ManifestError as error:
-        if not previous_path.is_file():
-            raise
-        damage = str(error).removeprefix(f"{path}: ").split(";")[0]
-        failure = error
-    else:
-        failure = None
+        damage, failure = str(error).removeprefix(f"{path}: ").split(";")[0], error
     try:
-        previous = _read_manifest_file(previous_path, run_dir)
+        previous = _read_manifest_file(previous_path, run_dir) if previous_path.is_file() else None
     except ManifestError:
+        previous = None
+    if previous is None or not previous.config:  # nothing to recover from
         if failure is not None:
-            raise failure from None
-        return None
-    if not previous.config:
-        if failure is not None:
-            raise failure from None
+            raise failure
         return None
     kept = ""
     if path.exists():

@@ -52,7 +52,8 @@ class StageSpec:
 
     def _digest(self, config: RunConfig, sliced: dict[str, Any]) -> str:
         digests = {source.path: data_digest(source) for source in data_sources(config) if source.path}
-        launch = (sliced.get(self.name) or {}).get("launch") if isinstance(sliced.get(self.name), dict) else None
+        section = sliced.get(self.name)
+        launch = section.get("launch") if isinstance(section, dict) else None
         file = launch.get("accelerate_config") if isinstance(launch, dict) else None
         if file is not None and Path(file).is_file():
             # The launch layout is the file's content: a moved checkout with the same file is unchanged.
