@@ -24,6 +24,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from pipeline.errors import ConfigError
 
+# Below this a sampling temperature is greedy (pipeline/models/generation.py): dividing logits by it
+# can overflow, and its draw is the argmax anyway. PPO and eval compute log-probs at their
+# temperature, so theirs must be at least this.
+GREEDY_BELOW = 1e-5
+
 
 class Section(BaseModel):
     """A config section: unknown keys are errors, not silently ignored."""
@@ -548,7 +553,7 @@ class PPOSampling(Section):
     samples_per_prompt: int = Field(1, ge=1, description="Responses per prompt; rloo and grpo need at least 2.")
     response_length: int = Field(64, ge=1, description="Tokens generated per response at most.")
     temperature: float = Field(
-        0.7, ge=1e-5,
+        0.7, ge=GREEDY_BELOW,
         description="Sampling temperature (top_k=0, top_p=1); logprobs use the same, so it must be at least 1e-5 "
         "(below it the sampler is greedy and the logprobs overflow).",
     )
@@ -725,7 +730,7 @@ class EvalConfig(BadRowPolicy, LaunchedStage):
     max_prompt_length: int = Field(256, ge=4)
     response_length: int = Field(64, ge=1, description="Tokens per reply at most; a reply cut here is also scored completed.")
     temperature: float = Field(
-        0.7, ge=1e-5, description="Sampling temperature (seeded: reruns agree); at least 1e-5, below which sampling is greedy."
+        0.7, ge=GREEDY_BELOW, description="Sampling temperature (seeded: reruns agree); at least 1e-5, below which sampling is greedy."
     )
     batch_size: int = Field(16, ge=1)
     null_replies: list[str] = Field(

@@ -49,11 +49,10 @@ from typing import Callable, Sequence
 import torch
 from transformers import DynamicCache
 
+from pipeline.config import GREEDY_BELOW
 from pipeline.errors import ConfigError
 from pipeline.models.logprobs import position_ids_from
 
-# Below this a temperature is greedy: dividing by it can overflow, and its draw is the argmax anyway.
-GREEDY_BELOW = 1e-5
 
 
 def is_real(value) -> bool:
