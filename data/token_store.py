@@ -108,7 +108,7 @@ class TokenStore:
             self.documents = index["documents"]
             self.text_bytes = index["text_bytes"]
             self.eos_id = index["eos_id"]
-        except (ValueError, KeyError, TypeError) as error:  # not JSON, or not the index's keys
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as error:  # gone mid-repair, not JSON, or not the index's keys
             problem = f"{self.folder / STORE_FILE} cannot be read ({type(error).__name__}: {error})"
             raise DamagedStore(self.folder, [problem], index=True) from None
         # starts[k] = position of shard k's first token in the stream; starts[-1] = the total
@@ -117,11 +117,15 @@ class TokenStore:
         damaged = {}
         for index, (tokens, shard) in enumerate(zip(self.shard_tokens, shards)):
             path = self.folder / f"{shard_name(index)}.bin"
-            size = path.stat().st_size if path.exists() else None
+            try:  # a shard may vanish between the two reads while worker 0 repairs the store
+                size = path.stat().st_size
+                changed = size == tokens * self.dtype.itemsize and shard.get("sha256") not in (None, file_sha256(path))
+            except FileNotFoundError:
+                size, changed = None, False
             if size != tokens * self.dtype.itemsize:
                 found = "is missing" if size is None else f"has {size} bytes"
                 damaged[index] = f"{path} {found}, not the {tokens * self.dtype.itemsize} its index records"
-            elif shard.get("sha256") is not None and file_sha256(path) != shard["sha256"]:
+            elif changed:
                 damaged[index] = f"{path} was changed after it was written (its sha256 differs from the one recorded)"
         if damaged:
             raise DamagedStore(self.folder, list(damaged.values()), shards=sorted(damaged))

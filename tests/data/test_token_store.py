@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.packing import pack_documents
-from data.token_store import STORE_FILE, TokenStore, build_token_store, runs_by_shard, token_dtype
+from data.token_store import STORE_FILE, DamagedStore, TokenStore, build_token_store, runs_by_shard, token_dtype
 from pipeline.errors import DataError
 
 EOS = 3
@@ -230,3 +230,36 @@ def test_the_first_worker_repairs_a_damaged_store_while_the_others_wait(bpe_toke
         thread.join(timeout=60)
     assert all(store is not None and np.array_equal(store.read(0, store.tokens), stream) for store in stores)
     assert tokenizers[1].encoded == 0 and tokenizers[0].encoded == json.loads((tmp_path / "shard-00000.json").read_text())["documents"]
+
+
+
+def vanish_on_read(monkeypatch, module, name, path):
+    """Patch module.name (a function of one path) to remove `path` first, then do its work."""
+    original = getattr(module, name)
+
+    def remove_then(*args, **kwargs):
+        path.unlink(missing_ok=True)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, remove_then)
+
+
+def test_a_shard_that_vanishes_mid_repair_reads_as_missing_not_a_traceback(bpe_tokenizer, documents, tmp_path, monkeypatch):
+    """The other workers open the store while worker 0 removes its damaged shards, so a shard can
+    vanish between its stat and its read. That is a damaged store to wait on; CI once saw a
+    FileNotFoundError here, in the two-worker repair test above."""
+    import data.token_store as token_store
+
+    shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    vanish_on_read(monkeypatch, token_store, "file_sha256", tmp_path / "shard-00000.bin")
+    with pytest.raises(DamagedStore) as damage:
+        TokenStore(tmp_path)
+    assert damage.value.shards == [0] and "shard-00000.bin is missing" in damage.value.damaged[0]
+
+
+def test_an_index_that_vanishes_mid_repair_reads_as_damaged(bpe_tokenizer, documents, tmp_path):
+    shards_and_tokenizer(bpe_tokenizer, documents, tmp_path)
+    (tmp_path / STORE_FILE).unlink()  # as worker 0's repair does, after a waiter saw it exist
+    with pytest.raises(DamagedStore) as damage:
+        TokenStore(tmp_path)
+    assert damage.value.index and STORE_FILE in damage.value.damaged[0]
