@@ -28,18 +28,23 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer, get_scheduler
 
-from data.chat_tokens import load_conversations, tokenize_conversations
+from data.chat_tokens import LengthReport, load_conversations, tokenize_conversations
+from data.rows import RowReport
 from data.splits import held_out_split
+from pipeline.config import SFTConfig
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import make_accelerator, replicas_in_sync, shards_parameters
-from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
+from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, prepare_training
 from pipeline.training.state import Checkpointer
@@ -57,6 +62,78 @@ def train(context: StageContext) -> StageResult:
     set_seed(config.seed)
 
     # ----------------------------------------------------------------------------------- data
+    data = load_data(context, accelerator, tokenizer)
+    total_steps = training_steps(section, len(data.train_rows), accelerator.num_processes)
+
+    # ---------------------------------------------------------------------------------- model
+    optimizer_step = prepare_model(section, base_dir, accelerator, total_steps)
+    model = optimizer_step.model
+
+    # ----------------------------------------------------------------------------------- loop
+    micro_batch = section.per_device_batch_size
+    result = fit(
+        "sft", accelerator,
+        optimizer_step,
+        Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
+        context.tracker,
+        Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
+        micro_batches=step_batches(data.train_rows, tokenizer, accelerator, section, config.seed),
+        loss=assistant_loss(model, accelerator),
+        evaluate=held_out_evaluation(data.validation_rows, tokenizer, model, accelerator, micro_batch),
+        units_per_step=micro_batch * accelerator.num_processes * section.gradient_accumulation_steps,
+        unit="conversation", tokenizer=tokenizer,
+        weights=lambda batches: [1.0] * len(batches),
+    )
+
+    # ----------------------------------------------------------------------------------- save
+    lora_save = section.lora.save if section.lora is not None else None
+    trained = save_final_model(accelerator, model, context.output_dir, tokenizer, lora_save=lora_save, generation_tokens=True)
+    if accelerator.is_main_process and lora_save == "adapter":
+        write_adapter_note(context.output_dir, base_dir, context.input_digests["pretrain"])
+    write_samples(context, accelerator, trained, tokenizer, data.validation_conversations, total_steps)
+
+    metrics = {
+        "world_size": accelerator.num_processes,
+        "replicas_in_sync": replicas_in_sync(model, accelerator.device),
+        "steps": total_steps,
+        "eval_loss": result.last_eval["loss"],
+        "eval_perplexity": result.last_eval["perplexity"],
+        **data.metrics(),
+        "checkpoint_kind": "adapter" if lora_save == "adapter" else "full",
+        "resumed_from_step": result.resumed_from,
+    }
+    if result.first_eval is not None:
+        metrics["initial_eval_loss"] = result.first_eval["loss"]
+    context.tracker.log({"data/" + key: value for key, value in metrics.items() if key.startswith(("train_", "validation_", "rows_"))}, step=total_steps)
+    return StageResult(context.output_dir, metrics)
+
+
+@dataclass
+class ConversationData:
+    """The stage's conversations: token rows to train and evaluate on, the held-out conversations
+    the samples are drawn from, and what loading and the `max_length` policy kept and dropped."""
+
+    train_rows: list[dict]
+    validation_rows: list[dict]
+    validation_conversations: list[list[dict]]
+    rows: RowReport
+    train_lengths: LengthReport
+    validation_lengths: LengthReport
+
+    def metrics(self) -> dict:
+        return {
+            "rows_read": self.rows.total,
+            "rows_dropped": self.rows.dropped,
+            "dropped_reasons": dict(self.rows.reasons),
+            **self.train_lengths.as_metrics("train"),
+            **self.validation_lengths.as_metrics("validation"),
+        }
+
+
+def load_data(context: StageContext, accelerator, tokenizer) -> ConversationData:
+    """`sft.data` normalised and split (or `sft.validation_data`), rendered to token ids with the
+    assistant's tokens marked."""
+    config, section = context.config, context.config.sft
     cache = context.run_dir / "cache" / "datasets"
     conversations, rows = load_conversations(section.data, section, cache)
     if section.validation_data is not None:
@@ -76,14 +153,22 @@ def train(context: StageContext) -> StageResult:
         validation_dataset, validation_lengths = tokenize_conversations(
             validation_conversations, tokenizer, section.max_length, section.overlong, token_cache
         )
-    train_rows, validation_rows = train_dataset.to_list(), validation_dataset.to_list()
-    micro_batch = section.per_device_batch_size
-    conversations_per_step = micro_batch * accelerator.num_processes * section.gradient_accumulation_steps
-    # As the Trainer counted: whole micro-batches per epoch, then optimiser steps.
-    steps_per_epoch = max(1, math.ceil(len(train_rows) / (micro_batch * accelerator.num_processes)) // section.gradient_accumulation_steps)
-    total_steps = section.max_steps or math.ceil(section.epochs * steps_per_epoch)
+    return ConversationData(
+        train_dataset.to_list(), validation_dataset.to_list(), validation_conversations, rows, train_lengths, validation_lengths
+    )
 
-    # ---------------------------------------------------------------------------------- model
+
+def training_steps(section: SFTConfig, train_conversations: int, world_size: int) -> int:
+    """Optimiser steps: `max_steps`, else `epochs` passes counted as the Trainer counted them:
+    whole micro-batches per epoch, then optimiser steps."""
+    micro_batches = math.ceil(train_conversations / (section.per_device_batch_size * world_size))
+    steps_per_epoch = max(1, micro_batches // section.gradient_accumulation_steps)
+    return section.max_steps or math.ceil(section.epochs * steps_per_epoch)
+
+
+def prepare_model(section: SFTConfig, base_dir: Path, accelerator, total_steps: int) -> OptimizerStep:
+    """The pretrained model (with LoRA adapters if `sft.lora`), its optimiser and schedule, prepared
+    for the launch's engine."""
     model = load_causal_lm(base_dir)
     if section.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -94,23 +179,32 @@ def train(context: StageContext) -> StageResult:
         section.lr_scheduler, optimizer, num_warmup_steps=math.ceil(section.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    optimizer_step = prepare_training(
-        accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch, max_grad_norm=section.max_grad_norm
+    return prepare_training(
+        accelerator, model, optimizer, scheduler,
+        micro_batch_size=section.per_device_batch_size, max_grad_norm=section.max_grad_norm,
     )
-    model = optimizer_step.model
 
+
+def step_batches(train_rows: list[dict], tokenizer, accelerator, section: SFTConfig, seed: int) -> Callable[[int], list[dict]]:
+    """`micro_batches(step)` for `fit`: this process's micro-batches of optimiser step `step`, each
+    carrying the whole step's count of assistant tokens (`step_tokens`)."""
     def micro_batches(step: int) -> list[dict]:
         steps = step_indices(
             step, accelerator, accumulation=section.gradient_accumulation_steps,
-            size=micro_batch, examples=len(train_rows), seed=config.seed,
+            size=section.per_device_batch_size, examples=len(train_rows), seed=seed,
         )
         batches = [collate_conversations([train_rows[i] for i in indices], tokenizer.pad_token_id) for indices in steps]
         step_tokens = max(1, sum(batch["loss_tokens"] for batch in batches))
         return [{**batch, "step_tokens": step_tokens} for batch in batches]
 
+    return micro_batches
+
+
+def assistant_loss(model, accelerator) -> Callable[[dict], tuple[torch.Tensor, dict]]:
+    """`loss(batch)` for `fit`: summed over the micro-batch's assistant tokens, divided by the whole
+    step's, so the step's loss is the mean over all its assistant tokens however they fall into
+    micro-batches."""
     def loss(batch: dict) -> tuple[torch.Tensor, dict]:
-        # Summed over the micro-batch's assistant tokens, divided by the whole step's: the step's
-        # loss is the mean over all its assistant tokens however they fall into micro-batches.
         output = model(
             input_ids=batch["input_ids"].to(accelerator.device),
             attention_mask=batch["attention_mask"].to(accelerator.device),
@@ -119,33 +213,26 @@ def train(context: StageContext) -> StageResult:
         )
         return output.loss, {}
 
+    return loss
+
+
+def held_out_evaluation(validation_rows: list[dict], tokenizer, model, accelerator, micro_batch: int) -> Callable[[], dict[str, float]]:
+    """`evaluate()` for `fit`: the mean over held-out batches of each batch's mean loss on assistant
+    tokens, weighted by rows."""
     def evaluate() -> dict[str, float]:
-        """Mean over held-out batches of each batch's mean loss on assistant tokens, weighted by rows."""
         mine = validation_rows[accelerator.process_index :: accelerator.num_processes]
         batches = (collate_conversations(mine[start : start + micro_batch], tokenizer.pad_token_id)
                    for start in range(0, len(mine), micro_batch))
         keys = ("input_ids", "attention_mask", "labels")
         return held_out_loss(accelerator, model, ({key: batch[key] for key in keys} for batch in batches))
 
-    # ----------------------------------------------------------------------------------- loop
-    result = fit(
-        "sft", accelerator,
-        optimizer_step,
-        Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
-        context.tracker,
-        Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
-        micro_batches=micro_batches, loss=loss, evaluate=evaluate,
-        units_per_step=conversations_per_step, unit="conversation", tokenizer=tokenizer,
-        weights=lambda batches: [1.0] * len(batches),
-    )
+    return evaluate
 
-    # ----------------------------------------------------------------------------------- save
-    lora_save = section.lora.save if section.lora is not None else None
-    trained = save_final_model(accelerator, model, context.output_dir, tokenizer, lora_save=lora_save, generation_tokens=True)
-    if accelerator.is_main_process and lora_save == "adapter":
-        write_adapter_note(context.output_dir, base_dir, context.input_digests["pretrain"])
 
-    # -------------------------------------------------------------------------------- samples
+def write_samples(context: StageContext, accelerator, trained, tokenizer, validation_conversations: list[list[dict]], step: int) -> None:
+    """Replies of the trained model to `sft.sample_prompts` held-out prompts, beside their reference
+    replies: RUN_DIR/sft/samples.jsonl and the tracker's `samples` table (collective when sharded)."""
+    section = context.config.sft
     # Sharded weights (FSDP, ZeRO-3) are gathered inside each forward pass, a collective: every
     # process then generates the same seeded replies in lockstep, and the main process writes them.
     if section.sample_prompts and (context.is_main or shards_parameters(accelerator)):
@@ -153,7 +240,7 @@ def train(context: StageContext) -> StageResult:
             validation_conversations, section.sample_prompts, tokenizer, section.max_length - section.sample_max_new_tokens
         )
         replies = generate_replies(
-            trained, tokenizer, [prompt for prompt, _ in prompts], section.sample_max_new_tokens, seed=config.seed,
+            trained, tokenizer, [prompt for prompt, _ in prompts], section.sample_max_new_tokens, seed=context.config.seed,
         )
     if context.is_main and section.sample_prompts:
         samples = [
@@ -165,27 +252,8 @@ def train(context: StageContext) -> StageResult:
                 handle.write(json.dumps(sample) + "\n")
         context.tracker.log_table(
             "samples", ["prompt", "reference", "reply"],
-            [[s["prompt"][-1]["content"], s["reference"], s["reply"]] for s in samples], step=total_steps,
+            [[s["prompt"][-1]["content"], s["reference"], s["reply"]] for s in samples], step=step,
         )
-
-    metrics = {
-        "world_size": accelerator.num_processes,
-        "replicas_in_sync": replicas_in_sync(model, accelerator.device),
-        "steps": total_steps,
-        "eval_loss": result.last_eval["loss"],
-        "eval_perplexity": result.last_eval["perplexity"],
-        "rows_read": rows.total,
-        "rows_dropped": rows.dropped,
-        "dropped_reasons": dict(rows.reasons),
-        **train_lengths.as_metrics("train"),
-        **validation_lengths.as_metrics("validation"),
-        "checkpoint_kind": "adapter" if lora_save == "adapter" else "full",
-        "resumed_from_step": result.resumed_from,
-    }
-    if result.first_eval is not None:
-        metrics["initial_eval_loss"] = result.first_eval["loss"]
-    context.tracker.log({"data/" + key: value for key, value in metrics.items() if key.startswith(("train_", "validation_", "rows_"))}, step=total_steps)
-    return StageResult(context.output_dir, metrics)
 
 
 if __name__ == "__main__":
