@@ -24,8 +24,9 @@ import json
 import math
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -35,7 +36,7 @@ from accelerate.utils import set_seed
 
 from pipeline.models.lora import add_lora_adapters
 from pipeline.training.distributed import replicas_in_sync, whole_model_init
-from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
+from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
 from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
 from reward_model.batching import EncodedGroup, collate_groups, encode_groups, length_balancing_weights
@@ -109,43 +110,8 @@ def train_reward_model(
     total_steps = training_steps(section, len(train_encoded), accelerator.num_processes)
 
     # ---------------------------------------------------------------------------------- model
-    # Assembled whole (the backbone's weights copied into a new model with a fresh head), also
-    # under ZeRO-3, whose zero.Init would leave the copy nothing to land in and draw the head apart.
-    with whole_model_init():
-        model = build_reward_model(backbone_dir, pad_token_id=tokenizer.pad_token_id)
-    if section.lora is not None:
-        model = add_lora_adapters(model, section.lora, task_type="SEQ_CLS", trained_whole=["score"])
-    optimizer = adamw(model, section.learning_rate, section.weight_decay)
-    scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
-    optimizer_step = prepare_training(
-        accelerator, TokenScorer(model), optimizer, scheduler,
-        micro_batch_size=section.prompts_per_batch, max_grad_norm=section.max_grad_norm,
-    )
+    optimizer_step = prepare_scorer(section, backbone_dir, tokenizer, accelerator, total_steps)
     scorer = optimizer_step.model
-
-    def micro_batches(step: int) -> list[dict]:
-        """Whole prompts with all their completions, for each micro-step of optimiser step `step`."""
-        batches = []
-        steps = step_indices(
-            step, accelerator, accumulation=section.gradient_accumulation_steps,
-            size=section.prompts_per_batch, examples=len(train_encoded), seed=seed,
-        )
-        for indices in steps:
-            batch = collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, section.margin)
-            batches.append({k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()})
-        return batches
-
-    def loss(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = at_last_token(scorer(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
-        value = grouped_pairwise_loss(
-            scores, batch["better"], batch["worse"], batch["pair_group"], batch["margins"], batch["n_groups"],
-            batch.get("weights"),
-        ) + section.center_rewards_coefficient * centering_penalty(scores)
-        gap = scores.detach()[batch["better"]] - scores.detach()[batch["worse"]]
-        return value, {"accuracy": (gap > 0).float().mean()}
-
-    def evaluate() -> dict[str, float]:
-        return evaluate_preferences(scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator)
 
     # ----------------------------------------------------------------------------------- loop
     result = fit(
@@ -154,21 +120,18 @@ def train_reward_model(
         Checkpointer(checkpoint_dir, accelerator, section.keep_checkpoints, parts={"": "pretrained_model"}),
         tracker,
         Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
-        micro_batches=micro_batches, loss=loss, evaluate=evaluate,
+        micro_batches=group_batches(train_encoded, tokenizer, accelerator, section, seed),
+        loss=preference_loss(scorer, section),
+        evaluate=partial(
+            evaluate_preferences, scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator
+        ),
         units_per_step=groups_per_step, unit="prompt", tokenizer=tokenizer,
     )
     first_eval, last_eval = result.first_eval, result.last_eval
     slope, mean_length = length_trend(scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator)
 
     # ----------------------------------------------------------------------------------- save
-    lora_save = "merged" if section.lora is not None else None
-    save_final_model(accelerator, scorer, output_dir, tokenizer, part="pretrained_model", lora_save=lora_save)
-    if accelerator.is_main_process:
-        # PPO normalises scores with these; in the folder, they are covered by its digest.
-        ScoreStatistics(
-            mean=last_eval["reward_mean"], std=last_eval["reward_std"], length_slope=slope, length_mean=mean_length,
-        ).write(output_dir)
-        write_trained_on(output_dir, train_groups)
+    save_reward_model(accelerator, section, scorer, tokenizer, output_dir, last_eval, slope, mean_length, train_groups)
     metrics = {
         "world_size": accelerator.num_processes,
         "replicas_in_sync": replicas_in_sync(scorer, accelerator.device),
@@ -188,6 +151,73 @@ def train_reward_model(
         "resumed_from_step": result.resumed_from,
     }
     return TrainedRewardModel(output_dir, metrics)
+
+
+def prepare_scorer(section: RewardTraining, backbone_dir: Path, tokenizer, accelerator, total_steps: int) -> OptimizerStep:
+    """The backbone with a fresh scalar head (and LoRA adapters if `lora`), scoring every token,
+    with its optimiser and schedule, prepared for the launch's engine."""
+    # Assembled whole (the backbone's weights copied into a new model with a fresh head), also
+    # under ZeRO-3, whose zero.Init would leave the copy nothing to land in and draw the head apart.
+    with whole_model_init():
+        model = build_reward_model(backbone_dir, pad_token_id=tokenizer.pad_token_id)
+    if section.lora is not None:
+        model = add_lora_adapters(model, section.lora, task_type="SEQ_CLS", trained_whole=["score"])
+    optimizer = adamw(model, section.learning_rate, section.weight_decay)
+    scheduler = warmup_cosine(optimizer, int(section.warmup_ratio * total_steps), total_steps, section.min_lr_ratio)
+    return prepare_training(
+        accelerator, TokenScorer(model), optimizer, scheduler,
+        micro_batch_size=section.prompts_per_batch, max_grad_norm=section.max_grad_norm,
+    )
+
+
+def group_batches(
+    train_encoded: list[EncodedGroup], tokenizer, accelerator, section: RewardTraining, seed: int
+) -> Callable[[int], list[dict]]:
+    """`micro_batches(step)` for `fit`: whole prompts with all their completions, for each
+    micro-step of optimiser step `step`, on this process's device."""
+    def micro_batches(step: int) -> list[dict]:
+        batches = []
+        steps = step_indices(
+            step, accelerator, accumulation=section.gradient_accumulation_steps,
+            size=section.prompts_per_batch, examples=len(train_encoded), seed=seed,
+        )
+        for indices in steps:
+            batch = collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, section.margin)
+            batches.append({k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+        return batches
+
+    return micro_batches
+
+
+def preference_loss(scorer, section: RewardTraining) -> Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """`loss(batch)` for `fit`: the grouped pairwise loss plus the centering penalty, and the
+    micro-batch's pair accuracy."""
+    def loss(batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scores = at_last_token(scorer(batch["input_ids"], batch["attention_mask"]), batch["attention_mask"])
+        value = grouped_pairwise_loss(
+            scores, batch["better"], batch["worse"], batch["pair_group"], batch["margins"], batch["n_groups"],
+            batch.get("weights"),
+        ) + section.center_rewards_coefficient * centering_penalty(scores)
+        gap = scores.detach()[batch["better"]] - scores.detach()[batch["worse"]]
+        return value, {"accuracy": (gap > 0).float().mean()}
+
+    return loss
+
+
+def save_reward_model(
+    accelerator, section: RewardTraining, scorer, tokenizer, output_dir: Path, last_eval: dict[str, float],
+    slope: float, mean_length: float, train_groups: list[PreferenceGroup],
+) -> None:
+    """The model folder (LoRA merged), its score statistics and the fingerprints of the groups it
+    trained on (collective)."""
+    lora_save = "merged" if section.lora is not None else None
+    save_final_model(accelerator, scorer, output_dir, tokenizer, part="pretrained_model", lora_save=lora_save)
+    if accelerator.is_main_process:
+        # PPO normalises scores with these; in the folder, they are covered by its digest.
+        ScoreStatistics(
+            mean=last_eval["reward_mean"], std=last_eval["reward_std"], length_slope=slope, length_mean=mean_length,
+        ).write(output_dir)
+        write_trained_on(output_dir, train_groups)
 
 
 MEMBER_DONE = "member_metrics.json"  # written last into a model's folder by `train_in_turn`: that model is complete
