@@ -276,7 +276,7 @@ def test_ppo_agrees_across_engines(ppo_runs):
         assert metrics["fsdp"][key] == pytest.approx(metrics["ddp"][key], abs=1e-5), key
         assert metrics["deepspeed_zero3"][key] == pytest.approx(metrics["deepspeed_zero2"][key], abs=1e-5), key
     assert metrics["deepspeed_zero2"]["initial_score"] == pytest.approx(metrics["ddp"]["initial_score"], abs=1e-5)
-    assert "DeepSpeed clips the policy's and the value model's gradients together" in ppo_runs["deepspeed_zero3"][1]
+    assert "DeepSpeed ZeRO-3 clips the policy's and the value model's gradients together" in ppo_runs["deepspeed_zero3"][1]
     assert "ZeRO-3 rehearsal: every parameter is partitioned" in ppo_runs["deepspeed_zero3"][1]
 
 

@@ -1,30 +1,32 @@
 """The training core every stage shares: one optimiser step, one cadence, one loop, one final save.
 
-    step = OptimizerStep(accelerator, model, optimizer, scheduler, max_grad_norm)
-    result = fit(
-        "reward", accelerator, step, checkpointer, tracker, cadence,
+    optimizer_step = prepare_training(accelerator, model, optimizer, scheduler, micro_batch_size=8, max_grad_norm=1.0)
+    step = SupervisedStep(
+        optimizer_step,
         micro_batches=lambda step: [...],      # this process's micro-batches of optimiser step `step`
         loss=lambda batch: (loss, {"accuracy": ...}),
-        evaluate=lambda: {"loss": ..., ...},   # logged as eval/<key>
     )
+    result = fit("reward", accelerator, step, checkpointer, tracker, cadence,
+                 evaluate=lambda: {"loss": ..., ...})   # logged as eval/<key>
     save_final_model(accelerator, model, output_dir, tokenizer)
 
-Pretraining and the reward model run `fit`; SFT runs it with masked labels; PPO, whose unit of
-work is a rollout, drives `OptimizerStep`, `Cadence` and the `Checkpointer` itself. The
-benchmark in bench/pretrain_throughput.py times this same `OptimizerStep`.
+Every stage that trains runs `fit`: pretraining, SFT and the reward model with a `SupervisedStep`,
+PPO (RLOO, GRPO) with a step that is one rollout and its updates (stages/ppo). What a stage must
+carry across a resume beyond model, optimiser and RNG (PPO's episode count, KL controller,
+generators, selection) it registers with the `Checkpointer` as components. The benchmark in
+bench/pretrain_throughput.py times this same `OptimizerStep`.
 
-Where the distributed engines differ (DDP's no_sync, FSDP's and ZeRO-3's sharded weights, what
-clipping returns under DeepSpeed), the difference is handled here and in pipeline/training/state.py,
-not in the stages.
+Where the distributed engines differ (backward, sharded weights, clipping), the engine object
+decides (pipeline/training/distributed.py), not this loop and not the stages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from data.packing import batch_indices
 from pipeline.faults import fault_point
-from pipeline.training.distributed import shards_parameters, whole_model_init
+from pipeline.training.distributed import engine_of, whole_model_init
 from pipeline.training.state import Checkpointer, CheckpointError, removed_when_disk_full, tensor_bytes
 
 
@@ -126,18 +128,8 @@ class OptimizerStep:
         return StepOutput(loss_total, stats_total, micro_stats, grad_norms)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
-        """Backward for one micro-batch; under DeepSpeed the engine steps on the last one only.
-
-        accelerate's DeepSpeed backward steps the engine whenever accelerate thinks gradients
-        sync, which with hand-made accumulation is every micro-batch; here the boundary is the
-        optimiser step's last micro-batch. DeepSpeed's own gradient_accumulation_steps is held
-        at 1 (fit_deepspeed_batch), so it does not divide the already weighted loss again.
-        """
-        engine = getattr(self.accelerator, "deepspeed_engine_wrapped", None)
-        if engine is None:
-            self.accelerator.backward(loss)
-        else:
-            engine.backward(loss, sync_gradients=last)
+        """Backward for one micro-batch; `last` ends the optimiser step (the engine's concern: see Engine.backward)."""
+        engine_of(self.accelerator).backward(loss, last)
 
     def clip(self) -> dict[str, torch.Tensor | None]:
         if self.clip_groups is None:
@@ -152,12 +144,13 @@ class OptimizerStep:
 
 @dataclass(frozen=True)
 class Cadence:
-    """When to log, evaluate and save, in optimiser steps (or rollouts) done, out of `total`."""
+    """When to log, evaluate, log samples and save, in optimiser steps (or rollouts) done, out of `total`."""
 
     total: int
     log_every: int
     eval_every: int
     save_every: int
+    samples_every: int | None = None  # tables of sample outputs (PPO's replies), where a stage logs them
 
     def log(self, done: int) -> bool:
         return done % self.log_every == 0 or done == self.total
@@ -165,20 +158,12 @@ class Cadence:
     def evaluate(self, done: int) -> bool:
         return done % self.eval_every == 0 or done == self.total
 
+    def samples(self, done: int) -> bool:
+        return self.samples_every is not None and (done % self.samples_every == 0 or done == self.total)
+
     def save(self, done: int) -> bool:
         """A resumable checkpoint; none at the end, where the final model is written instead."""
         return done % self.save_every == 0 and done < self.total
-
-
-def sharded_engine(accelerator) -> str | None:
-    """The name of the engine when it shards optimiser state across processes (FSDP, DeepSpeed ZeRO), else None."""
-    kind = str(getattr(accelerator, "distributed_type", ""))
-    if kind.endswith("DEEPSPEED"):
-        plugin = accelerator.state.deepspeed_plugin
-        return f"DeepSpeed ZeRO-{plugin.zero_stage}"
-    if kind.endswith("FSDP"):
-        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
-    return None
 
 
 def require_checkpointable(accelerator, cadence: Cadence, name: str, model: torch.nn.Module | None = None) -> None:
@@ -188,11 +173,11 @@ def require_checkpointable(accelerator, cadence: Cadence, name: str, model: torc
     (gathered by parameter name, sharded again on resume; pipeline/training/state.py). A LoRA
     model's adapter checkpoint under those engines cannot be restored into shards yet.
     """
-    engine = sharded_engine(accelerator)
+    engine = engine_of(accelerator)
     lora = model is not None and any(".lora_" in parameter for parameter, _ in model.named_parameters())
-    if engine is None or not lora or cadence.save_every >= cadence.total:
+    if not engine.shards_optimizer or not lora or cadence.save_every >= cadence.total:
         return
-    what = f"{engine} with LoRA"
+    what = f"{engine.name} with LoRA"
     raise CheckpointError(
         f"{name}: resumable checkpoints are not written under {what} yet (each process holds a shard of the "
         f"optimiser state); set {name}.save_every to at least the run's {cadence.total} steps to train without "
@@ -200,39 +185,104 @@ def require_checkpointable(accelerator, cadence: Cadence, name: str, model: torc
     )
 
 
+class TrainStep(Protocol):
+    """What `fit` drives: one unit of training (an optimiser step, or PPO's rollout and its updates).
+
+    `model`, `optimizer` and `scheduler` are what checkpoints hold; `start()` runs once before the
+    first evaluation; `step(index, log)` trains unit `index` and, when `log`, returns the metrics
+    to log at it (a collective under several processes: every process logs at the same steps);
+    `postfix(metrics)` is what the progress bar shows of them.
+    """
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def start(self) -> None: ...
+
+    def step(self, index: int, log: bool) -> dict[str, float] | None: ...
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]: ...
+
+
+class SupervisedStep:
+    """fit's step for the supervised stages: one OptimizerStep over this process's micro-batches.
+
+    `micro_batches(step)` gives the micro-batches of optimiser step `step`; `loss(batch)` is
+    (loss, statistics); `weights(batches)` each micro-batch's loss weight (default: their mean;
+    SFT weighs by loss tokens). Logs train/loss, each statistic as train/<key>, train/grad_norm, lr.
+    """
+
+    def __init__(
+        self,
+        optimizer_step: OptimizerStep,
+        micro_batches: Callable[[int], Sequence[Any]],
+        loss: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+        weights: Callable[[Sequence[Any]], Sequence[float]] | None = None,
+    ):
+        self.optimizer_step, self.micro_batches, self.loss, self.weights = optimizer_step, micro_batches, loss, weights
+        self.model, self.optimizer, self.scheduler = optimizer_step.model, optimizer_step.optimizer, optimizer_step.scheduler
+
+    def start(self) -> None:
+        self.model.train()
+
+    def step(self, index: int, log: bool) -> dict[str, float] | None:
+        batches = self.micro_batches(index)
+        output = self.optimizer_step(batches, self.loss, self.weights(batches) if self.weights is not None else None)
+        if not log:
+            return None
+        reduce = self.optimizer_step.accelerator.reduce
+        metrics = {"train/loss": reduce(output.loss, "mean").item()}
+        metrics.update({f"train/{key}": reduce(value, "mean").item() for key, value in output.stats.items()})
+        if output.grad_norms.get("") is not None:
+            metrics["train/grad_norm"] = float(output.grad_norms[""])
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        return metrics
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{metrics['train/loss']:.3f}"}
+
+
 @dataclass
 class FitResult:
-    steps: int
+    steps: int  # the steps done: cadence.total, or fewer when on_evaluated stopped the run early
     first_eval: dict[str, float] | None
     last_eval: dict[str, float] | None
-    train_loss: float
+    last_logged: dict[str, float]  # the metrics of the last step logged
     resumed_from: int | None
-    extra: dict[str, Any] = field(default_factory=dict)
+    stopped_early_at: int | None = None
+
+    @property
+    def train_loss(self) -> float:
+        return self.last_logged.get("train/loss", float("nan"))
 
 
 def fit(
     name: str,
     accelerator,
-    step: OptimizerStep,
+    step: TrainStep,
     checkpointer: Checkpointer,
     tracker,
     cadence: Cadence,
     *,
-    micro_batches: Callable[[int], Sequence[Any]],
-    loss: Callable[[Any], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     evaluate: Callable[[], dict[str, float]],
-    units_per_step: int,
-    unit: str,
+    units_per_step: int | None = None,
+    unit: str | None = None,
     tokenizer=None,
-    weights: Callable[[Sequence[Any]], Sequence[float]] | None = None,
+    on_evaluated: Callable[[int, dict[str, float]], bool] | None = None,
+    micro_batches=None, loss=None, weights=None,  # TEMPORARY
 ) -> FitResult:
-    """The supervised loop: resume, evaluate at step 0, train `cadence.total` optimiser steps.
+    """The one training loop: resume, evaluate at step 0, train `cadence.total` steps.
 
-    Logs train/loss (and each statistic `loss` returns, as train/<key>), train/grad_norm, lr and
-    `throughput/<unit>s_per_second`, which leaves evaluation and checkpoint time out. `weights`
-    gives each micro-batch's loss weight (default: their mean; SFT weighs by loss tokens). A crashed
-    run resumes from the newest complete checkpoint at the same step with the same data ahead.
+    `evaluate()` gives the metrics logged as eval/<key>; `on_evaluated(done, metrics)` runs
+    after each evaluation (step 0 included) and returning True stops the run there (PPO's early
+    stop). With `unit`, logs `<unit>s` done and `throughput/<unit>s_per_second`, which leaves
+    evaluation and checkpoint time out. A crashed run resumes from the newest complete checkpoint
+    at the same step with the same data ahead; the stage's own state travels in the checkpoint
+    as the Checkpointer's components.
     """
+    if micro_batches is not None:  # TEMPORARY
+        step = SupervisedStep(step, micro_batches, loss, weights)
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
     require_checkpointable(accelerator, cadence, name, model)
     start, resumed_from, first_eval = 0, None, None
@@ -244,46 +294,42 @@ def fit(
             first_eval = {key.removeprefix("eval/"): value for key, value in first_eval.items()}
         accelerator.print(f"{name}: resuming from {restored.path} (step {start} of {cadence.total})")
 
-    def log_eval(done: int) -> dict[str, float]:
+    def log_eval(done: int) -> tuple[dict[str, float], bool]:
         metrics = evaluate()
         tracker.log({f"eval/{key}": value for key, value in metrics.items()}, step=done)
-        return metrics
+        return metrics, on_evaluated is not None and on_evaluated(done, metrics)
 
-    model.train()
+    step.start()
     if start == 0:
-        first_eval = log_eval(0)
-    last_eval, train_loss = first_eval, float("nan")
+        first_eval, _ = log_eval(0)
+    last_eval, last_logged, stopped_early_at = first_eval, {}, None
     progress = tqdm(total=cadence.total, initial=start, desc=name, disable=not accelerator.is_main_process)
     window_started, window_steps = time.perf_counter(), 0
     for index in range(start, cadence.total):
-        batches = micro_batches(index)
-        output = step(batches, loss, weights(batches) if weights is not None else None)
         done = index + 1
+        metrics = step.step(index, cadence.log(done))
         progress.update(1)
         window_steps += 1
-        if cadence.log(done):
-            elapsed = time.perf_counter() - window_started
-            train_loss = accelerator.reduce(output.loss, "mean").item()
-            metrics = {"train/loss": train_loss}
-            metrics.update({f"train/{key}": accelerator.reduce(value, "mean").item() for key, value in output.stats.items()})
-            if output.grad_norms.get("") is not None:
-                metrics["train/grad_norm"] = float(output.grad_norms[""])
-            metrics["lr"] = scheduler.get_last_lr()[0]
-            metrics[f"{unit}s"] = done * units_per_step
-            metrics[f"throughput/{unit}s_per_second"] = window_steps * units_per_step / max(elapsed, 1e-9)
+        if metrics is not None:
+            if unit is not None:
+                metrics[f"{unit}s"] = done * units_per_step
+                metrics[f"throughput/{unit}s_per_second"] = window_steps * units_per_step / max(time.perf_counter() - window_started, 1e-9)
             tracker.log(metrics, step=done)
-            progress.set_postfix(loss=f"{train_loss:.3f}")
-            window_started, window_steps = time.perf_counter(), 0
+            progress.set_postfix(step.postfix(metrics))
+            last_logged, window_started, window_steps = metrics, time.perf_counter(), 0
         # Evaluation and checkpoints are not training: their time is left out of the throughput window.
         paused = time.perf_counter()
         if cadence.evaluate(done):
-            last_eval = log_eval(done)
+            last_eval, stop = log_eval(done)
+            if stop and done < cadence.total:
+                stopped_early_at = done
+                break
         if cadence.save(done):
             checkpointer.save(done, model=model, optimizer=optimizer, scheduler=scheduler, tokenizer=tokenizer,
                               state={"extra": {"first_eval": first_eval}})
         window_started += time.perf_counter() - paused
     progress.close()
-    return FitResult(cadence.total, first_eval, last_eval, train_loss, resumed_from)
+    return FitResult(stopped_early_at or cadence.total, first_eval, last_eval, last_logged, resumed_from, stopped_early_at)
 
 
 def save_final_model(
@@ -307,7 +353,7 @@ def save_final_model(
     rebuilt copy.
     """
     accelerator.wait_for_everyone()
-    sharded = shards_parameters(accelerator)
+    sharded = engine_of(accelerator).shards_weights
     state_dict = accelerator.get_state_dict(model) if lora_save is None or sharded else None
     final = accelerator.unwrap_model(model)
     for attribute in filter(None, part.split(".")):

@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from pipeline.training.distributed import fit_deepspeed_batch
+from pipeline.training.distributed import engine_of
 from pipeline.training.loop import OptimizerStep
 
 
@@ -58,11 +58,9 @@ def prepare_training(
 ) -> OptimizerStep:
     """`model` and `optimizer` prepared by the engine, as the optimiser step that trains them.
 
-    A stage's micro-batch size and clipping norm come in here once: DeepSpeed takes both into its
-    config before `prepare` (`fit_deepspeed_batch`; it clips inside its engine), and the step clips
-    to the same norm under every other engine. The prepared model and optimizer are the step's
-    `model` and `optimizer`. `clip_groups`: see `OptimizerStep`.
+    A stage's micro-batch size and clipping norm come in here once: the engine takes what it needs
+    of them before it prepares (DeepSpeed clips inside its engine; see Engine.prepare), and the
+    step clips to the same norm under every other engine. `clip_groups`: see `OptimizerStep`.
     """
-    fit_deepspeed_batch(accelerator, micro_batch_size, max_grad_norm)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = engine_of(accelerator).prepare(model, optimizer, micro_batch_size=micro_batch_size, max_grad_norm=max_grad_norm)
     return OptimizerStep(accelerator, model, optimizer, scheduler, max_grad_norm, clip_groups)

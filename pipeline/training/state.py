@@ -35,7 +35,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from pipeline.digests import file_sha256
 from pipeline.errors import ChatpipeError
 from pipeline.faults import fault_point
+from pipeline.training.distributed import engine_of
 
 CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
 STATE_FILE = "state.json"
@@ -266,6 +267,14 @@ def removed_when_disk_full(folder: Path, needed_bytes: int, what: str):
         ) from None
 
 
+class Stateful(Protocol):
+    """A component whose state a checkpoint carries (torchtitan's protocol): JSON values only."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
 @dataclass
 class Restored:
     path: Path
@@ -283,15 +292,17 @@ class Checkpointer:
     `parts` maps a sub-folder of the checkpoint to the Hugging Face model inside the prepared
     module that goes there: {"": ""} (the default) saves the module itself at the top;
     {"": "pretrained_model"} the model inside a TokenScorer; PPO keeps {"policy": "policy",
-    "value": "value.pretrained_model"}. `generators` are extra per-process torch generators
-    (PPO's minibatch shuffling) saved beside the RNG state.
+    "value": "value.pretrained_model"}. `components` are the stage's own state (torchtitan's
+    `Stateful`: `state_dict()` of JSON values, `load_state_dict(state)`), registered once: PPO's
+    trainer (episode count, KL controller, minibatch generator) and its evaluation record. Each
+    process saves its own (`components-rank<i>.json`), so a per-process generator is one too.
     """
 
     def __init__(self, root: Path, accelerator, keep: int, parts: dict[str, str] | None = None,
-                 generators: dict[str, torch.Generator] | None = None):
+                 components: dict[str, Stateful] | None = None):
         self.root, self.accelerator, self.keep = Path(root), accelerator, keep
         self.parts = parts or {"": ""}
-        self.generators = generators or {}
+        self.components = components or {}
 
     def modules(self, model: torch.nn.Module) -> dict[str, torch.nn.Module]:
         """{sub-folder: Hugging Face model} of the parts present (PPO's value model may be absent)."""
@@ -313,11 +324,7 @@ class Checkpointer:
         state = {"extra": {}, **(state or {}), "world_size": accelerator.num_processes}
         with writing_checkpoint(self.root, step, accelerator, state, self.keep, needed) as folder:
             state_dict = accelerator.get_state_dict(model)
-            sharded_optimizer = None
-            if is_fsdp2(model):
-                sharded_optimizer = whole_optimizer_state(model, optimizer)
-            elif is_deepspeed(model):
-                sharded_optimizer = whole_zero_state(model)
+            sharded_optimizer = engine_of(accelerator).whole_optimizer_state(model, optimizer)
             if accelerator.is_main_process:
                 for sub, module in self.modules(model).items():
                     prefix = self.parts[sub] + "." if self.parts[sub] else ""
@@ -330,9 +337,9 @@ class Checkpointer:
                     save_optimizer_state(folder, optimizer, scheduler)
                 else:
                     save_whole_optimizer_state(folder, sharded_optimizer, scheduler)
-            for name, generator in self.generators.items():
-                generator_file = folder / f"{name}-rank{accelerator.process_index}.json"
-                generator_file.write_text(json.dumps(generator.get_state().tolist()))
+            if self.components:
+                states = {name: component.state_dict() for name, component in self.components.items()}
+                self.components_file(folder).write_text(json.dumps(states, default=_json_default))
         return checkpoint_dir(self.root, step)
 
     def restore(self, model, optimizer, scheduler) -> Restored | None:
@@ -428,20 +435,26 @@ class Checkpointer:
 
     def load(self, path: Path, model, optimizer, scheduler) -> tuple[int, dict[str, Any]]:
         state = read_state(path)
-        if is_fsdp2(model):
-            self.load_sharded(path, model, optimizer, scheduler)
-        elif is_deepspeed(model):
-            self.load_zero(path, model, scheduler)
+        engine = engine_of(self.accelerator)
+        if engine.shards_optimizer:  # whole weights and optimiser state by parameter name, sharded again here
+            weights = self.whole_weights(path, model)
+            tensors = load_file(str(path / "optimizer.safetensors"))
+            meta = json.loads((path / "optimizer.json").read_text())
+            param_groups = engine.load_whole_state(model, optimizer, weights, tensors, meta, path)
+            restore_hyperparameters(param_groups, meta, scheduler)
         else:
             for sub, module in self.modules(model).items():
                 load_model_weights(path / sub, module)
             load_optimizer_state(path, optimizer, scheduler)
         load_rng_state(path, self.accelerator.process_index)
-        for name, generator in self.generators.items():
-            generator_file = path / f"{name}-rank{self.accelerator.process_index}.json"
-            if generator_file.exists():  # resumed with more processes than saved: a fresh stream
-                generator.set_state(torch.tensor(json.loads(generator_file.read_text()), dtype=torch.uint8))
+        if self.components:
+            states = json.loads(self.components_file(path).read_text())
+            for name, component in self.components.items():
+                component.load_state_dict(states[name])
         return state["step"], state
+
+    def components_file(self, folder: Path) -> Path:
+        return Path(folder) / f"components-rank{self.accelerator.process_index}.json"
 
     def whole_weights(self, path: Path, model) -> dict[str, torch.Tensor]:
         """The checkpoint's whole weights, named as in the prepared `model` (each part under its prefix)."""
@@ -452,53 +465,6 @@ class Checkpointer:
                 weights.update({prefix + key: value for key, value in load_file(str(shard)).items()})
         return weights
 
-    def load_sharded(self, path: Path, model, optimizer, scheduler) -> None:
-        """FSDP2: every process reads the whole weights and optimiser state and keeps its shards."""
-        from torch.distributed.tensor import distribute_tensor
-
-        weights = self.whole_weights(path, model)
-        moments = load_file(str(path / "optimizer.safetensors"))
-        meta = json.loads((path / "optimizer.json").read_text())
-        with torch.no_grad():
-            for name, parameter in model.named_parameters():  # tied weights once, under their first name
-                if name not in weights:
-                    raise RuntimeError(f"{path}: checkpoint has no weights for {name}")
-                parameter.copy_(distribute_tensor(weights[name].to(parameter.dtype), parameter.device_mesh, parameter.placements))
-                state = {}
-                for key in meta["state_keys"].get(name, []):
-                    value = moments[f"{name}::{key}"]  # moments shard like their parameter; a step count stays whole
-                    sharded = value.shape == parameter.shape
-                    state[key] = distribute_tensor(value, parameter.device_mesh, parameter.placements) if sharded else value
-                if state:
-                    optimizer.state[parameter] = state
-        restore_hyperparameters(optimizer.param_groups, meta, scheduler)
-
-    def load_zero(self, path: Path, engine, scheduler) -> None:
-        """DeepSpeed ZeRO: the whole weights into each process's parameters (ZeRO-3: its partitions),
-        and the whole fp32 master weights and Adam moments into its partitions of the optimiser."""
-        import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
-        weights = self.whole_weights(path, engine)
-        state = load_file(str(path / "optimizer.safetensors"))
-        meta = json.loads((path / "optimizer.json").read_text())
-        device = self.accelerator.device
-        link_zero_optimizer_state(engine, meta["state_keys"])
-        for name, parameter in engine.module.named_parameters():
-            if name not in weights:
-                raise RuntimeError(f"{path}: checkpoint has no weights for {name}")
-            with deepspeed.zero.GatheredParameters([parameter], modifier_rank=0), torch.no_grad():
-                parameter.data.copy_(weights[name].to(parameter.dtype))  # every process holds the same values
-            if f"{name}::fp32" in state:
-                safe_set_full_fp32_param(parameter, state[f"{name}::fp32"].to(device))
-                for key in meta["state_keys"]:
-                    safe_set_full_optimizer_state(parameter, state[f"{name}::{key}"].to(device), key)
-        base = engine.optimizer.optimizer  # the torch optimiser inside ZeRO's
-        restore_hyperparameters(base.param_groups, meta, scheduler)
-        for values in base.state.values():
-            if "step" in values:
-                values["step"] = torch.as_tensor(meta["step"], dtype=torch.float32) if isinstance(values["step"], torch.Tensor) else meta["step"]
-
 
 def restore_hyperparameters(param_groups: list[dict], meta: dict[str, Any], scheduler=None) -> None:
     """A whole-state checkpoint's learning rates and other group settings (not its parameters), and the scheduler."""
@@ -506,82 +472,6 @@ def restore_hyperparameters(param_groups: list[dict], meta: dict[str, Any], sche
         group.update({key: value for key, value in saved.items() if key != "params"})
     if scheduler is not None and meta.get("scheduler") is not None:
         scheduler.load_state_dict(meta["scheduler"])
-
-
-def is_deepspeed(model: torch.nn.Module) -> bool:
-    """Whether the prepared model is a DeepSpeed engine (ZeRO stage 1, 2 or 3)."""
-    return hasattr(model, "zero_optimization_stage")
-
-
-def link_zero_optimizer_state(engine, keys: list[str] | tuple[str, ...] = ()) -> None:
-    """Make sure the optimiser state holds `keys`, and (ZeRO-1/2) point every parameter at its fragment of it.
-
-    The torch optimiser inside ZeRO keeps its state per flat fp32 partition and makes it on its
-    first step, so a fresh process resuming has none: the entries the checkpoint fills are made
-    here, as zeros. DeepSpeed links each parameter to its fragments once, after the first step; a
-    parameter whose state did not exist then (seen: a layer norm in the second parameter group)
-    keeps an empty link, so the links are made again. ZeRO-3 looks fragments up on each call.
-    """
-    optimizer = engine.optimizer
-    base = optimizer.optimizer
-    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or [
-        flat for group in base.param_groups for flat in group["params"]
-    ]
-    for flat in flats:
-        state = base.state[flat]
-        for key in keys:
-            if key not in state:
-                state[key] = torch.zeros_like(flat)
-        if keys and "step" not in state:
-            state["step"] = torch.tensor(0.0)
-    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
-        optimizer._hp_optimizer_states_linked = False
-        optimizer._lazy_init_hp_params_optimizer_state()
-
-
-def whole_zero_state(engine) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Collective (DeepSpeed ZeRO): fp32 master weights and Adam moments gathered whole, by parameter name."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
-    link_zero_optimizer_state(engine)
-    base = engine.optimizer.optimizer
-    keys = sorted({key for values in base.state.values() for key, value in values.items()
-                   if isinstance(value, torch.Tensor) and value.dim() > 0})
-    tensors = {}
-    for name, parameter in engine.module.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        tensors[f"{name}::fp32"] = safe_get_full_fp32_param(parameter).detach().cpu().contiguous()
-        for key in keys:
-            tensors[f"{name}::{key}"] = safe_get_full_optimizer_state(parameter, key).detach().cpu().contiguous()
-    steps = [values["step"] for values in base.state.values() if "step" in values]
-    step = float(steps[0]) if steps else 0
-    groups = [{key: value for key, value in group.items() if key != "params"} for group in base.param_groups]
-    return tensors, {"layout": "whole tensors by parameter name", "state_keys": keys, "param_groups": groups, "step": step}
-
-
-def is_fsdp2(model: torch.nn.Module) -> bool:
-    """Whether the prepared model is sharded by FSDP2 (`fully_shard`)."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def whole_optimizer_state(model: torch.nn.Module, optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Collective (FSDP2): the optimiser state gathered whole, as (tensors named `<parameter>::<key>`, JSON).
-
-    Every process gathers each sharded moment (`full_tensor`); the main process writes them. Keyed
-    by parameter name, so a checkpoint does not depend on how the state was sharded.
-    """
-    tensors, state_keys = {}, {}
-    for name, parameter in model.named_parameters():
-        for key, value in optimizer.state.get(parameter, {}).items():
-            if isinstance(value, torch.Tensor):
-                whole = value.full_tensor() if hasattr(value, "full_tensor") else value
-                tensors[f"{name}::{key}"] = whole.detach().cpu().contiguous()
-                state_keys.setdefault(name, []).append(key)
-    groups = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
-    return tensors, {"layout": "whole tensors by parameter name", "state_keys": state_keys, "param_groups": groups}
 
 
 def save_whole_optimizer_state(folder: Path, whole: tuple[dict[str, torch.Tensor], dict[str, Any]], scheduler=None) -> None:

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import set_seed
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from data.held_out import write_held_out
@@ -33,8 +33,8 @@ from pipeline.errors import ConfigError
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import held_fraction, make_accelerator, prepare_frozen, replicas_in_sync, zero_stage
-from pipeline.training.loop import Cadence, require_checkpointable, save_final_model, step_indices
+from pipeline.training.distributed import engine_of, make_accelerator
+from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
 from pipeline.evaluation.comparison import (
     length_controlled_win_rate,
     length_differences,
@@ -55,23 +55,16 @@ BEST_NAME = "best"  # RUN_DIR/ppo/best: the policy select_by prefers so far
 
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.ppo
-    policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs["reward"]
-    reward_stats = ScoreStatistics.read(reward_dir)
+    policy_dir = context.inputs[config.policy_stage]
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 
     # ---------------------------------------------------------------------------------- setup
     accelerator = make_accelerator(resolve_mixed_precision(section.launch.mixed_precision))
+    engine = engine_of(accelerator)
     set_seed(config.seed)
-    world = accelerator.num_processes
-    if section.sampling.rollout_batch_size % (world * section.sampling.samples_per_prompt):
-        raise ConfigError(
-            f"ppo.sampling.rollout_batch_size={section.sampling.rollout_batch_size} must split evenly over {world} process(es) "
-            f"x samples_per_prompt={section.sampling.samples_per_prompt}"
-        )
-    local_episodes = section.sampling.rollout_batch_size // world
-    local_prompts = local_episodes // section.sampling.samples_per_prompt
-    rollouts = max(1, section.sampling.total_episodes // section.sampling.rollout_batch_size)
-    cadence = Cadence(rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every)
+    shape = RolloutShape.of(section, accelerator.num_processes)
+    cadence = Cadence(shape.rollouts, log_every=1, eval_every=section.eval_every, save_every=section.save_every,
+                      samples_every=section.sample_table_every)
 
     # ----------------------------------------------------------------------------------- data
     with accelerator.main_process_first():  # rendered once, by the main process on all cores
@@ -79,20 +72,93 @@ def train(context: StageContext) -> StageResult:
             section.data, tokenizer, context.run_dir / "cache" / "datasets", config.seed,
             token_cache=context.run_dir / "cache" / "chat_tokens",
         )
-    train_prompts, held_out = prompts.train, prompts.held_out[: section.eval_prompts]
-    # An equal share per process: under sharding engines scoring is a collective, so every process
-    # scores the same number of batches (at most world - 1 prompts are left out).
-    held_out = held_out[: len(held_out) - len(held_out) % world]
-    mine = held_out[accelerator.process_index :: world]
-    eval_batches = [left_padded(mine[i : i + local_episodes], tokenizer.pad_token_id) for i in range(0, len(mine), local_episodes)]
-
-    def queries_for(rollout: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's prompts for a rollout, each repeated samples_per_prompt times in a row."""
-        [indices] = step_indices(rollout, accelerator, accumulation=1, size=local_prompts, examples=len(train_prompts), seed=config.seed)
-        chosen = [train_prompts[i] for i in indices for _ in range(section.sampling.samples_per_prompt)]
-        return left_padded(chosen, tokenizer.pad_token_id)
+    held_out, eval_batches = held_out_batches(prompts.held_out[: section.eval_prompts], accelerator, tokenizer, shape)
 
     # --------------------------------------------------------------------------------- models
+    trainer, frozen = build_trainer(context, tokenizer, accelerator, shape)
+    panel = JudgePanel.load(judge_folders(context.inputs["judges"])) if "judges" in context.inputs else None
+    for judge in panel.judges if panel is not None else []:  # never trained against; placed like the reward model
+        engine.place_frozen(judge.scorer)
+    if section.algorithm.estimator == "ppo" and not engine.clips_groups_apart:  # a value model beside the policy
+        accelerator.print(f"ppo: {engine.name} clips the policy's and the value model's gradients together "
+                          f"(one norm, at most {section.algorithm.max_grad_norm}), not apart as other engines do")
+    held = held_fractions(engine, trainer, frozen, panel)
+
+    # ----------------------------------------------------------------------------------- loop
+    lora_save = section.lora.save if section.lora is not None else None
+    curve = EvaluationCurve(context, trainer, eval_batches, panel, lora_save, shape.rollouts)
+    # The policy and value model travel in one prepared module; each keeps its own folder.
+    checkpointer = Checkpointer(
+        context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints,
+        parts={"policy": "policy", "value": "value.pretrained_model"}, components={"trainer": trainer, "evaluations": curve},
+    )
+    step = RolloutStep(context, trainer, cadence, prompts.train, shape)
+    result = fit("ppo", accelerator, step, checkpointer, context.tracker, cadence,
+                 evaluate=curve.evaluate, on_evaluated=curve.after_evaluation)
+
+    # ----------------------------------------------------------------------------------- save
+    last_eval = curve.save_policy(result.last_eval)
+    if accelerator.is_main_process:
+        write_held_out(context.output_dir, prompts.held_out_conversations)  # eval's prompts, never trained on
+    if accelerator.is_main_process and lora_save == "adapter":
+        write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
+    return StageResult(context.output_dir, {
+        "estimator": section.algorithm.estimator,
+        "world_size": accelerator.num_processes,
+        "replicas_in_sync": engine.replicas_in_sync(trainer.model),
+        "rollouts": shape.rollouts,
+        "episodes": trainer.episode,
+        **outcome_metrics(result.first_eval, last_eval, trainer),
+        "selected_rollout": curve.selection.step if section.select_by != "last" else shape.rollouts,
+        "stopped_early_at": result.stopped_early_at,
+        "eval_prompts": len(held_out),
+        **prompts.counts,
+        **held,
+        "resumed_from_step": result.resumed_from,
+    })
+
+
+@dataclass(frozen=True)
+class RolloutShape:
+    """How many rollouts, and each process's share of a rollout's episodes and prompts."""
+
+    rollouts: int
+    local_episodes: int
+    local_prompts: int
+    samples_per_prompt: int
+
+    @classmethod
+    def of(cls, section, world: int) -> RolloutShape:
+        sampling = section.sampling
+        if sampling.rollout_batch_size % (world * sampling.samples_per_prompt):
+            raise ConfigError(
+                f"ppo.sampling.rollout_batch_size={sampling.rollout_batch_size} must split evenly over {world} process(es) "
+                f"x samples_per_prompt={sampling.samples_per_prompt}"
+            )
+        local_episodes = sampling.rollout_batch_size // world
+        return cls(max(1, sampling.total_episodes // sampling.rollout_batch_size), local_episodes,
+                   local_episodes // sampling.samples_per_prompt, sampling.samples_per_prompt)
+
+
+def held_out_batches(held_out: list, accelerator, tokenizer, shape: RolloutShape) -> tuple[list, list]:
+    """(the held-out prompts every process scores together, this process's batches of them).
+
+    An equal share per process: under sharding engines scoring is a collective, so every process
+    scores the same number of batches (at most world - 1 prompts are left out).
+    """
+    world = accelerator.num_processes
+    held_out = held_out[: len(held_out) - len(held_out) % world]
+    mine = held_out[accelerator.process_index :: world]
+    size = shape.local_episodes
+    return held_out, [left_padded(mine[i : i + size], tokenizer.pad_token_id) for i in range(0, len(mine), size)]
+
+
+def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutShape) -> tuple[RLTrainer, dict]:
+    """The trainer over the policy (with LoRA if set), its reference, the value model and the
+    reward function; and {name: frozen model} of the reward model, reference and ensemble members."""
+    config, section = context.config, context.config.ppo
+    policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs["reward"]
+    reward_stats = ScoreStatistics.read(reward_dir)
     policy = load_causal_lm(policy_dir)
     reference, reference_context = None, None
     if section.lora is not None:
@@ -117,123 +183,26 @@ def train(context: StageContext) -> StageResult:
         policy, reference, value, reward_fn, tokenizer, section, accelerator,
         score_mean=reward_stats.mean, score_std=reward_stats.std,
         length_trend=(reward_stats.length_slope, reward_stats.length_mean),
-        total_updates=rollouts * section.algorithm.ppo_epochs * section.algorithm.num_mini_batches,
+        total_updates=shape.rollouts * section.algorithm.ppo_epochs * section.algorithm.num_mini_batches,
         seed=config.seed, reference_context=reference_context, reward_model=reward_model,
     )
-    # Judges score the held-out replies at each evaluation, placed like the reward model (sharded
-    # under ZeRO-3 and FSDP2); the policy never trains against them.
     for member in members:  # placed like the reward model (the reward function holds the modules)
-        prepare_frozen(accelerator, member)
-    panel = None
-    if "judges" in context.inputs:
-        panel = JudgePanel.load(judge_folders(context.inputs["judges"]))
-        for judge in panel.judges:
-            prepare_frozen(accelerator, judge.scorer)
-    if value is not None and zero_stage(accelerator) is not None:
-        accelerator.print("ppo: DeepSpeed clips the policy's and the value model's gradients together "
-                          f"(one norm, at most {section.algorithm.max_grad_norm}), not apart as other engines do")
-    # What each process holds of each model: 1.0 whole, about 1/N under ZeRO-3 and FSDP2 on N processes.
-    held = {"held/trained": held_fraction(trainer.model), "held/reward": held_fraction(reward_model)}
-    if reference is not None:
-        held["held/reference"] = held_fraction(reference)
+        engine_of(accelerator).place_frozen(member)
+    return trainer, {"reward": reward_model, "reference": reference}
+
+
+def held_fractions(engine, trainer: RLTrainer, frozen: dict, panel: JudgePanel | None) -> dict[str, float]:
+    """What each process holds of each model: 1.0 whole, about 1/N under ZeRO-3 and FSDP2 on N processes."""
+    held = {"held/trained": engine.held_fraction(trainer.model)}
+    held.update({f"held/{name}": engine.held_fraction(model) for name, model in frozen.items() if model is not None})
     if panel is not None:
-        held["held/judges"] = sum(held_fraction(judge.scorer) for judge in panel.judges) / len(panel.judges)
+        held["held/judges"] = sum(engine.held_fraction(judge.scorer) for judge in panel.judges) / len(panel.judges)
+    return held
 
-    # The policy and value model travel in one prepared module; each keeps its own folder.
-    require_checkpointable(accelerator, cadence, "ppo", trainer.model)
-    checkpointer = Checkpointer(
-        context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints,
-        parts={"policy": "policy", "value": "value.pretrained_model"}, generators={"generator": trainer.generator},
-    )
-    start, resumed_from, initial_eval, selection = 0, None, None, Selection()
-    baseline = None  # the SFT policy's per-prompt judges' scores and lengths, which later evaluations are compared with
-    restored = checkpointer.restore(trainer.model, trainer.optimizer, trainer.scheduler)
-    if restored is not None:
-        start = resumed_from = restored.step
-        initial_eval = restored.extra.get("initial_eval")
-        baseline = restored.extra.get("baseline")
-        selection = Selection(**restored.extra.get("selection", {}))
-        trainer.episode = restored.state["episode"]
-        trainer.kl_controller.load_state_dict(restored.state["kl_controller"])
-        accelerator.print(f"ppo: resuming from {restored.path} (rollout {start} of {rollouts}, episode {trainer.episode})")
 
-    def log_eval(step: int) -> dict[str, float]:
-        nonlocal baseline
-        evaluation = evaluate_policy(trainer, eval_batches, config.seed, panel)
-        metrics = dict(evaluation.metrics)
-        if reward_stats.std > 0:  # the proxy in its own standard units, beside the judges' (already standardised)
-            metrics["score_standardized"] = (metrics["score"] - reward_stats.mean) / reward_stats.std
-        if evaluation.judges is not None:
-            if baseline is None:  # step 0: the SFT policy itself
-                baseline = {"judges": evaluation.judges.tolist(), "lengths": evaluation.lengths.tolist()}
-            metrics.update(judged_against_baseline(evaluation, baseline, config.seed))
-        context.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        return metrics
-
-    def keep_if_best(step: int, metrics: dict[str, float]) -> None:
-        """Collective: save the policy as RUN_DIR/ppo/best when select_by's figure beats every earlier one."""
-        if section.select_by == "last" or not selection.improves(metrics[SELECTION_KEYS[section.select_by]]):
-            return
-        selection.record(step, metrics[SELECTION_KEYS[section.select_by]], metrics)
-        staging = context.stage_dir / f"{BEST_NAME}.tmp"
-        save_final_model(accelerator, trainer.model, staging, tokenizer, part="policy", lora_save=lora_save)
-        if accelerator.is_main_process:  # renamed into place whole: a kill leaves the previous best intact
-            best = context.stage_dir / BEST_NAME
-            if best.exists():
-                shutil.rmtree(best)
-            staging.rename(best)
-        accelerator.wait_for_everyone()
-
-    # ----------------------------------------------------------------------------------- loop
-    lora_save = section.lora.save if section.lora is not None else None
-    if start == 0:
-        initial_eval = log_eval(0)  # the SFT policy: the baseline RLHF has to beat
-        keep_if_best(0, initial_eval)
-    last_eval = initial_eval
-    progress = tqdm(total=rollouts, initial=start, desc=f"{section.algorithm.estimator}", disable=not accelerator.is_main_process)
-    stopped_early_at = None
-    for rollout in range(start, rollouts):
-        metrics, experience = trainer.step(*queries_for(rollout))
-        done = rollout + 1
-        context.tracker.log(metrics, step=done)
-        progress.update(1)
-        progress.set_postfix(score=f"{metrics['objective/raw_scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}")
-        if done % section.sample_table_every == 0 or done == rollouts:
-            log_samples(context, decode_samples(tokenizer, experience, experience.raw_scores)[:8], done)
-        if cadence.evaluate(done):
-            last_eval = log_eval(done)
-            keep_if_best(done, last_eval)
-            patience = section.early_stop_patience
-            if patience is not None and done < rollouts and selection.evaluations_since(done, section.eval_every) >= patience:
-                stopped_early_at = done
-                accelerator.print(f"ppo: stopping early at rollout {done}: {section.select_by} has not improved on rollout "
-                                  f"{selection.step} for {patience} evaluations")
-                break
-        if cadence.save(done):
-            checkpointer.save(done, model=trainer.model, optimizer=trainer.optimizer, scheduler=trainer.scheduler, state={
-                "episode": trainer.episode, "kl_controller": trainer.kl_controller.state_dict(),
-                "extra": {"initial_eval": initial_eval, "baseline": baseline, "selection": selection.state_dict()},
-            })
-    progress.close()
-
-    # ----------------------------------------------------------------------------------- save
-    if section.select_by == "last":
-        save_final_model(accelerator, trainer.model, context.output_dir, tokenizer, part="policy", lora_save=lora_save)
-    else:  # the policy the judges preferred
-        if accelerator.is_main_process:
-            shutil.copytree(context.stage_dir / BEST_NAME, context.output_dir)
-        accelerator.wait_for_everyone()
-        last_eval = selection.metrics
-    if accelerator.is_main_process:
-        write_held_out(context.output_dir, prompts.held_out_conversations)  # eval's prompts, never trained on
-    if accelerator.is_main_process and lora_save == "adapter":
-        write_adapter_note(context.output_dir, policy_dir, context.input_digests[config.policy_stage])
-    return StageResult(context.output_dir, {
-        "estimator": section.algorithm.estimator,
-        "world_size": world,
-        "replicas_in_sync": replicas_in_sync(trainer.model, accelerator.device),
-        "rollouts": rollouts,
-        "episodes": trainer.episode,
+def outcome_metrics(initial_eval: dict, last_eval: dict, trainer: RLTrainer) -> dict:
+    """The stage's verdict in the manifest: the SFT policy's score, the final one, KL and the judges'."""
+    return {
         "initial_score": initial_eval["score"],
         "score": last_eval["score"],
         "score_gain": last_eval["score"] - initial_eval["score"],
@@ -242,13 +211,104 @@ def train(context: StageContext) -> StageResult:
         "response_length": last_eval["response_length"],
         "kl_coef": trainer.kl_controller.value,
         **{key: last_eval[key] for key in JUDGED_KEYS if key in last_eval},
-        "selected_rollout": selection.step if section.select_by != "last" else rollouts,
-        "stopped_early_at": stopped_early_at,
-        "eval_prompts": len(held_out),
-        **prompts.counts,
-        **held,
-        "resumed_from_step": resumed_from,
-    })
+    }
+
+
+class RolloutStep:
+    """fit's step for RL: one rollout over this process's prompts and its PPO (RLOO, GRPO) updates."""
+
+    def __init__(self, context: StageContext, trainer: RLTrainer, cadence: Cadence, train_prompts: list, shape: RolloutShape):
+        self.context, self.trainer, self.cadence, self.train_prompts, self.shape = context, trainer, cadence, train_prompts, shape
+        self.model, self.optimizer, self.scheduler = trainer.model, trainer.optimizer, trainer.scheduler
+
+    def start(self) -> None:
+        pass  # the trainer puts the model in eval mode to sample and train mode to update
+
+    def queries(self, rollout: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's prompts for a rollout, each repeated samples_per_prompt times in a row."""
+        accelerator, seed = self.trainer.accelerator, self.context.config.seed
+        [indices] = step_indices(rollout, accelerator, accumulation=1, size=self.shape.local_prompts,
+                                 examples=len(self.train_prompts), seed=seed)
+        chosen = [self.train_prompts[i] for i in indices for _ in range(self.shape.samples_per_prompt)]
+        return left_padded(chosen, self.trainer.tokenizer.pad_token_id)
+
+    def step(self, index: int, log: bool) -> dict[str, float]:
+        metrics, experience = self.trainer.step(*self.queries(index))
+        if self.cadence.samples(index + 1):
+            log_samples(self.context, decode_samples(self.trainer.tokenizer, experience, experience.raw_scores)[:8], index + 1)
+        return metrics
+
+    def postfix(self, metrics: dict[str, float]) -> dict[str, str]:
+        return {"score": f"{metrics['objective/raw_scores']:.3f}", "kl": f"{metrics['objective/kl']:.2f}"}
+
+
+class EvaluationCurve:
+    """The held-out evaluations: the reward model's and the judges' curve, the SFT policy's replies
+    they are compared with, and the policy select_by keeps (RUN_DIR/ppo/best). A checkpoint component."""
+
+    def __init__(self, context: StageContext, trainer: RLTrainer, eval_batches: list, panel: JudgePanel | None,
+                 lora_save: str | None, rollouts: int):
+        self.context, self.trainer, self.eval_batches, self.panel, self.lora_save = context, trainer, eval_batches, panel, lora_save
+        self.rollouts = rollouts
+        self.section, self.seed = context.config.ppo, context.config.seed
+        self.reward_stats = ScoreStatistics.read(context.inputs["reward"])
+        self.baseline = None  # the SFT policy's per-prompt judges' scores and lengths, which later evaluations are compared with
+        self.selection = Selection()
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline, "selection": self.selection.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline, self.selection = state["baseline"], Selection(**state["selection"])
+
+    def evaluate(self) -> dict[str, float]:
+        evaluation = evaluate_policy(self.trainer, self.eval_batches, self.seed, self.panel)
+        metrics = dict(evaluation.metrics)
+        if self.reward_stats.std > 0:  # the proxy in its own standard units, beside the judges' (already standardised)
+            metrics["score_standardized"] = (metrics["score"] - self.reward_stats.mean) / self.reward_stats.std
+        if evaluation.judges is not None:
+            if self.baseline is None:  # step 0: the SFT policy itself
+                self.baseline = {"judges": evaluation.judges.tolist(), "lengths": evaluation.lengths.tolist()}
+            metrics.update(judged_against_baseline(evaluation, self.baseline, self.seed))
+        return metrics
+
+    def after_evaluation(self, step: int, metrics: dict[str, float]) -> bool:
+        """Keep the policy if select_by prefers it; True (stop) when it has not improved for early_stop_patience evaluations."""
+        self.keep_if_best(step, metrics)
+        patience = self.section.early_stop_patience
+        stop = patience is not None and self.selection.evaluations_since(step, self.section.eval_every) >= patience
+        if stop and step < self.rollouts:
+            self.trainer.accelerator.print(
+                f"ppo: stopping early at rollout {step}: {self.section.select_by} has not improved on rollout "
+                f"{self.selection.step} for {patience} evaluations"
+            )
+        return stop
+
+    def keep_if_best(self, step: int, metrics: dict[str, float]) -> None:
+        """Collective: save the policy as RUN_DIR/ppo/best when select_by's figure beats every earlier one."""
+        section, accelerator = self.section, self.trainer.accelerator
+        if section.select_by == "last" or not self.selection.improves(metrics[SELECTION_KEYS[section.select_by]]):
+            return
+        self.selection.record(step, metrics[SELECTION_KEYS[section.select_by]], metrics)
+        staging = self.context.stage_dir / f"{BEST_NAME}.tmp"
+        save_final_model(accelerator, self.trainer.model, staging, self.trainer.tokenizer, part="policy", lora_save=self.lora_save)
+        if accelerator.is_main_process:  # renamed into place whole: a kill leaves the previous best intact
+            best = self.context.stage_dir / BEST_NAME
+            if best.exists():
+                shutil.rmtree(best)
+            staging.rename(best)
+        accelerator.wait_for_everyone()
+
+    def save_policy(self, last_eval: dict[str, float]) -> dict[str, float]:
+        """Collective: the final policy (the last, or the one select_by kept) as the stage's output; its evaluation."""
+        accelerator, output_dir = self.trainer.accelerator, self.context.output_dir
+        if self.section.select_by == "last":
+            save_final_model(accelerator, self.trainer.model, output_dir, self.trainer.tokenizer, part="policy", lora_save=self.lora_save)
+            return last_eval
+        if accelerator.is_main_process:  # the policy the judges preferred
+            shutil.copytree(self.context.stage_dir / BEST_NAME, output_dir)
+        accelerator.wait_for_everyone()
+        return self.selection.metrics
 
 
 # What select_by maximises, as logged at each evaluation.

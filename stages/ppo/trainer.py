@@ -130,6 +130,17 @@ class RLTrainer:
         self.generator = torch.Generator().manual_seed(seed + accelerator.process_index)
         self.episode = 0
 
+    # ------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """What a checkpoint carries beyond the weights and optimiser (the Checkpointer's component)."""
+        return {"episode": self.episode, "kl_controller": self.kl_controller.state_dict(),
+                "generator": self.generator.get_state().tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.episode = state["episode"]
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
     # ------------------------------------------------------------------------------ rollout
     def rollout(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Experience:
         self.model.eval()

@@ -21,13 +21,13 @@ from transformers import AutoTokenizer
 
 from pipeline.config import check_sequence_lengths
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import make_accelerator, replicas_in_sync, whole_model_init
-from pipeline.training.loop import Cadence, fit, save_final_model, step_indices
+from pipeline.training.distributed import engine_of, make_accelerator, whole_model_init, whole_parameter_count
+from pipeline.training.loop import Cadence, SupervisedStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
 from stages.pretrain.corpus import prepare_blocks, prepare_store
-from stages.pretrain.model import adopt_base_model, count_parameters, model_from_config
+from stages.pretrain.model import adopt_base_model, model_from_config
 
 
 def train(context: StageContext) -> StageResult:
@@ -58,7 +58,7 @@ def train(context: StageContext) -> StageResult:
     # apart): every engine starts from the same weights, so runs compare and resume alike.
     with whole_model_init():
         model = model_from_config(config.model, tokenizer)
-    n_parameters = count_parameters(model)
+    n_parameters = whole_parameter_count(model)
     optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
     scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
     optimizer_step = prepare_training(
@@ -85,19 +85,18 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- loop
     result = fit(
         "pretrain", accelerator,
-        optimizer_step,
+        SupervisedStep(optimizer_step, micro_batches, loss),
         Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
         context.tracker,
         Cadence(section.max_steps, section.log_every, section.eval_every, section.save_every),
-        micro_batches=micro_batches, loss=loss, evaluate=evaluate,
-        units_per_step=tokens_per_step, unit="token", tokenizer=tokenizer,
+        evaluate=evaluate, units_per_step=tokens_per_step, unit="token", tokenizer=tokenizer,
     )
 
     # ----------------------------------------------------------------------------------- save
     save_final_model(accelerator, model, context.output_dir, tokenizer, generation_tokens=True)
     metrics = {
         "world_size": accelerator.num_processes,
-        "replicas_in_sync": replicas_in_sync(model, accelerator.device),
+        "replicas_in_sync": engine_of(accelerator).replicas_in_sync(model),
         "steps": section.max_steps,
         "parameters": n_parameters,
         "tokens": section.max_steps * tokens_per_step,
@@ -127,7 +126,7 @@ def adopt(context: StageContext, tokenizer) -> StageResult:
         tokenizer.save_pretrained(context.output_dir)
     metrics = {"source": context.config.model.base_model}
     if model is not None:
-        metrics["parameters"] = count_parameters(model)
+        metrics["parameters"] = whole_parameter_count(model)
     return StageResult(context.output_dir, metrics)
 
 

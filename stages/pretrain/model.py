@@ -34,8 +34,3 @@ def adopt_base_model(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> 
         config.pad_token_id = tokenizer.pad_token_id
         config.eos_token_id = tokenizer.eos_token_id
     return base
-
-
-def count_parameters(model: PreTrainedModel) -> int:
-    """Whole parameters, also for a ZeRO-3 partitioned model (whose tensors are empty placeholders)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

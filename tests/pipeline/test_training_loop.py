@@ -124,26 +124,40 @@ def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
         checkpointer.restore(fresh, fresh_optimizer, fresh_scheduler)
 
 
-def test_parts_and_generators_round_trip(tmp_path):
-    """PPO's layout: named model parts in sub-folders and a per-process generator."""
+class Counter:
+    """A stage's own state, as a checkpoint component: a count and a per-process generator."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.generator = count, torch.Generator().manual_seed(seed)
+
+    def state_dict(self):
+        return {"count": self.count, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.count = state["count"]
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def test_parts_and_components_round_trip(tmp_path):
+    """PPO's layout: named model parts in sub-folders, and components (a count, a per-process generator)."""
     accelerator = Accelerator(cpu=True)
     holder = torch.nn.Module()
     holder.policy = tiny_model(0)
     optimizer = torch.optim.AdamW(holder.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    generator = torch.Generator().manual_seed(3)
-    checkpointer = Checkpointer(tmp_path, accelerator, keep=1, parts={"policy": "policy"}, generators={"generator": generator})
-    checkpointer.save(4, model=holder, optimizer=optimizer, scheduler=scheduler, state={"episode": 12, "extra": {}})
-    expected = torch.randperm(10, generator=generator)
+    counter = Counter(12, seed=3)
+    checkpointer = Checkpointer(tmp_path, accelerator, keep=1, parts={"policy": "policy"}, components={"counter": counter})
+    checkpointer.save(4, model=holder, optimizer=optimizer, scheduler=scheduler)
+    expected = torch.randperm(10, generator=counter.generator)
     assert LlamaForCausalLM.from_pretrained(tmp_path / "step-000004" / "policy") is not None
-    assert json.loads((tmp_path / "step-000004" / "state.json").read_text())["episode"] == 12
+    assert json.loads((tmp_path / "step-000004" / "components-rank0.json").read_text())["counter"]["count"] == 12
 
-    other = torch.Generator().manual_seed(99)
-    restored = Checkpointer(tmp_path, accelerator, keep=1, parts={"policy": "policy"}, generators={"generator": other}).restore(
+    other = Counter(0, seed=99)
+    restored = Checkpointer(tmp_path, accelerator, keep=1, parts={"policy": "policy"}, components={"counter": other}).restore(
         holder, optimizer, scheduler
     )
-    assert restored.state["episode"] == 12
-    assert torch.equal(torch.randperm(10, generator=other), expected)
+    assert restored.step == 4 and other.count == 12
+    assert torch.equal(torch.randperm(10, generator=other.generator), expected)
 
 
 def test_a_full_disk_mid_checkpoint_removes_the_partial_folder_and_says_what_space_it_needs(tmp_path, monkeypatch):
