@@ -729,8 +729,11 @@ class EvalConfig(BadRowPolicy, LaunchedStage):
     samples_per_prompt: int = Field(4, ge=1, description="Replies per prompt and policy; win rates compare every pair of them.")
     max_prompt_length: int = Field(256, ge=4)
     response_length: int = Field(64, ge=1, description="Tokens per reply at most; a reply cut here is also scored completed.")
-    temperature: float = Field(
-        0.7, ge=GREEDY_BELOW, description="Sampling temperature (seeded: reruns agree); at least 1e-5, below which sampling is greedy."
+    temperature: float | None = Field(
+        None, ge=GREEDY_BELOW,
+        description="Sampling temperature (seeded: reruns agree); at least 1e-5, below which sampling is greedy. None: "
+        "ppo.sampling.temperature (0.7 without a ppo section), the temperature PPO's KL was constrained at, so eval's KL "
+        "is the one PPO kept small.",
     )
     batch_size: int = Field(16, ge=1)
     null_replies: list[str] = Field(
@@ -791,6 +794,13 @@ class RunConfig(Section):
             raise ValueError("ppo.reward.ensemble_penalty needs reward.ensemble of at least 2: the members whose disagreement it penalises")
         if self.ppo is not None and self.ppo.select_by != "last" and self.judges is None:
             raise ValueError(f"ppo.select_by: {self.ppo.select_by} needs a judges section (the judges pick the policy)")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_samples_as_ppo_did(self) -> "RunConfig":
+        if self.eval is not None and self.eval.temperature is None:
+            sampling = self.ppo.sampling if self.ppo is not None else PPOSampling()
+            self.eval.temperature = sampling.temperature
         return self
 
     @model_validator(mode="after")

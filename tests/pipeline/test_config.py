@@ -323,6 +323,17 @@ def test_a_sampling_temperature_too_small_to_divide_by_is_refused_by_name(key):
     assert load_config(REPO_ROOT / "configs" / "tiny.yaml", [f"{key}=1e-5"])
 
 
+def test_eval_samples_at_ppos_temperature_unless_told_otherwise():
+    """Eval's KL is the KL PPO constrained only when eval samples at PPO's temperature."""
+    tiny = REPO_ROOT / "configs" / "tiny.yaml"
+    assert load_config(tiny, ["ppo.sampling.temperature=0.9"]).eval.temperature == 0.9
+    assert load_config(tiny, ["ppo.sampling.temperature=0.9", "eval.temperature=0.5"]).eval.temperature == 0.5
+    without_ppo = yaml.safe_load(tiny.read_text())
+    del without_ppo["ppo"]
+    without_ppo["eval"]["prompts"] = {"path": "data/samples/hh_harmless_heldout.jsonl"}
+    assert validate_config(without_ppo, base_dir=REPO_ROOT).eval.temperature == 0.7  # ppo.sampling's default
+
+
 def test_every_training_stage_has_the_cadence_fields_with_its_own_defaults():
     """One declaration of eval_every, save_every, keep_checkpoints, log_every and launch; each stage keeps its defaults."""
     from pydantic import ValidationError
