@@ -1,4 +1,11 @@
-"""Small metric helpers shared by the training loops and evaluation."""
+"""Small metric helpers shared by the training loops and evaluation.
+
+The held-out loss to use is `held_out_token_loss`: the mean over every token a model predicts,
+whatever batches the set is cut into; the eval stage reports it. Pretraining and SFT still report
+`held_out_loss`, batch means weighted by rows (a batch of short replies weighs as much per row as
+one of long replies), until their stages move over: for pretraining's equal blocks that changes
+only float rounding, for SFT it changes the figure.
+"""
 
 from __future__ import annotations
 
@@ -34,4 +41,35 @@ def held_out_loss(accelerator, model, batches: Iterable[dict[str, torch.Tensor]]
     loss_sum, count = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(count, "sum")
     model.train()
     mean = (loss_sum / count.clamp(min=1)).item()
+    return {"loss": mean, "perplexity": perplexity(mean)}
+
+
+IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
+
+
+@torch.no_grad()
+def held_out_token_loss(accelerator, model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """The mean negative log-likelihood over every predicted token of every process's batches; and its perplexity.
+
+    batches: this process's share of the held-out set, each a dict of keyword inputs to `model`
+    (moved to the accelerator's device here) with `labels` (IGNORE_INDEX where nothing is
+    predicted), whose output's `.loss` is the mean over the batch's predicted tokens. Each batch
+    weighs by the tokens it predicts, so the figure is the same however the set is batched. Every
+    process must call this, even with no batches: the sums are reduced across processes. The model
+    is left in the mode it was in.
+    """
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    for batch in batches:
+        inputs = {name: tensor.to(accelerator.device) for name, tensor in batch.items()}
+        with accelerator.autocast():
+            batch_loss = model(**inputs).loss
+        predicted = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().double()  # token t is predicted from those before it
+        loss_sum += torch.where(predicted > 0, batch_loss.double() * predicted, 0.0)  # a batch predicting nothing has loss NaN
+        tokens += predicted
+    loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
+    model.train(was_training)
+    mean = (loss_sum / tokens.clamp(min=1)).item()
     return {"loss": mean, "perplexity": perplexity(mean)}

@@ -52,11 +52,11 @@ from pipeline.evaluation.replies import reply_statistics
 from pipeline.evaluation.verdict import verdict_lines
 from pipeline.models.checkpoints import load_causal_lm
 from pipeline.models.generation import Sampling, seeded_generator
-from pipeline.models.logprobs import logprobs_from_logits, masked_sum, response_logits
+from pipeline.models.logprobs import masked_sum
 from pipeline.models.responses import Responses, completed, response_logprobs, sample_responses
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from pipeline.training.distributed import make_accelerator, whole_model_init
-from pipeline.training.metrics import perplexity
+from pipeline.training.metrics import IGNORE_INDEX, held_out_token_loss
 from reward_model.batching import encode_groups
 from reward_model.data import load_preference_groups
 from reward_model.evaluation import pair_length_gaps, preference_gaps
@@ -149,22 +149,20 @@ def score_fixed_reply(panel: JudgePanel, tokenizer, prompts, text: str, batch_si
     return {name: torch.cat(values) for name, values in scores.items()}
 
 
-@torch.no_grad()
-def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_size: int, device) -> float:
-    """exp(mean NLL) over the assistant tokens of held-out conversations."""
+def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_size: int, accelerator) -> float:
+    """exp(mean NLL) over the assistant tokens of held-out conversations: the token-weighted held-out
+    loss (pipeline/training/metrics.py), each process scoring its share of the conversations."""
     dataset, _ = tokenize_conversations(conversations, tokenizer, max_length, "truncate")
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        ids, mask = pad_batch(rows["input_ids"], tokenizer.pad_token_id, side="right")
-        loss_mask, _ = pad_batch(rows["assistant_masks"], 0, side="right")
-        ids, mask, loss_mask = ids.to(device), mask.to(device), loss_mask.to(device)
-        logits = response_logits(model, ids, mask, ids.shape[1] - 1)  # predictions for tokens 1..n-1
-        logprobs = logprobs_from_logits(logits, ids[:, 1:], 1.0)
-        weights = loss_mask[:, 1:].float()
-        total += -(logprobs * weights).sum().item()
-        count += int(weights.sum().item())
-    return perplexity(total / max(count, 1))
+    share = slice(accelerator.process_index, None, accelerator.num_processes)
+    input_ids, assistant_masks = dataset["input_ids"][share], dataset["assistant_masks"][share]
+
+    def batches():
+        for start in range(0, len(input_ids), batch_size):
+            ids, mask = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, side="right")
+            assistant, _ = pad_batch(assistant_masks[start : start + batch_size], 0, side="right")
+            yield {"input_ids": ids, "attention_mask": mask, "labels": torch.where(assistant.bool(), ids, IGNORE_INDEX)}
+
+    return held_out_token_loss(accelerator, model, batches())["perplexity"]
 
 
 # ------------------------------------------------------------------------------- comparisons
@@ -313,7 +311,9 @@ def evaluate(context: StageContext) -> StageResult:
         metrics[f"{name}/kl"] = out["kl"].mean().item()
         stats = reply_statistics(out["lengths"], out["has_eos"], out["tokens"], out["replies"], limit=section.response_length)
         metrics.update({f"{name}/{key}": value for key, value in stats.items()})
-        metrics[f"{name}/perplexity"] = held_out_perplexity(policy, tokenizer, conversations, section.max_prompt_length + section.response_length, section.batch_size, device)
+        metrics[f"{name}/perplexity"] = held_out_perplexity(
+            policy, tokenizer, conversations, section.max_prompt_length + section.response_length, section.batch_size, accelerator,
+        )
 
     # ---------------------------------------------------------------------- the comparisons
     baseline = results[baseline_name]
