@@ -235,15 +235,24 @@ def stop_with_launcher() -> None:
 
 
 def leave_process_group() -> None:
-    """Tear the process group down before the interpreter exits, after a stage that completed.
+    """End a process of a multi-process launch after its stage completed: the processes meet at a
+    barrier, the process group is destroyed, and the process exits with `os._exit(0)`, without the
+    interpreter's teardown (its result is recorded, its files closed, its trackers finished).
 
-    Left to interpreter shutdown, a communication backend's threads (gloo's, DeepSpeed's
-    shared-memory ones on CPU) can be destroyed while still joinable, and the process aborts
-    ("terminate called without an active exception") after its work is done and recorded.
-    Destroying the group first was not always enough: a ZeRO-3 PPO stage with LoRA still aborted
-    so on one of its processes, after saving, in a CI run. So a process of a multi-process launch
-    then ends without the interpreter's teardown: its result is recorded, its files are closed
-    and its trackers finished, and there is nothing left to run but destructors.
+    Why not a plain exit: one of gloo's worker threads (`pt_gloo_runloop`) that lets go of a
+    collective's last tensors must release their Python objects, and torch takes the GIL for that
+    even while the interpreter is finalizing (it checks `Py_IsInitialized`, still true then).
+    Python before 3.14 ends such a thread with `pthread_exit`, whose unwinding reaches a noexcept
+    destructor, and the process aborts: "terminate called without an active exception", after its
+    work is done and recorded. Destroying the group does not prevent it: gloo's threads stop only
+    when the group's last reference goes, and DDP's and DeepSpeed's objects hold references that
+    outlive `destroy_process_group`, so the threads run on into finalization; and the barrier
+    orders only the default group's work, not that of DeepSpeed's own groups. With the exit left
+    to the interpreter, tests/test_distributed.py's teardown test aborted in 9 runs of 12 (torch
+    2.13, Python 3.11); a ZeRO-3 PPO stage with LoRA aborted so once in CI.
+
+    Waits on pytorch/pytorch#190489 (torch's threads take the GIL during finalization). Python
+    3.14 parks such a thread instead of unwinding it (python/cpython#87135); not tried here.
     """
     import torch.distributed as dist
 
