@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pipeline.models.responses import Responses, score_in_micro_batches
-from reward_model.functions import reward_model_function
+from reward_model.functions import RewardFunction, reward_model_function
 from reward_model.model import TokenScorer, load_reward_model
 from reward_model.statistics import STATISTICS_NAME, ScoreStatistics
 
@@ -83,6 +83,11 @@ class JudgePanel:
     def held_out_names(self) -> list[str]:
         """The judges proper: every model but the one the policy was trained against."""
         return [name for name in self.names if name != TRAINING_MODEL]
+
+    def reward_function(self, name: str) -> RewardFunction:
+        """One model of the panel as a reward function (eval scores replies as sampled with the training model)."""
+        [scorer] = [judge.scorer for judge in self.judges if judge.name == name]
+        return reward_model_function(scorer)
 
     @torch.no_grad()
     def score(self, responses: Responses, micro_batch_size: int) -> dict[str, torch.Tensor]:

@@ -4,8 +4,9 @@
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     logprobs = response_logprobs(policy, responses, temperature=0.7, micro_batch_size=16)
 
-PPO builds its experience from these, and eval compares policies with them; neither needs the
-other's settings. A response is cut after its first EOS (later tokens become pad).
+PPO builds its experience from these, and the one policy evaluator (reward_model/policy_evaluation.py)
+samples and scores held-out replies with them, for PPO's eval curve and the eval stage alike. A
+response is cut after its first EOS (later tokens become pad).
 
 Speed: no forward pass computes a column that is padding in every row of its batch. Scoring
 passes run over the responses sorted by length, so each micro-batch holds sequences of similar
@@ -37,6 +38,17 @@ class Responses:
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
+
+
+@dataclass
+class ScoredResponses:
+    """Sampled responses and what the models say about them, before any RL shaping. (batch, response_len) float32."""
+
+    responses: Responses
+    logprobs: torch.Tensor  # the sampling policy's, at the sampling temperature
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor | None  # the value model's (PPO's rollouts only)
+    raw_scores: torch.Tensor  # (batch,) the reward function's
 
 
 def truncate_after_eos(

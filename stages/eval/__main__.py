@@ -4,10 +4,13 @@ baselines that would explain a win without help.
     python -m stages.eval --run-dir runs/tiny        (or: chatpipe eval runs/tiny)
 
 Each policy (the SFT output, and the PPO output when there is one) answers every held-out prompt
-`samples_per_prompt` times under one sampling seed. Every reply is scored by the reward model PPO
-trained against, as sampled (what PPO saw) and completed (a reply the length limit cut gets its EOS),
-and by each judge (reward models the policy never trained against; the `judges` stage) on the
-completed reply. Then, for PPO against SFT, by the reward model, each judge and the judges' mean:
+`samples_per_prompt` times under one sampling seed, at `eval.temperature` (by default PPO's, so the
+KL to the SFT policy is the one PPO constrained), through the policy evaluator PPO's eval curve
+uses (reward_model/policy_evaluation.py). Every reply is scored by the reward model PPO trained
+against, as sampled (what PPO saw) and completed (a reply the length limit cut gets its EOS), and
+by each judge (reward models the policy never trained against; the `judges` stage) on the
+completed reply's token ids. Then, for PPO against SFT, by the reward model, each judge and the
+judges' mean:
 
 - the win rate over every pair of replies to a prompt, with a 95% bootstrap interval over prompts;
 - the length-controlled win rate (AlpacaEval-LC's regression on the length difference) and the
@@ -51,9 +54,8 @@ from pipeline.evaluation.comparison import (
 from pipeline.evaluation.replies import reply_statistics
 from pipeline.evaluation.verdict import verdict_lines
 from pipeline.models.checkpoints import load_causal_lm
-from pipeline.models.generation import Sampling, seeded_generator
-from pipeline.models.logprobs import masked_sum
-from pipeline.models.responses import Responses, completed, response_logprobs, sample_responses
+from pipeline.models.generation import seeded_generator
+from pipeline.models.responses import Responses
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from pipeline.training.distributed import make_accelerator, whole_model_init
 from pipeline.training.metrics import IGNORE_INDEX, held_out_token_loss
@@ -61,6 +63,7 @@ from reward_model.batching import encode_groups
 from reward_model.data import load_preference_groups
 from reward_model.evaluation import pair_length_gaps, preference_gaps
 from reward_model.judges import TRAINING_MODEL, JudgePanel, judge_folders
+from reward_model.policy_evaluation import evaluate_policy, reply_sampler
 from reward_model.provenance import HELD_OUT_NAME, fingerprint, read_trained_on
 
 SCORED_AS_SAMPLED = "reward_sampled"  # the reward model's score of replies as sampled: what PPO optimised
@@ -91,44 +94,32 @@ def held_out_conversations(context: StageContext) -> tuple[list[list[dict]], str
 
 
 # ----------------------------------------------------------------------------------- replies
-@torch.no_grad()
 def answer(policy, reference, panel: JudgePanel, tokenizer, prompts, section, accelerator, seed) -> dict:
-    """`samples_per_prompt` sampled replies per prompt (the same seed for every policy) with their scores.
+    """`samples_per_prompt` sampled replies per prompt (the same seed for every policy) with their
+    scores, through the policy evaluator PPO's eval curve uses (reward_model/policy_evaluation.py).
 
-    Returns per reply (prompt-major: prompt p's replies are rows p*S .. p*S+S-1): `kl` to the
-    reference (summed over tokens), `lengths`, `has_eos`, `tokens` (each reply's ids without EOS),
-    `replies` (text), and `scores`: {model: (replies,)} with `reward_sampled` for the reward model
-    on the replies as sampled and every model of the panel on the completed replies.
+    Returns `evaluation` (its `metrics` are PPO's: score, kl, response_length, eos_fraction,
+    judges_score) and per reply (prompt-major: prompt p's replies are rows p*S .. p*S+S-1): `kl`
+    to the reference (summed over tokens), `lengths`, `has_eos`, `tokens` (each reply's ids
+    without EOS), `replies` (text), and `scores`: {model: (replies,)} with `reward_sampled` for the
+    reward model on the replies as sampled, every model of the panel on the completed replies, and
+    `judges`, the held-out judges' mean standardized score (when there are judges).
     """
-    generator = seeded_generator(seed, accelerator.device)
-    sampling = Sampling(temperature=section.temperature)
     queries = [ids for ids in prompts for _ in range(section.samples_per_prompt)]
-    out = {"kl": [], "lengths": [], "has_eos": [], "tokens": [], "replies": [], "scores": {}}
-    for start in range(0, len(queries), section.batch_size):
-        query_ids, query_mask = pad_batch(queries[start : start + section.batch_size], tokenizer.pad_token_id, side="left")
-        responses = sample_responses(
-            policy, query_ids.to(accelerator.device), query_mask.to(accelerator.device), max_new_tokens=section.response_length,
-            sampling=sampling, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
-        )
-        logprobs = response_logprobs(policy, responses, section.temperature, section.batch_size)
-        ref_logprobs = response_logprobs(reference, responses, section.temperature, section.batch_size)
-        mask = responses.response_mask
-        as_sampled = panel.score(responses, section.batch_size)[TRAINING_MODEL] if TRAINING_MODEL in panel.names else None
-        scores = {**({SCORED_AS_SAMPLED: as_sampled} if as_sampled is not None else {}),
-                  **panel.score(completed(responses, tokenizer.eos_token_id, tokenizer.pad_token_id), section.batch_size)}
-        for name, values in scores.items():
-            out["scores"].setdefault(name, []).append(values.cpu())
-        out["kl"].append(masked_sum(logprobs - ref_logprobs, mask, dim=1).cpu())
-        out["lengths"].append(mask.sum(1).cpu())
-        out["has_eos"].append(responses.has_eos.cpu())
-        for ids, row_mask, eos in zip(responses.response_ids.cpu(), mask.cpu(), responses.has_eos.cpu()):
-            tokens = ids[row_mask.bool()].tolist()
-            out["tokens"].append(tokens[:-1] if eos else tokens)
-            out["replies"].append(tokenizer.decode(tokens, skip_special_tokens=True))
-    for key in ("kl", "lengths", "has_eos"):
-        out[key] = torch.cat(out[key])
-    out["scores"] = {name: torch.cat(values) for name, values in out["scores"].items()}
-    return out
+    batches = [pad_batch(queries[start : start + section.batch_size], tokenizer.pad_token_id, side="left")
+               for start in range(0, len(queries), section.batch_size)]
+    sample = reply_sampler(
+        policy, reference, panel.reward_function(TRAINING_MODEL), tokenizer,
+        temperature=section.temperature, response_length=section.response_length, micro_batch_size=section.batch_size,
+    )
+    evaluation = evaluate_policy(sample, batches, seeded_generator(seed, accelerator.device), panel, tokenizer,
+                                 micro_batch_size=section.batch_size)
+    ensemble = {"judges": evaluation.judges} if evaluation.judges is not None else {}
+    return {
+        "evaluation": evaluation, "kl": evaluation.kl, "lengths": evaluation.lengths, "has_eos": evaluation.has_eos,
+        "tokens": evaluation.tokens, "replies": [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in evaluation.tokens],
+        "scores": {SCORED_AS_SAMPLED: evaluation.scores, **evaluation.judged, **ensemble},
+    }
 
 
 @torch.no_grad()
@@ -299,16 +290,15 @@ def evaluate(context: StageContext) -> StageResult:
     for name, folder in policies.items():
         with whole_model_init():
             policy = reference if folder == reference_dir else load_causal_lm(folder).eval().to(device)
-        out = answer(policy, reference, panel, tokenizer, prompts, section, accelerator, config.seed)
-        out["scores"] = with_ensemble(panel, out["scores"])
-        results[name] = out
-        metrics[f"{name}/score"] = out["scores"][SCORED_AS_SAMPLED].mean().item()
+        results[name] = out = answer(policy, reference, panel, tokenizer, prompts, section, accelerator, config.seed)
+        measured = out["evaluation"].metrics  # as PPO's eval curve measures them
+        metrics[f"{name}/score"] = measured["score"]
         metrics[f"{name}/score_completed"] = out["scores"][TRAINING_MODEL].mean().item()
-        if "judges" in out["scores"]:
-            metrics[f"{name}/judges_score"] = out["scores"]["judges"].mean().item()
+        if "judges_score" in measured:
+            metrics[f"{name}/judges_score"] = measured["judges_score"]
         for judge in panel.held_out_names:
             metrics[f"{name}/scores/{judge}"] = out["scores"][judge].mean().item()
-        metrics[f"{name}/kl"] = out["kl"].mean().item()
+        metrics[f"{name}/kl"] = measured["kl"]
         stats = reply_statistics(out["lengths"], out["has_eos"], out["tokens"], out["replies"], limit=section.response_length)
         metrics.update({f"{name}/{key}": value for key, value in stats.items()})
         metrics[f"{name}/perplexity"] = held_out_perplexity(

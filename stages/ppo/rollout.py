@@ -37,7 +37,7 @@ from pipeline.config import PPOConfig
 from pipeline.models.generation import Sampling
 from pipeline.models.logprobs import masked_sum
 from pipeline.models.responses import (
-    Responses,
+    ScoredResponses,
     real_columns,
     response_logprobs,
     sample_responses,
@@ -107,17 +107,6 @@ def response_values(value_scorer, sequence_ids: torch.Tensor, attention_mask: to
     """The value of the state before each response token: (batch, response_len)."""
     per_token = value_scorer(sequence_ids, attention_mask)
     return per_token[:, -response_length - 1 : -1]
-
-
-@dataclass
-class ScoredResponses:
-    """Sampled responses and what the models say about them, before any RL shaping. (batch, response_len) float32."""
-
-    responses: Responses
-    logprobs: torch.Tensor  # behaviour policy's, at the sampling temperature
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor | None  # PPO only
-    raw_scores: torch.Tensor  # (batch,) the reward function's
 
 
 class ExperienceMaker:

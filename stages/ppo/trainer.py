@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import time
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -21,11 +20,13 @@ from torch import nn
 from pipeline.config import PPOConfig
 from pipeline.models.generation import seeded_generator
 from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, response_logits, token_logprobs
-from pipeline.models.responses import Responses, completed, length_sorted_micro_batches
+from pipeline.models.responses import Responses, length_sorted_micro_batches
 from pipeline.training.distributed import prepare_frozen, whole_for_rollout
 from pipeline.training.optimization import fused_adamw_supported, prepare_training
 from reward_model.functions import RewardFunction
 from reward_model.judges import JudgePanel
+from reward_model import policy_evaluation
+from reward_model.policy_evaluation import PolicyEvaluation
 from stages.ppo.kl_control import AdaptiveKLController, FixedKLController
 from stages.ppo.losses import (
     MinibatchSize,
@@ -275,65 +276,27 @@ class RLTrainer:
         return {**dict(zip(names, means)), "val/num_eos": num_eos, "_generated_tokens": generated}
 
 
-@dataclass
-class PolicyEvaluation:
-    """What one evaluation of the policy on the held-out prompts measured.
-
-    metrics: means over all processes. Per prompt, gathered from every process in one fixed order
-    (so two evaluations line up prompt by prompt): `scores` (the reward model's, as sampled),
-    `judges` (the judges' mean standardized score of the completed reply; None without judges)
-    and `lengths` (response tokens).
-    """
-
-    metrics: dict[str, float]
-    samples: list[dict]  # this process's (query, response, score) rows
-    scores: torch.Tensor
-    judges: torch.Tensor | None
-    lengths: torch.Tensor
-
-
-@torch.no_grad()
 def evaluate_policy(
     trainer: RLTrainer, prompt_batches: list[tuple[torch.Tensor, torch.Tensor]], seed: int, panel: JudgePanel | None = None
 ) -> PolicyEvaluation:
-    """Mean reward-model score, KL to the reference, EOS rate and length on held-out prompts, and
-    with a judge panel the judges' scores of the same replies (each completed with EOS if the
-    length limit cut it: judged as a reply, not as a cut).
+    """The policy in training on held-out prompts, through the one policy evaluator
+    (reward_model/policy_evaluation.py) the eval stage uses too: sampled and scored as its rollouts
+    are, with the judges (when there are any) scoring the same replies.
 
-    Sampling is seeded, so the same policy gets the same numbers, and the reference scored
-    against itself gets KL exactly 0. Each process scores its own share of the batches (the
-    same number on every process: under sharding engines scoring is a collective).
+    Sampling is seeded, so the same policy gets the same numbers, and the reference scored against
+    itself gets KL exactly 0. Each process evaluates its own share of the batches (the same number
+    on every process: under sharding engines scoring is a collective); the result holds every
+    process's replies, process by process.
     """
-    accelerator, tokenizer = trainer.accelerator, trainer.tokenizer
+    accelerator = trainer.accelerator
     trainer.model.eval()
     # A private stream: the training RNG (checkpointed for exact resume) is left where it was.
     generator = seeded_generator(seed + accelerator.process_index, accelerator.device)
-    totals = torch.zeros(5, dtype=torch.float64, device=accelerator.device)  # n, score, kl, length, eos
-    samples, scores, judged, lengths = [], [], [], []
-    for query_ids, query_mask in prompt_batches:
-        scored = trainer.maker.score(query_ids.to(accelerator.device), query_mask.to(accelerator.device), generator)
-        responses, mask = scored.responses, scored.responses.response_mask
-        sequence_kl = masked_sum(scored.logprobs - scored.ref_logprobs, mask, dim=1)
-        totals += torch.stack([
-            torch.tensor(float(len(responses)), device=accelerator.device, dtype=torch.float64),
-            scored.raw_scores.double().sum(),
-            sequence_kl.double().sum(),
-            mask.sum().double(),
-            responses.has_eos.double().sum(),
-        ])
-        samples.extend(decode_samples(tokenizer, responses, scored.raw_scores))
-        scores.append(scored.raw_scores.float())
-        lengths.append(mask.sum(1).float())
-        if panel is not None:
-            whole = completed(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-            judged.append(panel.ensemble(panel.score(whole, trainer.config.algorithm.micro_batch_size)).float())
-    count, score, kl, length, eos = accelerator.reduce(totals, "sum").tolist()
-    count = max(count, 1)
-    metrics = {"score": score / count, "kl": kl / count, "response_length": length / count, "eos_fraction": eos / count}
-    per_prompt = [accelerator.gather(torch.cat(values)).cpu() if values else None for values in (scores, judged, lengths)]
-    if per_prompt[1] is not None:
-        metrics["judges_score"] = per_prompt[1].double().mean().item()
-    return PolicyEvaluation(metrics, samples, *per_prompt)
+    evaluation = policy_evaluation.evaluate_policy(
+        trainer.maker.score, prompt_batches, generator, panel, trainer.tokenizer,
+        micro_batch_size=trainer.config.algorithm.micro_batch_size,
+    )
+    return evaluation.gathered(accelerator)
 
 
 def decode_samples(tokenizer, responses: Responses | Experience, raw_scores: torch.Tensor) -> list[dict]:

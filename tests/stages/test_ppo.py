@@ -243,6 +243,36 @@ def test_eval_measures_accuracy_only_on_pairs_no_model_trained_on(ppo_run, tmp_p
     assert metrics["reward_pairs"] == metrics["accuracy/pairs"]
 
 
+def test_eval_measures_the_policies_as_ppo_did_on_the_same_prompts(ppo_run, tmp_path):
+    """PPO's held-out prompts given to eval, one reply each in one batch, eval.temperature left to
+    follow ppo.sampling: the eval stage reports PPO's last evaluation of its policy, and its first
+    of the starting policy."""
+    config, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    raw = yaml.safe_load(config.read_text())
+    ppo = raw["ppo"]
+    raw["eval"] = {
+        "prompts": {"path": str(copy / "ppo" / "final" / "held_out.jsonl")},
+        "num_prompts": ppo["eval_prompts"], "samples_per_prompt": 1, "max_prompt_length": ppo["data"]["max_prompt_length"],
+        "response_length": ppo["sampling"]["response_length"],
+        "batch_size": ppo["algorithm"]["micro_batch_size"],  # PPO's 8 prompts fit one of its batches and one micro-batch
+    }
+    assert ppo["eval_prompts"] == ppo["algorithm"]["micro_batch_size"] and "temperature" not in raw["eval"]
+    with_eval = tmp_path / "with_eval.yaml"
+    with_eval.write_text(yaml.safe_dump(raw))
+    chatpipe("run", str(with_eval), "--run-dir", str(copy), "--only", "eval")
+    stages = read_manifest(copy).stages
+    assert stages["ppo"].metrics["kl"] > 0 and stages["eval"].metrics["prompts"] == ppo["eval_prompts"]
+    first = next(row for row in read_metric_rows(copy / "ppo")[0] if "eval/score" in row)
+    during_ppo = {"ppo": stages["ppo"].metrics, "pretrain": {key.removeprefix("eval/"): value for key, value in first.items()}}
+    measured = stages["eval"].metrics
+    for policy, figures in during_ppo.items():
+        for ppo_key, eval_key in (("score", "score"), ("kl", "kl"), ("judges_score", "judges_score"),
+                                  ("response_length", "length_mean"), ("eos_fraction", "eos_share")):
+            assert measured[f"{policy}/{eval_key}"] == pytest.approx(figures[ppo_key], rel=1e-6, abs=1e-6), (policy, ppo_key)
+
+
 def test_ppo_keeps_the_policy_the_judges_prefer_and_stops_when_they_stop_improving(ppo_run, tmp_path):
     config, run_dir = ppo_run
     copy = tmp_path / "run"
