@@ -35,8 +35,8 @@ from pipeline.config import RewardTraining
 from accelerate.utils import set_seed
 
 from pipeline.models.lora import add_lora_adapters
-from pipeline.training.distributed import replicas_in_sync, whole_model_init
-from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
+from pipeline.training.distributed import engine_of, whole_model_init
+from pipeline.training.loop import Cadence, OptimizerStep, SupervisedStep, fit, save_final_model, step_indices
 from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
 from reward_model.batching import EncodedGroup, collate_groups, encode_groups, length_balancing_weights
@@ -116,12 +116,10 @@ def train_reward_model(
     # ----------------------------------------------------------------------------------- loop
     result = fit(
         name, accelerator,
-        optimizer_step,
+        SupervisedStep(optimizer_step, group_batches(train_encoded, tokenizer, accelerator, section, seed), preference_loss(scorer, section)),
         Checkpointer(checkpoint_dir, accelerator, section.keep_checkpoints, parts={"": "pretrained_model"}),
         tracker,
         Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
-        micro_batches=group_batches(train_encoded, tokenizer, accelerator, section, seed),
-        loss=preference_loss(scorer, section),
         evaluate=partial(
             evaluate_preferences, scorer, validation_encoded, tokenizer.pad_token_id, section.prompts_per_batch, accelerator
         ),
@@ -134,7 +132,7 @@ def train_reward_model(
     save_reward_model(accelerator, section, scorer, tokenizer, output_dir, last_eval, slope, mean_length, train_groups)
     metrics = {
         "world_size": accelerator.num_processes,
-        "replicas_in_sync": replicas_in_sync(scorer, accelerator.device),
+        "replicas_in_sync": engine_of(accelerator).replicas_in_sync(scorer),
         "steps": total_steps,
         "accuracy": last_eval["accuracy"],
         "shorter_wins_accuracy": last_eval["shorter_wins_accuracy"],

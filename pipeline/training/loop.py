@@ -270,7 +270,6 @@ def fit(
     unit: str | None = None,
     tokenizer=None,
     on_evaluated: Callable[[int, dict[str, float]], bool] | None = None,
-    micro_batches=None, loss=None, weights=None,  # TEMPORARY
 ) -> FitResult:
     """The one training loop: resume, evaluate at step 0, train `cadence.total` steps.
 
@@ -281,8 +280,6 @@ def fit(
     at the same step with the same data ahead; the stage's own state travels in the checkpoint
     as the Checkpointer's components.
     """
-    if micro_batches is not None:  # TEMPORARY
-        step = SupervisedStep(step, micro_batches, loss, weights)
     model, optimizer, scheduler = step.model, step.optimizer, step.scheduler
     require_checkpointable(accelerator, cadence, name, model)
     start, resumed_from, first_eval = 0, None, None

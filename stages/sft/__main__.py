@@ -43,8 +43,8 @@ from pipeline.config import SFTConfig
 from pipeline.models.checkpoints import load_causal_lm, write_adapter_note
 from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import make_accelerator, replicas_in_sync, shards_parameters
-from pipeline.training.loop import Cadence, OptimizerStep, fit, save_final_model, step_indices
+from pipeline.training.distributed import engine_of, make_accelerator
+from pipeline.training.loop import Cadence, OptimizerStep, SupervisedStep, fit, save_final_model, step_indices
 from pipeline.training.metrics import held_out_loss
 from pipeline.training.optimization import adamw, prepare_training
 from pipeline.training.state import Checkpointer
@@ -73,16 +73,18 @@ def train(context: StageContext) -> StageResult:
     micro_batch = section.per_device_batch_size
     result = fit(
         "sft", accelerator,
-        optimizer_step,
+        SupervisedStep(
+            optimizer_step,
+            step_batches(data.train_rows, tokenizer, accelerator, section, config.seed),
+            assistant_loss(model, accelerator),
+            weights=lambda batches: [1.0] * len(batches),
+        ),
         Checkpointer(context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints),
         context.tracker,
         Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
-        micro_batches=step_batches(data.train_rows, tokenizer, accelerator, section, config.seed),
-        loss=assistant_loss(model, accelerator),
         evaluate=held_out_evaluation(data.validation_rows, tokenizer, model, accelerator, micro_batch),
         units_per_step=micro_batch * accelerator.num_processes * section.gradient_accumulation_steps,
         unit="conversation", tokenizer=tokenizer,
-        weights=lambda batches: [1.0] * len(batches),
     )
 
     # ----------------------------------------------------------------------------------- save
@@ -94,7 +96,7 @@ def train(context: StageContext) -> StageResult:
 
     metrics = {
         "world_size": accelerator.num_processes,
-        "replicas_in_sync": replicas_in_sync(model, accelerator.device),
+        "replicas_in_sync": engine_of(accelerator).replicas_in_sync(model),
         "steps": total_steps,
         "eval_loss": result.last_eval["loss"],
         "eval_perplexity": result.last_eval["perplexity"],
@@ -235,7 +237,7 @@ def write_samples(context: StageContext, accelerator, trained, tokenizer, valida
     section = context.config.sft
     # Sharded weights (FSDP, ZeRO-3) are gathered inside each forward pass, a collective: every
     # process then generates the same seeded replies in lockstep, and the main process writes them.
-    if section.sample_prompts and (context.is_main or shards_parameters(accelerator)):
+    if section.sample_prompts and (context.is_main or engine_of(accelerator).shards_weights):
         prompts = sample_rows(
             validation_conversations, section.sample_prompts, tokenizer, section.max_length - section.sample_max_new_tokens
         )
