@@ -48,15 +48,19 @@ IGNORE_INDEX = -100  # the label transformers' causal-LM loss skips
 
 
 @torch.no_grad()
-def held_out_token_loss(accelerator, model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+def held_out_token_loss(
+    accelerator, model, batches: Iterable[dict[str, torch.Tensor]], *, across_processes: bool = True
+) -> dict[str, float]:
     """The mean negative log-likelihood over every predicted token of every process's batches; and its perplexity.
 
     batches: this process's share of the held-out set, each a dict of keyword inputs to `model`
     (moved to the accelerator's device here) with `labels` (IGNORE_INDEX where nothing is
     predicted), whose output's `.loss` is the mean over the batch's predicted tokens. Each batch
     weighs by the tokens it predicts, so the figure is the same however the set is batched. Every
-    process must call this, even with no batches: the sums are reduced across processes. The model
-    is left in the mode it was in.
+    process must call this, even with no batches: the sums are reduced across processes. Without
+    `across_processes` each process's figure is over its own batches alone (eval, where every
+    process scores the whole set, so its figure is exactly one process's). The model is left in
+    the mode it was in.
     """
     was_training = model.training
     model.eval()
@@ -69,7 +73,8 @@ def held_out_token_loss(accelerator, model, batches: Iterable[dict[str, torch.Te
         predicted = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum().double()  # token t is predicted from those before it
         loss_sum += torch.where(predicted > 0, batch_loss.double() * predicted, 0.0)  # a batch predicting nothing has loss NaN
         tokens += predicted
-    loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
+    if across_processes:
+        loss_sum, tokens = accelerator.reduce(loss_sum, "sum"), accelerator.reduce(tokens, "sum")
     model.train(was_training)
     mean = (loss_sum / tokens.clamp(min=1)).item()
     return {"loss": mean, "perplexity": perplexity(mean)}

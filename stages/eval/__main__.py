@@ -142,18 +142,18 @@ def score_fixed_reply(panel: JudgePanel, tokenizer, prompts, text: str, batch_si
 
 def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_size: int, accelerator) -> float:
     """exp(mean NLL) over the assistant tokens of held-out conversations: the token-weighted held-out
-    loss (pipeline/training/metrics.py), each process scoring its share of the conversations."""
+    loss (pipeline/training/metrics.py). Every process scores every conversation, like every reply:
+    the figure is one process's under any engine."""
     dataset, _ = tokenize_conversations(conversations, tokenizer, max_length, "truncate")
-    share = slice(accelerator.process_index, None, accelerator.num_processes)
-    input_ids, assistant_masks = dataset["input_ids"][share], dataset["assistant_masks"][share]
 
     def batches():
-        for start in range(0, len(input_ids), batch_size):
-            ids, mask = pad_batch(input_ids[start : start + batch_size], tokenizer.pad_token_id, side="right")
-            assistant, _ = pad_batch(assistant_masks[start : start + batch_size], 0, side="right")
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            ids, mask = pad_batch(rows["input_ids"], tokenizer.pad_token_id, side="right")
+            assistant, _ = pad_batch(rows["assistant_masks"], 0, side="right")
             yield {"input_ids": ids, "attention_mask": mask, "labels": torch.where(assistant.bool(), ids, IGNORE_INDEX)}
 
-    return held_out_token_loss(accelerator, model, batches())["perplexity"]
+    return held_out_token_loss(accelerator, model, batches(), across_processes=False)["perplexity"]
 
 
 # ------------------------------------------------------------------------------- comparisons
