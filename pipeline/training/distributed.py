@@ -550,34 +550,3 @@ def _relink_zero_fragments(optimizer) -> None:
         optimizer._hp_optimizer_states_linked = False
         optimizer._lazy_init_hp_params_optimizer_state()
 
-
-# ---------------------------------------------------------------------- TEMPORARY: until the stages ask engine_of
-def replicas_in_sync(model, device):
-    return engine_of_current().replicas_in_sync(model)
-
-
-def shards_parameters(accelerator):
-    return engine_of(accelerator).shards_weights
-
-
-def prepare_frozen(accelerator, model):
-    return engine_of(accelerator).place_frozen(model)
-
-
-def held_fraction(model):
-    held, whole = zip(*(_held_and_whole_numel(p) for p in model.parameters()))
-    return sum(held) / max(sum(whole), 1)
-
-
-def zero_stage(accelerator):
-    return engine_of(accelerator).zero_stage
-
-
-def whole_for_rollout(accelerator, model):
-    return engine_of(accelerator).whole_for_rollout(model)
-
-
-def engine_of_current():
-    from accelerate import Accelerator
-
-    return engine_of(next(iter(_ENGINES.keys())) if len(_ENGINES) else Accelerator())

@@ -58,7 +58,7 @@ from pipeline.models.generation import seeded_generator
 from pipeline.models.responses import Responses
 from pipeline.orchestration.stage import StageContext, StageResult, run_stage
 from pipeline.training.distributed import make_accelerator, whole_model_init
-from pipeline.training.metrics import IGNORE_INDEX, held_out_token_loss
+from pipeline.training.metrics import IGNORE_INDEX, held_out_loss
 from reward_model.batching import encode_groups
 from reward_model.data import load_preference_groups
 from reward_model.evaluation import pair_length_gaps, preference_gaps
@@ -153,7 +153,7 @@ def held_out_perplexity(model, tokenizer, conversations, max_length: int, batch_
             assistant, _ = pad_batch(rows["assistant_masks"], 0, side="right")
             yield {"input_ids": ids, "attention_mask": mask, "labels": torch.where(assistant.bool(), ids, IGNORE_INDEX)}
 
-    return held_out_token_loss(accelerator, model, batches(), across_processes=False)["perplexity"]
+    return held_out_loss(accelerator, model, batches(), across_processes=False)["perplexity"]
 
 
 # ------------------------------------------------------------------------------- comparisons

@@ -192,7 +192,7 @@ def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutS
 
 
 def held_fractions(engine, trainer: RLTrainer, frozen: dict, panel: JudgePanel | None) -> dict[str, float]:
-    """What each process holds of each model: 1.0 whole, about 1/N under ZeRO-3 and FSDP2 on N processes."""
+    """What each process holds of each model: 1.0 whole, about 1/N sharded over N processes."""
     held = {"held/trained": engine.held_fraction(trainer.model)}
     held.update({f"held/{name}": engine.held_fraction(model) for name, model in frozen.items() if model is not None})
     if panel is not None:

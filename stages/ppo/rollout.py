@@ -140,7 +140,7 @@ class ExperienceMaker:
         it with the policy, the reference, the value model and the reward function.
 
         Everything that reads the trained weights runs inside one `trained()` context (one gather
-        per rollout under ZeRO-3 and FSDP2, never one per token); the frozen models run after it."""
+        per rollout under a sharding engine, never one per token); the frozen models run after it."""
         config, tokenizer, micro = self.config, self.tokenizer, self.config.algorithm.micro_batch_size
         ref_logprobs = values = None
         with self.trained() as models:

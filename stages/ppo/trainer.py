@@ -4,8 +4,8 @@
     metrics = trainer.step(query_ids, query_mask)     # one rollout, then its updates
 
 We build this on transformers + accelerate because TRL removed its PPO trainer (1.13). The
-policy and the value model travel as one module (`PolicyAndValue`) so DeepSpeed, which prepares
-one model per engine, can wrap them together; they keep separate learning rates (two parameter
+policy and the value model travel as one module (`PolicyAndValue`) so an engine that prepares
+one model at a time can wrap them together; they keep separate learning rates (two parameter
 groups) and separate gradient clipping.
 """
 
@@ -21,7 +21,7 @@ from pipeline.config import PPOConfig
 from pipeline.models.generation import seeded_generator
 from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, response_logits, token_logprobs
 from pipeline.models.responses import Responses, length_sorted_micro_batches
-from pipeline.training.distributed import prepare_frozen, whole_for_rollout
+from pipeline.training.distributed import engine_of
 from pipeline.training.optimization import fused_adamw_supported, prepare_training
 from reward_model.functions import RewardFunction
 from reward_model.judges import JudgePanel
@@ -92,7 +92,7 @@ class RLTrainer:
         reward_model: nn.Module | None = None,
     ):
         """reward_model: the model behind `reward_fn`, if any, placed like the reference (sharded
-        under ZeRO-3 and FSDP2)."""
+        under a sharding engine)."""
         self.config, self.accelerator, self.tokenizer = config, accelerator, tokenizer
         for model in (policy, reference, value):
             if model is not None:
@@ -118,13 +118,13 @@ class RLTrainer:
             if config.reward.adaptive_kl
             else FixedKLController(config.reward.kl_coef)
         )
-        # Frozen models are placed after the trained one (DeepSpeed's `auto` settings are resolved by
+        # Frozen models are placed after the trained one (the engine's `auto` settings are resolved by
         # then), in place: the reward function keeps calling the module it holds.
         for frozen in (reference, reward_model):
             if frozen is not None:
-                prepare_frozen(accelerator, frozen)
+                engine_of(accelerator).place_frozen(frozen)
         self.maker = ExperienceMaker(
-            functools.partial(whole_for_rollout, accelerator, self.model), reference, reward_fn, tokenizer,
+            functools.partial(engine_of(accelerator).whole_for_rollout, self.model), reference, reward_fn, tokenizer,
             config, accelerator, score_mean=score_mean, score_std=score_std, length_trend=length_trend,
             reference_context=reference_context,
         )
@@ -172,7 +172,7 @@ class RLTrainer:
                     for key, value in stats.items():
                         totals.setdefault(key, []).append(value)
                 for name, norm in output.grad_norms.items():
-                    if norm is not None:  # DeepSpeed clips inside its engine and reports nothing here
+                    if norm is not None:  # an engine that clips inside itself reports nothing here
                         totals.setdefault(f"{name}/grad_norm", []).append(torch.as_tensor(float(norm), device=accelerator.device))
         means = {key: torch.stack(values).mean() for key, values in totals.items()}
         keys = sorted(means)

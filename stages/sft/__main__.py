@@ -219,8 +219,7 @@ def assistant_loss(model, accelerator) -> Callable[[dict], tuple[torch.Tensor, d
 
 
 def held_out_evaluation(validation_rows: list[dict], tokenizer, model, accelerator, micro_batch: int) -> Callable[[], dict[str, float]]:
-    """`evaluate()` for `fit`: the mean over held-out batches of each batch's mean loss on assistant
-    tokens, weighted by rows."""
+    """`evaluate()` for `fit`: the mean loss over every assistant token of the held-out conversations."""
     def evaluate() -> dict[str, float]:
         mine = validation_rows[accelerator.process_index :: accelerator.num_processes]
         batches = (collate_conversations(mine[start : start + micro_batch], tokenizer.pad_token_id)
@@ -235,7 +234,7 @@ def write_samples(context: StageContext, accelerator, trained, tokenizer, valida
     """Replies of the trained model to `sft.sample_prompts` held-out prompts, beside their reference
     replies: RUN_DIR/sft/samples.jsonl and the tracker's `samples` table (collective when sharded)."""
     section = context.config.sft
-    # Sharded weights (FSDP, ZeRO-3) are gathered inside each forward pass, a collective: every
+    # Sharded weights are gathered inside each forward pass, a collective: every
     # process then generates the same seeded replies in lockstep, and the main process writes them.
     if section.sample_prompts and (context.is_main or engine_of(accelerator).shards_weights):
         prompts = sample_rows(
