@@ -52,9 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--run-dir", help="Where checkpoints and the manifest go (default: runs/<name>).")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                      help="Override a config value; may be repeated.")
-    which = run.add_mutually_exclusive_group()
-    which.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")
-    which.add_argument("--only", metavar="STAGE", help="Rerun this stage alone (its inputs must be completed).")
+    run.add_argument("--from", dest="start", metavar="STAGE", help="Rerun this stage and every later one.")
+    run.add_argument("--only", metavar="STAGE", help="Rerun this stage alone (its inputs must be completed).")
 
     stage = commands.add_parser("stage", help="Run one stage of an existing run from its recorded config.")
     stage.add_argument("name", help="Stage name: " + ", ".join(spec.name for spec in STAGES))
@@ -90,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
             command.add_argument("--model-name", help="The model id clients send (default: RUN-STAGE).")
 
     args = parser.parse_args(argv)
+    if args.command == "run" and args.start is not None and args.only is not None:
+        parser.exit(2, f"chatpipe run: --from {args.start} and --only {args.only} ask for two things: --from STAGE "
+                       f"reruns that stage and every later one, --only STAGE that stage alone; give one of them\n")
     try:
         if args.command == "run":
             return command_run(args.config, args.run_dir, args.overrides, start=args.start, only=args.only)

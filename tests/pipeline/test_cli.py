@@ -348,3 +348,12 @@ def test_a_path_of_the_wrong_kind_is_one_message_naming_it(write_config, tmp_pat
     named = tmp_path if misuse == "config is a folder" else a_file
     assert err.startswith(f"chatpipe: {named}") and len(err.strip().splitlines()) == 1
     assert a_file.read_text() == "x"
+
+
+def test_from_and_only_together_are_one_message_saying_what_each_does(write_config, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["run", str(write_config()), "--run-dir", str(tmp_path / "run"), "--from", "reward", "--only", "sft"])
+    message = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in message
+    assert "--from reward and --only sft" in message and "give one of them" in message
+    assert not (tmp_path / "run").exists()
