@@ -466,8 +466,17 @@ class PreferenceData(DataSource):
     )
 
 
-class RewardTraining(BadRowPolicy, LoggedStage):
-    """How a reward model trains: shared by the `reward` stage and the `judges` that check its policy."""
+class PreferenceSplit(Section):
+    """Preference rows to train on and the prompts held out from them (the `reward` and `dpo` stages)."""
+
+    data: PreferenceData = Field(..., description="Preference rows.")
+    validation_data: PreferenceData | None = Field(None, description="Held-out preferences; default: a split of data.")
+    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when validation_data is unset.")
+
+
+class PreferenceTraining(BadRowPolicy, LoggedStage):
+    """How a model trains on preference groups, whole prompts with all their completions per
+    micro-step: shared by the reward model, its judges and DPO."""
 
     max_length: int = Field(512, ge=8, description="Tokens per scored conversation (oldest context cut first).")
     epochs: float = Field(1.0, gt=0, description="Passes over the training prompts.")
@@ -479,6 +488,11 @@ class RewardTraining(BadRowPolicy, LoggedStage):
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
+
+
+class RewardTraining(PreferenceTraining):
+    """How a reward model trains: shared by the `reward` stage and the `judges` that check its policy."""
+
     margin: float = Field(0.0, ge=0, description="Added to every pair's margin (and to a `margin` column when present).")
     center_rewards_coefficient: float = Field(
         0.01, ge=0, description="Weight of mean(reward^2) in the loss, keeping rewards near zero."
@@ -491,17 +505,49 @@ class RewardTraining(BadRowPolicy, LoggedStage):
     lora: LoraSettings | None = Field(None, description="Train LoRA adapters (merged into the saved reward model).")
 
 
-class RewardConfig(RewardTraining):
+class RewardConfig(PreferenceSplit, RewardTraining):
     """The `reward` stage: a scalar-head reward model trained on ranked completions."""
 
-    data: PreferenceData = Field(..., description="Preference rows.")
-    validation_data: PreferenceData | None = Field(None, description="Held-out preferences; default: a split of data.")
-    validation_fraction: float = Field(0.1, gt=0, lt=1, description="Share of prompts held out when validation_data is unset.")
     init_from: Literal["sft", "pretrain"] = Field("sft", description="Which stage's model the backbone starts from.")
     ensemble: int = Field(
         1, ge=1, description="Reward models to train on the same pairs, each from its own seed; PPO can reward their "
         "mean less their disagreement (ppo.reward.ensemble_penalty)."
     )
+
+
+class DPOConfig(PreferenceSplit, PreferenceTraining):
+    """The `dpo` stage: the SFT policy trained directly on ranked completions, no reward model.
+
+    The same preference files as the reward stage (pairs, K-way rankings as every ordered pair);
+    each prompt's pairs average into one loss, like the reward model's. The reference's
+    log-probabilities are computed once before training and cached with the run.
+    """
+
+    loss: Literal["sigmoid", "ipo", "hinge", "simpo"] = Field(
+        "sigmoid", description="sigmoid: DPO; ipo: IPO's squared loss; hinge: SLiC; simpo: SimPO, reference-free "
+        "(stages/dpo/losses.py)."
+    )
+    beta: float = Field(
+        0.1, gt=0, description="How far the policy may move from the reference (sigmoid, ipo, hinge); SimPO's reward "
+        "scale, which wants more (its paper: 2 to 10)."
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="sigmoid only: the share of labels taken to be flipped (conservative DPO)."
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo only: the reward margin the chosen reply must clear.")
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (DPO wants ~10x less than SFT; LoRA ~10x more).")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    lora: LoraSettings | None = Field(
+        None, description="Train LoRA adapters (merged into the saved policy); the reference is the same model with the adapter off."
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_the_loss(self) -> "DPOConfig":
+        if self.label_smoothing > 0 and self.loss != "sigmoid":
+            raise ValueError(f"label_smoothing applies to loss sigmoid only, not {self.loss}; set it to 0 or use loss: sigmoid")
+        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
+            raise ValueError(f"simpo_gamma applies to loss simpo only, not {self.loss}; remove it or use loss: simpo")
+        return self
 
 
 class JudgesConfig(RewardTraining):
@@ -761,6 +807,9 @@ class RunConfig(Section):
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     sft: SFTConfig | None = Field(None, description="Supervised fine-tuning; the stage runs when this section is present.")
+    dpo: DPOConfig | None = Field(
+        None, description="Direct preference optimisation of the SFT policy; runs when this section is present."
+    )
     reward: RewardConfig | None = Field(None, description="Reward model training; runs when this section is present.")
     judges: JudgesConfig | None = Field(
         None, description="Judge reward models the policy never trains against; runs when this section is present."
@@ -818,7 +867,7 @@ class RunConfig(Section):
         if self.model.base_model is None:
             lengths.append((["pretrain.block_size"], [self.pretrain.block_size]))
         trained_judges = self.judges if self.judges is not None and self.judges.count > 0 else None
-        for name, section in (("sft", self.sft), ("reward", self.reward), ("judges", trained_judges)):
+        for name, section in (("sft", self.sft), ("dpo", self.dpo), ("reward", self.reward), ("judges", trained_judges)):
             if section is not None:
                 lengths.append(([f"{name}.max_length"], [section.max_length]))
         if self.ppo is not None:

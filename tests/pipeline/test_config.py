@@ -30,6 +30,26 @@ def test_a_corpus_is_one_source_or_several(write_config, shakespeare_excerpt):
         load_config(write_config(pretrain={"data": [{"path": str(shakespeare_excerpt), "txt_field": "x"}]}))
 
 
+def test_dpo_is_optional_and_its_loss_options_are_checked(write_config, shakespeare_excerpt):
+    assert load_config(write_config()).dpo is None
+    data = {"data": {"path": str(shakespeare_excerpt)}}
+    dpo = load_config(write_config(dpo=data)).dpo
+    assert (dpo.loss, dpo.beta, dpo.label_smoothing, dpo.learning_rate, dpo.validation_fraction) == ("sigmoid", 0.1, 0.0, 1e-6, 0.1)
+    assert load_config(write_config(dpo={**data, "loss": "simpo", "beta": 2.0, "simpo_gamma": 1.0})).dpo.simpo_gamma == 1.0
+    with pytest.raises(ConfigError, match="dpo: label_smoothing applies to loss sigmoid only, not ipo"):
+        load_config(write_config(dpo={**data, "loss": "ipo", "label_smoothing": 0.1}))
+    with pytest.raises(ConfigError, match="dpo: simpo_gamma applies to loss simpo only, not sigmoid"):
+        load_config(write_config(dpo={**data, "simpo_gamma": 1.0}))
+    with pytest.raises(ConfigError, match=r"dpo\.beta: Input should be greater than 0"):
+        load_config(write_config(dpo={**data, "beta": 0}))
+    with pytest.raises(ConfigError, match=r"dpo\.label_smoothing: Input should be less than 0\.5"):
+        load_config(write_config(dpo={**data, "label_smoothing": 0.5}))
+    with pytest.raises(ConfigError, match=r"dpo\.loss: Input should be 'sigmoid', 'ipo', 'hinge' or 'simpo'"):
+        load_config(write_config(dpo={**data, "loss": "kto"}))
+    with pytest.raises(ConfigError, match=r"dpo\.max_length = 600 is more tokens than the model has positions"):
+        load_config(write_config(dpo={**data, "max_length": 600}))
+
+
 def test_judges_and_the_options_that_need_them_are_checked(write_config, shakespeare_excerpt):
     reward = {"data": {"path": str(shakespeare_excerpt)}, "init_from": "pretrain"}
     ppo = {"data": {"prompts": {"path": str(shakespeare_excerpt)}}}
@@ -339,12 +359,13 @@ def test_every_training_stage_has_the_cadence_fields_with_its_own_defaults():
     from pydantic import ValidationError
 
     from pipeline.config import (
-        CheckpointedStage, EvalConfig, JudgesConfig, LaunchConfig, PPOConfig, PretrainConfig, RewardConfig, SFTConfig,
+        CheckpointedStage, DPOConfig, EvalConfig, JudgesConfig, LaunchConfig, PPOConfig, PretrainConfig, RewardConfig,
+        SFTConfig,
     )
 
     defaults = {  # (eval_every, save_every, keep_checkpoints, log_every); PPO counts rollouts and logs each one
         PretrainConfig: (100, 200, 2, 10), SFTConfig: (50, 100, 2, 10), RewardConfig: (50, 100, 2, 10),
-        JudgesConfig: (50, 100, 2, 10), PPOConfig: (10, 10, 2, None),
+        JudgesConfig: (50, 100, 2, 10), DPOConfig: (50, 100, 2, 10), PPOConfig: (10, 10, 2, None),
     }
     for section, expected in defaults.items():
         fields = section.model_fields
