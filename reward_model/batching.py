@@ -1,4 +1,4 @@
-"""Preference groups as token ids, and batches of whole groups for the ranking loss."""
+"""Preference groups as token ids, and batches of whole groups for the ranking loss (and DPO's)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ class EncodedGroup:
     margins: list[float]
     reply_lengths: list[int] = field(default_factory=list)  # tokens after the prompt the completions share, before any cut
     weights: list[float] | None = None  # per pair; None: every pair weighs 1
+    reference_logps: list[float] | None = None  # per completion, its reply's log-probability under DPO's reference
 
 
 def shared_prefix_length(sequences: list[list[int]]) -> int:
@@ -86,9 +87,10 @@ def length_balancing_weights(groups: list[EncodedGroup]) -> list[EncodedGroup]:
 def collate_groups(groups: list[EncodedGroup], pad_token_id: int, extra_margin: float = 0.0) -> dict[str, torch.Tensor]:
     """Every completion of every group in one right-padded batch, with pair indices into it.
 
-    Returns input_ids / attention_mask (n_completions, width); better / worse / pair_group /
-    margins / length_gap (the better reply's length minus the worse one's), each (n_pairs,);
-    n_groups; and `weights` (n_pairs,) when the groups carry pair weights.
+    Returns input_ids / attention_mask (n_completions, width); better / worse / pair_group / margins / length_gap (the better reply's length minus the worse
+    one's), each (n_pairs,); n_groups; `weights` (n_pairs,) when the groups carry pair weights;
+    `reply_lengths` (n_completions,) when they carry reply lengths (encode_groups' do); and
+    `reference_logps` (n_completions,) when they carry reference log-probs (DPO).
     """
     sequences, better, worse, pair_group, margins, weights, length_gap = [], [], [], [], [], [], []
     for index, group in enumerate(groups):
@@ -115,4 +117,8 @@ def collate_groups(groups: list[EncodedGroup], pad_token_id: int, extra_margin: 
     }
     if any(group.weights is not None for group in groups):
         batch["weights"] = torch.tensor(weights, dtype=torch.float32)
+    if all(len(group.reply_lengths) == len(group.completion_ids) for group in groups):
+        batch["reply_lengths"] = torch.tensor([length for group in groups for length in group.reply_lengths], dtype=torch.long)
+    if any(group.reference_logps is not None for group in groups):
+        batch["reference_logps"] = torch.tensor([value for group in groups for value in group.reference_logps], dtype=torch.float32)
     return batch

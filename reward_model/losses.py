@@ -1,4 +1,4 @@
-"""The reward model's ranking loss, per prompt as in InstructGPT.
+"""The reward model's ranking loss, per prompt as in InstructGPT (DPO averages its pairs the same way).
 
 A prompt ranked with K completions contributes K*(K-1)/2 pairs. Treating every pair as its own
 example would let prompts with many completions dominate, and (InstructGPT notes) overfit,
@@ -30,7 +30,18 @@ def grouped_pairwise_loss(
     weights: (n_pairs,) each pair's weight within its prompt's mean (default 1; see
         reward_model.batching.length_balancing_weights)
     """
-    per_pair = -F.logsigmoid(scores[better] - scores[worse] - margins)
+    return per_prompt_mean(-F.logsigmoid(scores[better] - scores[worse] - margins), pair_group, n_groups, weights)
+
+
+def per_prompt_mean(
+    per_pair: torch.Tensor, pair_group: torch.Tensor, n_groups: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over prompts of the mean over each prompt's pairs: every prompt weighs the same, however
+    many pairs its ranking gives (the reward model's loss and DPO's).
+
+    per_pair: (n_pairs,) a loss per pair; pair_group: (n_pairs,) each pair's prompt, 0..n_groups-1;
+    weights: (n_pairs,) multiplies each pair's loss (default 1).
+    """
     if weights is not None:
         per_pair = per_pair * weights
     loss_sums = torch.zeros(n_groups, dtype=per_pair.dtype, device=per_pair.device).index_add_(0, pair_group, per_pair)

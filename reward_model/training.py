@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from data.preferences import PreferenceGroup
-from pipeline.config import RewardTraining
+from pipeline.config import PreferenceTraining, RewardTraining
 from accelerate.utils import set_seed
 
 from pipeline.models.lora import add_lora_adapters
@@ -56,7 +56,7 @@ class TrainedRewardModel:
     metrics: dict[str, Any]
 
 
-def training_steps(section: RewardTraining, train_prompts: int, world_size: int) -> int:
+def training_steps(section: PreferenceTraining, train_prompts: int, world_size: int) -> int:
     """Optimiser steps to train on `train_prompts` groups: `max_steps`, else `epochs` passes."""
     groups_per_step = section.prompts_per_batch * world_size * section.gradient_accumulation_steps
     return section.max_steps or max(1, math.ceil(section.epochs * train_prompts / groups_per_step))
@@ -116,7 +116,10 @@ def train_reward_model(
     # ----------------------------------------------------------------------------------- loop
     result = fit(
         name, accelerator,
-        SupervisedStep(optimizer_step, group_batches(train_encoded, tokenizer, accelerator, section, seed), preference_loss(scorer, section)),
+        SupervisedStep(
+            optimizer_step, group_batches(train_encoded, tokenizer, accelerator, section, seed, section.margin),
+            preference_loss(scorer, section),
+        ),
         Checkpointer(checkpoint_dir, accelerator, section.keep_checkpoints, parts={"": "pretrained_model"}),
         tracker,
         Cadence(total_steps, section.log_every, section.eval_every, section.save_every),
@@ -169,10 +172,11 @@ def prepare_scorer(section: RewardTraining, backbone_dir: Path, tokenizer, accel
 
 
 def group_batches(
-    train_encoded: list[EncodedGroup], tokenizer, accelerator, section: RewardTraining, seed: int
+    train_encoded: list[EncodedGroup], tokenizer, accelerator, section: PreferenceTraining, seed: int, margin: float = 0.0
 ) -> Callable[[int], list[dict]]:
     """`micro_batches(step)` for `fit`: whole prompts with all their completions, for each
-    micro-step of optimiser step `step`, on this process's device."""
+    micro-step of optimiser step `step`, on this process's device (`margin` added to every pair's:
+    the reward model's `margin`; DPO's pairs have none)."""
     def micro_batches(step: int) -> list[dict]:
         batches = []
         steps = step_indices(
@@ -180,7 +184,7 @@ def group_batches(
             size=section.prompts_per_batch, examples=len(train_encoded), seed=seed,
         )
         for indices in steps:
-            batch = collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, section.margin)
+            batch = collate_groups([train_encoded[i] for i in indices], tokenizer.pad_token_id, margin)
             batches.append({k: v.to(accelerator.device) if torch.is_tensor(v) else v for k, v in batch.items()})
         return batches
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 from accelerate.utils import set_seed
 from transformers import AutoTokenizer
 
-from data.splits import held_out_split
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
 from pipeline.training.distributed import make_accelerator
-from reward_model.data import load_preference_groups, split_for_judges
+from reward_model.data import held_out_groups, load_preference_groups, split_for_judges
 from reward_model.provenance import write_held_out
 from reward_model.functions import ENSEMBLE_DIR
 from reward_model.training import Member, train_in_turn, train_reward_model
@@ -42,10 +41,7 @@ def train(context: StageContext) -> StageResult:
     if judges is not None and judges.count > 0 and judges.data is None:
         groups, judge_groups = split_for_judges(groups, judges.reward_share, config.seed)
         given_to_judges = len(judge_groups)
-    if section.validation_data is not None:
-        train_groups, validation_groups = groups, load_preference_groups(section.validation_data, section, cache)[0]
-    else:
-        train_groups, validation_groups = held_out_split(groups, section.validation_fraction, config.seed, what="prompts")
+    train_groups, validation_groups = held_out_groups(groups, section, config.seed, cache)
 
     # ----------------------------------------------------------------------------- train, save
     trained = train_reward_model(
