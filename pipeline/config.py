@@ -545,8 +545,10 @@ class DPOConfig(PreferenceSplit, PreferenceTraining):
     def _options_fit_the_loss(self) -> "DPOConfig":
         if self.label_smoothing > 0 and self.loss != "sigmoid":
             raise ValueError(f"label_smoothing applies to loss sigmoid only, not {self.loss}; set it to 0 or use loss: sigmoid")
-        if "simpo_gamma" in self.model_fields_set and self.loss != "simpo":
+        if self.simpo_gamma != type(self).model_fields["simpo_gamma"].default and self.loss != "simpo":
             raise ValueError(f"simpo_gamma applies to loss simpo only, not {self.loss}; remove it or use loss: simpo")
+        if self.lora is not None and self.lora.save == "adapter":
+            raise ValueError("lora.save: adapter is not offered for DPO yet (its policy is saved merged); remove it or set it to merged")
         return self
 
 

@@ -107,6 +107,28 @@ def chatpipe(*args: str, check: bool = True, timeout: int = 600, env: dict | Non
     return result
 
 
+def resume_after_crash(config: Path, run_dir: Path, copy: Path, stage: str, checkpoints: list[str], *, lost: str, resumes_from: str, steps: int) -> str:
+    """Copy a completed run to `copy` as a crash in `stage` would leave it (its final model and
+    checkpoint `lost` gone, the stage marked running; `checkpoints` is what it kept), run it
+    again, check that it said it resumed from checkpoint `resumes_from` of `steps`, and return
+    what it printed."""
+    import shutil
+
+    from pipeline.orchestration.manifest import update_stage
+
+    shutil.copytree(run_dir, copy)
+    folder = copy / stage / "checkpoints"
+    assert sorted(p.name for p in folder.glob("step-*")) == checkpoints
+    shutil.rmtree(folder / lost)
+    shutil.rmtree(copy / stage / "final")
+    update_stage(copy, stage, status="running", output=None)
+    output = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
+    assert f"{stage}: resuming from the last checkpoint (it was interrupted)" in output
+    step = int(resumes_from.removeprefix("step-"))
+    assert f"{stage}: resuming from {(folder / resumes_from).resolve()} (step {step} of {steps})" in output
+    return output
+
+
 def tiny_sft_section(**updates) -> dict:
     """An `sft:` section on the first 120 HH conversations, sized to run in seconds."""
     section = {

@@ -149,6 +149,10 @@ def _sft_slice(config: RunConfig) -> dict[str, Any]:
     return {"seed": config.seed, "sft": config.sft.model_dump()}
 
 
+def _dpo_slice(config: RunConfig) -> dict[str, Any]:
+    return {"seed": config.seed, "dpo": config.dpo.model_dump()}
+
+
 def _reward_slice(config: RunConfig) -> dict[str, Any]:
     values = {"seed": config.seed, "reward": config.reward.model_dump()}
     if _judges_share_reward_data(config):  # that share of the prompts is left out of the reward model's
@@ -190,6 +194,13 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("tokenizer", (), _tokenizer_slice),
     StageSpec("pretrain", ("tokenizer",), _pretrain_slice),
     StageSpec("sft", ("pretrain",), _sft_slice, enabled=lambda config: config.sft is not None),
+    StageSpec(
+        "dpo",
+        ("sft",),
+        _dpo_slice,
+        enabled=lambda config: config.dpo is not None,
+        choose_inputs=lambda config: (config.policy_stage,),
+    ),
     StageSpec(
         "reward",
         ("sft",),

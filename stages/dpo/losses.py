@@ -108,3 +108,33 @@ def simpo_loss(chosen_mean_logps: torch.Tensor, rejected_mean_logps: torch.Tenso
 
 
 REFERENCE_FREE = frozenset({"simpo"})  # losses that need no reference log-probs
+
+
+def pair_losses(
+    loss: str, logps: torch.Tensor, tokens: torch.Tensor, reference_logps: torch.Tensor | None,
+    better: torch.Tensor, worse: torch.Tensor, *, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.0,
+) -> PairLosses:
+    """The loss named `loss` (sigmoid, ipo, hinge, simpo) on every pair of a batch.
+
+    logps, tokens: (n_completions,) each completion's summed reply log-probability and its reply
+    token count; reference_logps: (n_completions,) the reference's, or None for simpo;
+    better, worse: (n_pairs,) indices into the completions.
+    """
+    if loss == "simpo":
+        mean = logps / tokens.clamp(min=1)
+        return simpo_loss(mean[better], mean[worse], beta, simpo_gamma)
+    sides = (logps[better], logps[worse], reference_logps[better], reference_logps[worse])
+    if loss == "sigmoid":
+        return sigmoid_loss(*sides, beta, label_smoothing)
+    if loss == "ipo":
+        return ipo_loss(*sides, beta)
+    if loss == "hinge":
+        return hinge_loss(*sides, beta)
+    raise ValueError(f"unknown DPO loss {loss!r}; use sigmoid, ipo, hinge or simpo")
+
+
+def reward_accuracy(pairs: PairLosses) -> torch.Tensor:
+    """Per pair, 1 where the chosen reply's implicit reward is the higher, 0.5 on a tie (the policy at
+    the reference: every reward 0), else 0: (pairs,)."""
+    margin = pairs.chosen_rewards - pairs.rejected_rewards
+    return (margin > 0).float() + 0.5 * (margin == 0).float()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages.dpo.losses import hinge_loss, ipo_loss, log_ratio_margin, sigmoid_loss, simpo_loss
+from stages.dpo.losses import hinge_loss, ipo_loss, log_ratio_margin, pair_losses, reward_accuracy, sigmoid_loss, simpo_loss
 
 # Two pairs. Pair 0: the policy raised the chosen reply by 1 nat over the reference and lowered the
 # rejected one by 1 (h = 2); pair 1: the policy moved the wrong way (h = -1).
@@ -74,3 +74,23 @@ def test_losses_give_gradients_to_the_policy_only():
     # d/dc -log sigmoid(beta h) = -beta * sigmoid(-beta h)
     close(chosen.grad, [-0.5 / (1 + math.e), -0.5 / (1 + math.exp(-0.5))])
     assert not result.chosen_rewards.requires_grad
+
+
+def test_the_loss_is_chosen_by_name_and_simpo_divides_by_reply_tokens():
+    logps, tokens = torch.tensor([-9.0, -11.0, -12.0, -10.0]), torch.tensor([3.0, 11.0, 4.0, 5.0])
+    reference = torch.tensor([-10.0, -10.0, -11.0, -10.0])
+    better, worse = torch.tensor([0, 2]), torch.tensor([1, 3])  # the pairs of LOGPS above
+    close(pair_losses("hinge", logps, tokens, reference, better, worse, beta=0.5).losses, [0.0, 1.5])
+    close(pair_losses("sigmoid", logps, tokens, reference, better, worse, beta=0.5).losses, [0.31326169, 0.97407698])
+    simpo = pair_losses("simpo", logps, tokens, None, better, worse, beta=1.0, simpo_gamma=0.0)
+    close(simpo.chosen_rewards, [-3.0, -3.0])  # -9 / 3, -12 / 4
+    close(simpo.rejected_rewards, [-1.0, -2.0])  # -11 / 11, -10 / 5
+    with pytest.raises(ValueError, match="unknown DPO loss 'kto'"):
+        pair_losses("kto", logps, tokens, reference, better, worse, beta=0.5)
+
+
+def test_reward_accuracy_counts_a_tie_as_half():
+    pairs = sigmoid_loss(*LOGPS, beta=0.5)
+    close(reward_accuracy(pairs), [1.0, 0.0])
+    at_reference = sigmoid_loss(CHOSEN, REJECTED, CHOSEN, REJECTED, beta=0.5)
+    close(reward_accuracy(at_reference), [0.5, 0.5])

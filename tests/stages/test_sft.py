@@ -13,9 +13,9 @@ from data.splits import held_out_split
 from pipeline.config import SFTConfig
 from pipeline.errors import DataError
 from pipeline.models.checkpoints import is_adapter, load_causal_lm
-from pipeline.orchestration.manifest import read_manifest, update_stage
+from pipeline.orchestration.manifest import read_manifest
 from pipeline.orchestration.tracking import read_metric_rows
-from tests.conftest import SAMPLES, chatpipe, decoded_spans, tiny_config, tiny_sft_section
+from tests.conftest import SAMPLES, chatpipe, decoded_spans, resume_after_crash, tiny_config, tiny_sft_section
 
 
 def hh_conversations(count: int) -> list[list[dict]]:
@@ -175,15 +175,8 @@ def test_lora_checkpoints_of_either_kind_load_for_the_next_stage(sft_run, tmp_pa
 def test_crashed_sft_resumes_from_its_last_checkpoint(sft_run, tmp_path):
     config, run_dir = sft_run
     copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    checkpoints = copy / "sft" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000010", "step-000020"]
-    shutil.rmtree(checkpoints / "step-000020")
-    shutil.rmtree(copy / "sft" / "final")
-    update_stage(copy, "sft", status="running", output=None)
-    output = chatpipe("run", str(config), "--run-dir", str(copy)).stdout
-    assert "sft: resuming from the last checkpoint (it was interrupted)" in output
-    assert f"sft: resuming from {(checkpoints / 'step-000010').resolve()} (step 10 of 30)" in output
+    resume_after_crash(config, run_dir, copy, "sft", ["step-000010", "step-000020"], lost="step-000020",
+                       resumes_from="step-000010", steps=30)
     metrics = read_manifest(copy).stages["sft"].metrics
     assert metrics["resumed_from_step"] == 10 and metrics["steps"] == 30
     original = read_manifest(run_dir).stages["sft"].metrics
