@@ -371,3 +371,46 @@ def test_eval_under_a_sharding_engine_matches_one_process(ppo_runs, rlhf_base):
     assert ours.keys() == theirs.keys() and "win_rate" in ours
     for key, value in ours.items():  # a correlation over replies of one length is nan in both
         assert value == theirs[key] or (value != value and theirs[key] != theirs[key]), key
+
+
+# ----------------------------------------------------------------------------------------- DPO
+# One SFT policy trained on one process, then DPO on one process accumulating two micro-batches of
+# 8 prompts and on two processes with 8 each: the same prompts per step, so every difference is the engine's.
+
+
+@pytest.fixture(scope="module")
+def dpo_runs(tmp_path_factory, shakespeare_excerpt):
+    """{engine or 'one': run dir} after DPO on one process, and on two under each engine."""
+    from tests.stages.test_dpo import dpo_section
+
+    folder = tmp_path_factory.mktemp("dpo_engines")
+    dpo = dpo_section(marker_preferences(folder / "marker.jsonl"), max_steps=6, eval_every=6, save_every=6, log_every=1,
+                      gradient_accumulation_steps=2)
+    sft = tiny_sft_section(max_steps=10, eval_every=10, save_every=10, sample_prompts=0)
+    config = write(folder, "dpo", tiny_config(shakespeare_excerpt, sft=sft, dpo=dpo))
+    chatpipe("run", str(config), "--run-dir", str(folder / "one"))
+    runs = {"one": folder / "one"}
+    for engine in ENGINES:
+        run_dir = runs[engine] = folder / engine
+        shutil.copytree(folder / "one", run_dir)
+        chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "dpo",
+                 "--set", "dpo.gradient_accumulation_steps=1", *launched("dpo", engine))
+    return runs
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_dpo_trains_under_every_engine_like_one_process(dpo_runs, engine):
+    from pipeline.orchestration.tracking import read_metric_rows
+
+    entry, one = (read_manifest(dpo_runs[name]).stages["dpo"] for name in (engine, "one"))
+    assert entry.status == "completed" and entry.world_size == 2 and entry.metrics["replicas_in_sync"] is True
+    assert entry.metrics["reference_cached"] is True  # computed once, by the one-process run, and read back
+    losses, expected = ([row["train/loss"] for row in read_metric_rows(dpo_runs[name] / "dpo")[0] if "train/loss" in row]
+                        for name in (engine, "one"))
+    assert len(losses) == len(expected) == 6
+    assert max(abs(a - b) for a, b in zip(losses, expected)) < LOSS_TOLERANCE, (losses, expected)
+    assert abs(entry.metrics["eval_loss"] - one.metrics["eval_loss"]) < LOSS_TOLERANCE
+    assert entry.metrics["eval_accuracy"] == one.metrics["eval_accuracy"]
+    ours, theirs = (load_file(str(dpo_runs[name] / "dpo" / "final" / "model.safetensors")) for name in (engine, "one"))
+    assert ours.keys() == theirs.keys()
+    assert max((ours[k] - theirs[k]).abs().max().item() for k in ours) < WEIGHT_TOLERANCE
