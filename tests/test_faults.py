@@ -1,11 +1,11 @@
 """Every training stage survives a `kill -9` at each point where it writes state, and a full disk.
 
-One tiny tokenizer → pretrain → sft → reward → judges → ppo run is shared by the module; each test works on
+One tiny tokenizer → pretrain → sft → dpo → reward → judges → ppo run is shared by the module; each test works on
 a copy of it. A stage is killed through CHATPIPE_FAULT (pipeline/faults.py) at each kill point in
 turn, each attempt resuming from what the previous one left. After every kill the run dir must be
 consistent: the manifest reads, every other stage's completed output is still there and unaltered.
-Then a plain rerun must complete; pretraining's resumed weights must equal the uninterrupted ones
-bit for bit.
+Then a plain rerun must complete; pretraining's and DPO's resumed weights must equal the
+uninterrupted ones bit for bit.
 
     pytest -m faults
 """
@@ -29,7 +29,7 @@ from tests.conftest import REPO_ROOT, SAMPLES, chatpipe, tiny_config, tiny_sft_s
 
 pytestmark = pytest.mark.faults
 
-STAGES = ("pretrain", "sft", "reward", "judges", "ppo")
+STAGES = ("pretrain", "sft", "dpo", "reward", "judges", "ppo")
 
 # The order a stage is killed in: each attempt resumes from what the one before left behind.
 # #N: the Nth time the point is reached in that process (a resumed stage writes its manifest
@@ -49,6 +49,7 @@ OUTCOMES = {"injected": 0, "survived": 0}
 
 def run_config(folder) -> dict:
     """Every training stage, each saving at least one resumable checkpoint within seconds."""
+    from tests.stages.test_dpo import dpo_section
     from tests.stages.test_ppo import judges_section, ppo_section
     from tests.stages.test_reward import marker_preferences
 
@@ -58,6 +59,7 @@ def run_config(folder) -> dict:
         # tokenizing can die in between.
         pretrain={"data": {"path": str(folder / "corpus.txt"), "sample_by": "paragraph"}, "max_steps": 30, "save_every": 10, "eval_every": 30, "keep_checkpoints": 5, "shard_mb": 0.02},
         sft=tiny_sft_section(max_steps=20, eval_every=20, sample_prompts=0),
+        dpo=dpo_section(marker_preferences(folder / "marker.jsonl"), max_steps=20, eval_every=20, save_every=10),
         reward={
             "data": {"path": str(marker_preferences(folder / "marker.jsonl"))}, "init_from": "pretrain",
             "max_length": 64, "max_steps": 20, "learning_rate": 3e-3, "eval_every": 20, "save_every": 10,
@@ -148,8 +150,8 @@ def test_a_stage_killed_at_every_kill_point_still_finishes(upstream, tmp_path, s
     # judge: after the kill while recording, none is left to resume.)
     assert len(resumed_lines) >= (1 if stage == "judges" else 2), resumed_lines
     assert all("/checkpoints/" in line and "/step-" in line for line in resumed_lines), resumed_lines
-    if stage == "pretrain":
-        assert_same_weights(run_dir / "pretrain" / "final", upstream[1] / "pretrain" / "final")
+    if stage in ("pretrain", "dpo"):
+        assert_same_weights(run_dir / stage / "final", upstream[1] / stage / "final")
     if stage == "judges":  # each judge, killed and resumed, ends as the uninterrupted one did
         for judge in ("judge-0", "judge-1"):
             assert_same_weights(run_dir / "judges" / "final" / judge, upstream[1] / "judges" / "final" / judge)

@@ -33,7 +33,7 @@ def upstream(tmp_path_factory):
     """One uninterrupted tokenizer → pretrain → sft run (the fault suite's settings): (config file, run dir)."""
     folder = tmp_path_factory.mktemp("faults_state")
     (folder / "corpus.txt").write_text((SAMPLES / "tinyshakespeare.txt").read_text()[:100_000])
-    config = {key: value for key, value in run_config(folder).items() if key not in ("reward", "judges", "ppo")}
+    config = {key: value for key, value in run_config(folder).items() if key not in ("dpo", "reward", "judges", "ppo")}
     (folder / "run.yaml").write_text(yaml.safe_dump(config))
     run_dir = folder / "run"
     chatpipe("run", str(folder / "run.yaml"), "--run-dir", str(run_dir))
