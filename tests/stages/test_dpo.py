@@ -111,6 +111,21 @@ def test_lora_dpo_computes_the_same_reference_with_its_adapter_off(dpo_run, tmp_
     assert not (copy / "dpo" / "final" / "adapter_config.json").exists()  # merged, like SFT's merged policy
 
 
+def test_simpo_trains_without_a_reference(dpo_run, tmp_path):
+    config, run_dir = dpo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "cache" / "dpo_reference")
+    chatpipe("run", str(config), "--run-dir", str(copy), "--set", "dpo.loss=simpo", "--set", "dpo.beta=2.0")
+    metrics = read_manifest(copy).stages["dpo"].metrics
+    assert metrics["loss_kind"] == "simpo" and metrics["reference_cached"] is None
+    assert not (copy / "cache" / "dpo_reference").exists()  # nothing computed, nothing cached
+    # SimPO's reward is the policy's own per-token log-prob: its accuracy is the likelihood accuracy.
+    # Measured on this run: 0.33 -> 0.89.
+    assert metrics["initial_eval_accuracy"] == metrics["initial_eval_likelihood_accuracy"]
+    assert metrics["eval_accuracy"] > metrics["initial_eval_accuracy"] + 0.3
+
+
 def marker_groups(tokenizer):
     rows = [
         {"prompt": "what say you?", "chosen": "the gold of the king", "rejected": "the crown of the king is here"},
