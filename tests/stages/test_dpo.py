@@ -96,13 +96,19 @@ def test_crashed_dpo_resumes_from_its_last_checkpoint(dpo_run, tmp_path):
     assert metrics["eval_accuracy"] == original["eval_accuracy"]
 
 
-def test_lora_dpo_computes_the_same_reference_with_its_adapter_off(dpo_run, tmp_path):
+def rerun_without_reference_cache(dpo_run, tmp_path, *settings: str):
+    """A copy of the run with its DPO reference cache gone, DPO rerun with `settings` (key=value): (run dir, DPO's metrics)."""
     config, run_dir = dpo_run
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     shutil.rmtree(copy / "cache" / "dpo_reference")
-    chatpipe("run", str(config), "--run-dir", str(copy), "--set", "dpo.lora={r: 8, alpha: 16}", "--set", "dpo.learning_rate=1e-2")
-    metrics = read_manifest(copy).stages["dpo"].metrics
+    chatpipe("run", str(config), "--run-dir", str(copy), *(part for setting in settings for part in ("--set", setting)))
+    return copy, read_manifest(copy).stages["dpo"].metrics
+
+
+def test_lora_dpo_computes_the_same_reference_with_its_adapter_off(dpo_run, tmp_path):
+    copy, metrics = rerun_without_reference_cache(dpo_run, tmp_path, "dpo.lora={r: 8, alpha: 16}", "dpo.learning_rate=1e-2")
+    run_dir = dpo_run[1]
     assert metrics["reference_cached"] is False and metrics["eval_accuracy"] > 0.6
     from safetensors.torch import load_file
 
@@ -112,12 +118,7 @@ def test_lora_dpo_computes_the_same_reference_with_its_adapter_off(dpo_run, tmp_
 
 
 def test_simpo_trains_without_a_reference(dpo_run, tmp_path):
-    config, run_dir = dpo_run
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    shutil.rmtree(copy / "cache" / "dpo_reference")
-    chatpipe("run", str(config), "--run-dir", str(copy), "--set", "dpo.loss=simpo", "--set", "dpo.beta=2.0")
-    metrics = read_manifest(copy).stages["dpo"].metrics
+    copy, metrics = rerun_without_reference_cache(dpo_run, tmp_path, "dpo.loss=simpo", "dpo.beta=2.0")
     assert metrics["loss_kind"] == "simpo" and metrics["reference_cached"] is None
     assert not (copy / "cache" / "dpo_reference").exists()  # nothing computed, nothing cached
     # SimPO's reward is the policy's own per-token log-prob: its accuracy is the likelihood accuracy.
