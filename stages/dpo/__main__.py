@@ -26,6 +26,7 @@ scored once per pair they appear in and a prompt with many pairs outweighs one w
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -36,7 +37,7 @@ from pipeline.config import DPOConfig
 from pipeline.models.checkpoints import load_causal_lm
 from pipeline.models.lora import add_lora_adapters
 from pipeline.orchestration.stage import StageContext, StageResult, resolve_mixed_precision, run_stage
-from pipeline.training.distributed import engine_of, make_accelerator
+from pipeline.training.distributed import engine_of, make_accelerator, whole_model_init
 from pipeline.training.loop import Cadence, OptimizerStep, SupervisedStep, fit, save_final_model
 from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
@@ -67,11 +68,15 @@ def train(context: StageContext) -> StageResult:
     total_steps = training_steps(section, len(train_encoded), accelerator.num_processes)
 
     # ------------------------------------------------------------------ model and reference
-    model = load_causal_lm(policy_dir)
+    needs_reference = section.loss not in REFERENCE_FREE
+    # The main process scores the reference with the policy before the engine shards it, so the
+    # policy is loaded whole (zero.Init would leave it empty placeholders to shard later).
+    with whole_model_init() if needs_reference else contextlib.nullcontext():
+        model = load_causal_lm(policy_dir)
     if section.lora is not None:
         model = add_lora_adapters(model, section.lora)
     reference_reused = None
-    if section.loss not in REFERENCE_FREE:
+    if needs_reference:
         everything = train_encoded + validation_encoded
         key = reference_key(context.input_digests[config.policy_stage], everything)
         # Computed by the main process, before the policy's first step; the others read its file.
