@@ -46,6 +46,8 @@ def test_dpo_is_optional_and_its_loss_options_are_checked(write_config, shakespe
         load_config(write_config(dpo={**data, "label_smoothing": 0.5}))
     with pytest.raises(ConfigError, match=r"dpo\.loss: Input should be 'sigmoid', 'ipo', 'hinge' or 'simpo'"):
         load_config(write_config(dpo={**data, "loss": "kto"}))
+    with pytest.raises(ConfigError, match="dpo: lora.save: adapter is not offered for DPO yet"):
+        load_config(write_config(dpo={**data, "lora": {"save": "adapter"}}))
     with pytest.raises(ConfigError, match=r"dpo\.max_length = 600 is more tokens than the model has positions"):
         load_config(write_config(dpo={**data, "max_length": 600}))
 
