@@ -43,11 +43,16 @@ def test_prepare_training_takes_the_norm_and_micro_batch_once_for_every_engine()
     """DeepSpeed clips inside its engine (its config gets the norm and micro-batch); the step clips elsewhere."""
     from types import SimpleNamespace
 
+    from accelerate.utils import DistributedType
+
     from pipeline.training.optimization import prepare_training
 
-    class Engine:  # an accelerator under DeepSpeed, as far as prepare_training sees it
+    class Engine:  # an accelerator under DeepSpeed ZeRO-2, as far as prepare_training (and detect_engine) see it
         num_processes = 2
-        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"}))
+        distributed_type = DistributedType.DEEPSPEED
+        state = SimpleNamespace(deepspeed_plugin=SimpleNamespace(
+            zero_stage=2, deepspeed_config={"train_micro_batch_size_per_gpu": "auto"},
+        ))
         prepared = []
 
         def prepare(self, *objects):
