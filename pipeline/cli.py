@@ -267,8 +267,8 @@ def print_status(manifest: Manifest, run_dir: Path) -> None:
     rows = [("stage", "status", "started", "took", "procs", "metrics", "output")]
     altered = {}
     for spec in STAGES:
-        if spec.name not in manifest.stages and manifest.config.get(spec.name, {}) is None:
-            continue  # not part of this run
+        if spec.name not in manifest.stages and manifest.config.get(spec.name) is None:
+            continue  # not part of this run (its section is off, or the run was recorded before the stage existed)
         entry = manifest.stages.get(spec.name) or StageEntry()
         changed = altered_output(run_dir, entry)
         if changed:

@@ -357,3 +357,15 @@ def test_from_and_only_together_are_one_message_saying_what_each_does(write_conf
     assert exit_.value.code == 2 and "Traceback" not in message
     assert "--from reward and --only sft" in message and "give one of them" in message
     assert not (tmp_path / "run").exists()
+
+
+def test_status_leaves_out_a_stage_the_run_was_recorded_without(tmp_path, capsys):
+    """A run recorded before a stage existed (its config has no section for it) does not list it as pending."""
+    from pipeline.orchestration.manifest import new_manifest, write_manifest
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_manifest(run_dir, new_manifest("old", {"tokenizer": {}, "pretrain": {}, "sft": {}, "dpo": None}, "old.yaml"))
+    assert cli.main(["status", str(run_dir)]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:]]
+    assert listed == ["tokenizer", "pretrain", "sft"]
