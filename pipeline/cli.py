@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("serve", "Serve a trained policy as an OpenAI-compatible HTTP endpoint.")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("run_dir")
-        command.add_argument("--stage", choices=("ppo", "sft", "pretrain"),
-                             help="Which policy (default: the latest completed of ppo, sft, pretrain).")
+        command.add_argument("--stage", choices=("ppo", "dpo", "sft", "pretrain"),
+                             help="Which policy (default: the first completed of ppo, dpo, sft, pretrain).")
         if name == "chat":
             command.add_argument("--prompt", help="Answer this one message and exit (for scripts).")
             command.add_argument("--temperature", type=float, default=0.7, help="0 = greedy, as is anything below 1e-5.")

@@ -1,8 +1,8 @@
 """Talk to a run's policy in the terminal: one prompt for scripts, or a multi-turn chat.
 
-    chatpipe chat RUN_DIR [--stage ppo|sft|pretrain] [--prompt TEXT] [--temperature 0.7] ...
+    chatpipe chat RUN_DIR [--stage ppo|dpo|sft|pretrain] [--prompt TEXT] [--temperature 0.7] ...
 
-The policy is the latest completed of ppo, sft, pretrain (or the stage named), found through the
+The policy is the first completed of ppo, dpo, sft, pretrain (or the stage named), found through the
 manifest like any later stage would. Replies are streamed token by token: the generation engine
 (pipeline/models/generation.py) runs in a background thread and feeds transformers'
 `TextIteratorStreamer`, which the caller iterates. `chatpipe serve` (pipeline/apps/serve.py)
@@ -28,8 +28,8 @@ from pipeline.models.checkpoints import adapter_base, is_adapter, load_causal_lm
 from pipeline.models.generation import Sampling, generate, seeded_generator
 from pipeline.orchestration.manifest import altered_files, manifest_path, read_manifest, resolve_input
 
-# The stages whose output is a policy one can talk to, best first: PPO refines SFT refines pretrain.
-POLICY_STAGES = ("ppo", "sft", "pretrain")
+# The stages whose output is a policy one can talk to, best first: PPO and DPO refine SFT refines pretrain.
+POLICY_STAGES = ("ppo", "dpo", "sft", "pretrain")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ def checkpoint_warning(run_dir: str | Path, stage: str) -> str | None:
 
 
 def resolve_policy(run_dir: str | Path, stage: str | None = None) -> Path:
-    """The checkpoint folder to talk to: `stage`'s output, or the latest completed of ppo, sft, pretrain.
+    """The checkpoint folder to talk to: `stage`'s output, or the first completed of ppo, dpo, sft, pretrain.
 
     Raises ManifestError naming the run dir, the stage and what is completed when none fits.
     """

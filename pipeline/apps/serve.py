@@ -1,6 +1,6 @@
 """Serve a run's policy over an OpenAI-compatible HTTP API, so existing chat clients can talk to it.
 
-    chatpipe serve RUN_DIR [--stage ppo|sft|pretrain] [--host 127.0.0.1] [--port 8000]
+    chatpipe serve RUN_DIR [--stage ppo|dpo|sft|pretrain] [--host 127.0.0.1] [--port 8000]
 
     POST /v1/chat/completions   {"model", "messages", "temperature"?, "top_p"?, "top_k"?, "max_tokens"?,
                                  "stream"?, "seed"?, "n"?, "stop"?, "logprobs"?, "top_logprobs"?}:

@@ -103,9 +103,17 @@ def test_resolve_policy_prefers_ppo_then_sft_then_pretrain(tmp_path):
 
 
 def test_resolve_policy_takes_a_named_completed_stage(tmp_path):
-    write_run(tmp_path, {"pretrain": "completed", "sft": "completed", "ppo": "completed"})
+    write_run(tmp_path, {"pretrain": "completed", "sft": "completed", "dpo": "completed", "ppo": "completed"})
     assert resolve_policy(tmp_path, "pretrain") == (tmp_path / "pretrain" / "final").resolve()
     assert resolve_policy(tmp_path, "sft") == (tmp_path / "sft" / "final").resolve()
+    assert resolve_policy(tmp_path, "dpo") == (tmp_path / "dpo" / "final").resolve()
+
+
+def test_resolve_policy_takes_dpo_after_ppo_and_before_sft(tmp_path):
+    write_run(tmp_path, {"pretrain": "completed", "sft": "completed", "dpo": "completed"})
+    assert resolve_policy(tmp_path) == (tmp_path / "dpo" / "final").resolve()
+    write_run(tmp_path, {"pretrain": "completed", "sft": "completed", "dpo": "completed", "reward": "completed", "ppo": "completed"})
+    assert resolve_policy(tmp_path) == (tmp_path / "ppo" / "final").resolve()
 
 
 def test_resolve_policy_names_the_stage_and_what_is_completed(tmp_path):
@@ -125,7 +133,7 @@ def test_resolve_policy_refuses_a_run_without_a_policy(tmp_path):
 
 def test_resolve_policy_refuses_a_stage_that_is_not_a_policy(tmp_path):
     write_run(tmp_path, {"sft": "completed", "reward": "completed"})
-    with pytest.raises(ManifestError, match="'reward' is not a policy.*ppo, sft, pretrain"):
+    with pytest.raises(ManifestError, match="'reward' is not a policy.*ppo, dpo, sft, pretrain"):
         resolve_policy(tmp_path, "reward")
 
 
