@@ -48,7 +48,9 @@ from pipeline.orchestration.manifest import (
 from pipeline.orchestration.registry import get_stage
 from pipeline.orchestration.tracking import Tracker
 
-VERSIONED_PACKAGES = ("torch", "transformers", "trl", "datasets", "peft", "accelerate", "wandb", "tokenizers")
+# The packages a stage's result depends on, recorded with it (deepspeed where installed; trl is the
+# benchmarks' peer only, so no stage's result depends on it).
+VERSIONED_PACKAGES = ("torch", "transformers", "datasets", "peft", "accelerate", "deepspeed", "wandb", "tokenizers")
 
 
 @dataclass
