@@ -292,8 +292,9 @@ def test_sharded_ppo_killed_after_a_checkpoint_resumes_to_the_same_policy(rlhf_b
                       check=False, env={"CHATPIPE_FAULT": "final:after-weights"})
     assert killed.returncode != 0
     resumed = chatpipe("run", str(config), "--run-dir", str(run_dir), "--only", "ppo", *settings)
-    assert "ppo: resuming from" in resumed.stdout and "(rollout 2 of 4, episode 32)" in resumed.stdout
-    assert read_manifest(run_dir).stages["ppo"].metrics["resumed_from_step"] == 2
+    assert "ppo: resuming from" in resumed.stdout and "(step 2 of 4)" in resumed.stdout
+    metrics, uninterrupted = (read_manifest(run).stages["ppo"].metrics for run in (run_dir, ppo_runs[engine][0]))
+    assert metrics["resumed_from_step"] == 2 and metrics["episodes"] == uninterrupted["episodes"] == 64  # the episode count resumed too
     ours = load_file(str(run_dir / "ppo" / "final" / "model.safetensors"))
     theirs = load_file(str(ppo_runs[engine][0] / "ppo" / "final" / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
