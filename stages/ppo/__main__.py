@@ -56,6 +56,7 @@ BEST_NAME = "best"  # RUN_DIR/ppo/best: the policy select_by prefers so far
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.ppo
     policy_dir = context.inputs[config.policy_stage]
+    reward_stats = ScoreStatistics.read(context.inputs["reward"])
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 
     # ---------------------------------------------------------------------------------- setup
@@ -75,7 +76,7 @@ def train(context: StageContext) -> StageResult:
     held_out, eval_batches = held_out_batches(prompts.held_out[: section.eval_prompts], accelerator, tokenizer, shape)
 
     # --------------------------------------------------------------------------------- models
-    trainer, frozen = build_trainer(context, tokenizer, accelerator, shape)
+    trainer, frozen = build_trainer(context, tokenizer, accelerator, shape, reward_stats)
     panel = JudgePanel.load(judge_folders(context.inputs["judges"])) if "judges" in context.inputs else None
     for judge in panel.judges if panel is not None else []:  # never trained against; placed like the reward model
         engine.place_frozen(judge.scorer)
@@ -86,7 +87,7 @@ def train(context: StageContext) -> StageResult:
 
     # ----------------------------------------------------------------------------------- loop
     lora_save = section.lora.save if section.lora is not None else None
-    curve = EvaluationCurve(context, trainer, eval_batches, panel, lora_save, shape.rollouts)
+    curve = EvaluationCurve(context, trainer, eval_batches, panel, lora_save, shape.rollouts, reward_stats)
     # The policy and value model travel in one prepared module; each keeps its own folder.
     checkpointer = Checkpointer(
         context.stage_dir / "checkpoints", accelerator, section.keep_checkpoints,
@@ -153,12 +154,12 @@ def held_out_batches(held_out: list, accelerator, tokenizer, shape: RolloutShape
     return held_out, [left_padded(mine[i : i + size], tokenizer.pad_token_id) for i in range(0, len(mine), size)]
 
 
-def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutShape) -> tuple[RLTrainer, dict]:
+def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutShape,
+                  reward_stats: ScoreStatistics) -> tuple[RLTrainer, dict]:
     """The trainer over the policy (with LoRA if set), its reference, the value model and the
     reward function; and {name: frozen model} of the reward model, reference and ensemble members."""
     config, section = context.config, context.config.ppo
     policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs["reward"]
-    reward_stats = ScoreStatistics.read(reward_dir)
     policy = load_causal_lm(policy_dir)
     reference, reference_context = None, None
     if section.lora is not None:
@@ -247,11 +248,11 @@ class EvaluationCurve:
     they are compared with, and the policy select_by keeps (RUN_DIR/ppo/best). A checkpoint component."""
 
     def __init__(self, context: StageContext, trainer: RLTrainer, eval_batches: list, panel: JudgePanel | None,
-                 lora_save: str | None, rollouts: int):
+                 lora_save: str | None, rollouts: int, reward_stats: ScoreStatistics):
         self.context, self.trainer, self.eval_batches, self.panel, self.lora_save = context, trainer, eval_batches, panel, lora_save
         self.rollouts = rollouts
         self.section, self.seed = context.config.ppo, context.config.seed
-        self.reward_stats = ScoreStatistics.read(context.inputs["reward"])
+        self.reward_stats = reward_stats
         self.baseline = None  # the SFT policy's per-prompt judges' scores and lengths, which later evaluations are compared with
         self.selection = Selection()
 
