@@ -1,7 +1,7 @@
 """The few plain lines a person reads first: did training help, by judges the policy never saw,
 beside the baselines that would explain a win without help.
 
-    lines = verdict_lines(metrics, baseline="sft", challengers=["ppo"])
+    lines = verdict_lines(metrics, baseline="sft", challengers=["dpo", "ppo"])
 
 Built from eval's metrics alone (the keys `stages/eval` writes), so `chatpipe eval`, the manifest
 and `chatpipe report` say the same thing. Each line states a figure, its interval, and what it is
@@ -16,6 +16,7 @@ from typing import Any
 POLICY_NAMES = {"sft": "SFT", "ppo": "PPO", "pretrain": "the pretrained model", "dpo": "DPO"}
 LENGTH_MARGIN = 0.02  # accuracy within this of the length rule's counts as "no better than length"
 CUT_WORTH_MENTIONING = 0.05  # a share of replies cut at the limit above this changes the reward model's verdict
+TRAINED_AGAINST_REWARD_MODEL = {"ppo"}  # the policies whose reward-model win rate is a proxy they optimised
 COLLAPSE = 0.25  # a policy repeating itself this often (and far more than its baseline) has found a stock reply
 
 
@@ -62,7 +63,7 @@ def comparison_line(metrics: dict[str, Any], challenger: str, baseline: str, jud
     cut = max(metrics.get(f"{baseline}/cut_share", 0.0), metrics.get(f"{challenger}/cut_share", 0.0))
     aside = []
     if isinstance(proxy, (int, float)):
-        aside.append(f"{proxy:.2f} by the reward model it was trained on")
+        aside.append(f"{proxy:.2f} by {reward_model_phrase(challenger)}")
         if cut > CUT_WORTH_MENTIONING and isinstance(proxy_completed, (int, float)):
             aside.append(f"{proxy_completed:.2f} once replies cut at the length limit are scored complete")
     key = f"{prefix}/judges/lc_win_rate"
@@ -78,10 +79,19 @@ def comparison_line(metrics: dict[str, Any], challenger: str, baseline: str, jud
         return line + collapse_warning(metrics, challenger, baseline)
     key = f"{prefix}/reward/lc_win_rate"
     figure = interval(metrics, key) or "n/a"
+    if challenger not in TRAINED_AGAINST_REWARD_MODEL:
+        return f"{who} vs {against} at equal length: {figure} by {reward_model_phrase(challenger)} (add a `judges` section for held-out judges)."
     return (
-        f"{who} vs {against} at equal length: {figure} by the reward model {who} was trained on — with no held-out "
+        f"{who} vs {against} at equal length: {figure} by {reward_model_phrase(challenger)} — with no held-out "
         f"judges this cannot tell help from reward hacking (add a `judges` section)."
     )
+
+
+def reward_model_phrase(policy: str) -> str:
+    """The reward model as a sentence about `policy` names it: its training signal, or a model it never saw."""
+    if policy in TRAINED_AGAINST_REWARD_MODEL:
+        return "the reward model it was trained on"
+    return f"the reward model, which {policy_name(policy)} never trained against"
 
 
 def collapse_warning(metrics: dict[str, Any], challenger: str, baseline: str) -> str:
@@ -173,6 +183,12 @@ def verdict_lines(metrics: dict[str, Any], baseline: str, challengers: list[str]
     judges = [name for name in metrics.get("judges", [])]
     null_replies = [tuple(pair) for pair in metrics.get("null_replies", [])]
     lines = [comparison_line(metrics, challenger, baseline, len(judges)) for challenger in challengers]
+    # Trained policies head to head (PPO against DPO), where eval measured them: each later one against each earlier one.
+    lines += [
+        comparison_line(metrics, later, earlier, len(judges))
+        for i, earlier in enumerate(challengers) for later in challengers[i + 1 :]
+        if any(key.startswith(f"{later}_vs_{earlier}/") for key in metrics)
+    ]
     lines.append(accuracy_line(metrics, judges))
     for policy in challengers or [baseline]:
         lines.append(null_line(metrics, policy, null_replies, len(judges)))

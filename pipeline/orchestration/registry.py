@@ -186,8 +186,9 @@ def _judged(config: RunConfig) -> tuple[str, ...]:
 
 
 def _eval_inputs(config: RunConfig) -> tuple[str, ...]:
-    policies = [config.policy_stage] + (["ppo"] if config.ppo is not None else [])
-    return (*policies, "reward", *_judged(config))
+    """The policies eval compares (SFT, then DPO's and PPO's where the config trains them), the reward model and the judges."""
+    trained = [name for name, section in (("dpo", config.dpo), ("ppo", config.ppo)) if section is not None]
+    return (config.policy_stage, *trained, "reward", *_judged(config))
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -222,7 +223,7 @@ STAGES: tuple[StageSpec, ...] = (
         enabled=lambda config: config.ppo is not None,
         choose_inputs=lambda config: (config.policy_stage, "reward", *_judged(config)),
     ),
-    StageSpec("eval", ("sft", "ppo", "reward", "judges"), _eval_slice, enabled=lambda config: config.eval is not None,
+    StageSpec("eval", ("sft", "dpo", "ppo", "reward", "judges"), _eval_slice, enabled=lambda config: config.eval is not None,
               choose_inputs=_eval_inputs),
 )
 STAGE_NAMES = tuple(spec.name for spec in STAGES)

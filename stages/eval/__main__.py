@@ -3,14 +3,14 @@ baselines that would explain a win without help.
 
     python -m stages.eval --run-dir runs/tiny        (or: chatpipe eval runs/tiny)
 
-Each policy (the SFT output, and the PPO output when there is one) answers every held-out prompt
+Each policy (the SFT output, and the DPO and PPO outputs where the run has them) answers every held-out prompt
 `samples_per_prompt` times under one sampling seed, at `eval.temperature` (by default PPO's, so the
 KL to the SFT policy is the one PPO constrained), through the policy evaluator PPO's eval curve
 uses (reward_model/policy_evaluation.py). Every reply is scored by the reward model PPO trained
 against, as sampled (what PPO saw) and completed (a reply the length limit cut gets its EOS), and
 by each judge (reward models the policy never trained against; the `judges` stage) on the
-completed reply's token ids. Then, for PPO against SFT, by the reward model, each judge and the
-judges' mean:
+completed reply's token ids. Then, for each trained policy against SFT and for PPO against DPO,
+by the reward model, each judge and the judges' mean:
 
 - the win rate over every pair of replies to a prompt, with a 95% bootstrap interval over prompts;
 - the length-controlled win rate (AlpacaEval-LC's regression on the length difference) and the
@@ -67,6 +67,15 @@ from reward_model.policy_evaluation import evaluate_policy, reply_sampler
 from reward_model.provenance import HELD_OUT_NAME, fingerprint, read_trained_on
 
 SCORED_AS_SAMPLED = "reward_sampled"  # the reward model's score of replies as sampled: what PPO optimised
+TRAINED_POLICIES = ("dpo", "ppo")  # the stages whose policies eval compares with the SFT policy, in this order
+
+
+def pairings(baseline: str, challengers: list[str]) -> list[tuple[str, str]]:
+    """Which policy is compared with which: each challenger with the baseline, then each later
+    challenger with each earlier one (PPO with DPO), so every pair is measured once."""
+    against_baseline = [(name, baseline) for name in challengers]
+    head_to_head = [(later, earlier) for i, earlier in enumerate(challengers) for later in challengers[i + 1 :]]
+    return against_baseline + head_to_head
 
 
 def held_out_conversations(context: StageContext) -> tuple[list[list[dict]], str]:
@@ -263,8 +272,7 @@ def evaluate(context: StageContext) -> StageResult:
     reference_dir = context.inputs[config.policy_stage]
     tokenizer = AutoTokenizer.from_pretrained(reference_dir)
     policies = {config.policy_stage: reference_dir}
-    if "ppo" in context.inputs:
-        policies["ppo"] = context.inputs["ppo"]
+    policies.update({name: context.inputs[name] for name in TRAINED_POLICIES if name in context.inputs})
     baseline_name, challengers = config.policy_stage, [name for name in policies if name != config.policy_stage]
 
     conversations, prompt_source = held_out_conversations(context)
@@ -307,12 +315,13 @@ def evaluate(context: StageContext) -> StageResult:
 
     # ---------------------------------------------------------------------- the comparisons
     baseline = results[baseline_name]
-    for name in challengers:
-        metrics.update({f"{name}_vs_{baseline_name}/{key}": value for key, value in compare(results[name], baseline, panel, samples, resamples).items()})
-    if challengers:  # the names earlier releases reported, and people's scripts read
-        metrics["win_rate"] = metrics[f"{challengers[0]}_vs_{baseline_name}/{SCORED_AS_SAMPLED}/win_rate"]
+    for challenger, against in pairings(baseline_name, challengers):
+        compared = compare(results[challenger], results[against], panel, samples, resamples)
+        metrics.update({f"{challenger}_vs_{against}/{key}": value for key, value in compared.items()})
+    if challengers:  # the names earlier releases reported, and people's scripts read: the last policy (PPO's) against SFT
+        metrics["win_rate"] = metrics[f"{challengers[-1]}_vs_{baseline_name}/{SCORED_AS_SAMPLED}/win_rate"]
         if "judges" in baseline["scores"]:
-            metrics["judge_win_rate"] = metrics[f"{challengers[0]}_vs_{baseline_name}/judges/win_rate"]
+            metrics["judge_win_rate"] = metrics[f"{challengers[-1]}_vs_{baseline_name}/judges/win_rate"]
     for name, scores in baseline["scores"].items():
         if name != SCORED_AS_SAMPLED:
             metrics[f"length_correlation/{name}"] = correlation(scores, baseline["lengths"])

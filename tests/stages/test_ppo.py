@@ -336,3 +336,37 @@ def test_judges_train_on_pairs_the_reward_model_never_sees(ppo_run):
     first, second = (AutoModelForSequenceClassification.from_pretrained(folder) for folder in folders.values())
     assert not torch.equal(first.score.weight, second.score.weight)  # each from its own seed
     assert 0.0 <= judges["judge-0/accuracy"] <= 1.0 and judges["judges"] == 2
+
+
+def test_eval_compares_dpo_and_ppo_from_the_same_policy_with_it_and_with_each_other(ppo_run, tmp_path):
+    """Reward + PPO and DPO from one starting policy (issue 28, item 2): eval answers with all three
+    and compares each trained policy with the starting one, then PPO with DPO, by every scorer."""
+    config, run_dir = ppo_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    raw = yaml.safe_load(config.read_text())
+    raw["dpo"] = {"data": raw["reward"]["data"], "validation_fraction": 0.2, "max_length": 64, "max_steps": 10,
+                  "prompts_per_batch": 8, "learning_rate": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5}
+    with_dpo = tmp_path / "with_dpo.yaml"
+    with_dpo.write_text(yaml.safe_dump(raw))
+    output = chatpipe("run", str(with_dpo), "--run-dir", str(copy)).stdout
+    assert "ppo: up to date, skipped" in output  # a dpo section leaves the other stages as they were
+    chatpipe("eval", str(copy))
+    stages = read_manifest(copy).stages
+    assert set(stages["dpo"].inputs) == {"pretrain"} and set(stages["eval"].inputs) == {"pretrain", "dpo", "ppo", "reward", "judges"}
+    metrics = stages["eval"].metrics
+    prompts, samples = metrics["prompts"], metrics["samples_per_prompt"]
+    for pair in ("dpo_vs_pretrain", "ppo_vs_pretrain", "ppo_vs_dpo"):
+        for scorer in ("reward_sampled", "judge-0", "judges"):
+            key = f"{pair}/{scorer}/lc_win_rate"
+            assert metrics[f"{key}_low"] <= metrics[key] <= metrics[f"{key}_high"], key
+            assert metrics[f"{pair}/{scorer}/win_rate_n"] == prompts * samples * samples
+    assert metrics["dpo/kl"] > 0 and 0.0 <= metrics["null/i_don_t_know/vs_dpo/judges/win_rate"] <= 1.0
+    # The names earlier releases wrote still mean PPO against the starting policy.
+    assert metrics["win_rate"] == metrics["ppo_vs_pretrain/reward_sampled/win_rate"]
+    verdict = metrics["verdict"]
+    assert verdict[0].startswith("DPO vs the pretrained model at equal length:") and "which DPO never trained against" in verdict[0]
+    assert verdict[1].startswith("PPO vs the pretrained model at equal length:") and "the reward model it was trained on" in verdict[1]
+    assert verdict[2].startswith("PPO vs DPO at equal length:") and "by 2 held-out judges" in verdict[2]
+    samples_file = json.loads((copy / "eval" / "final" / "samples.jsonl").read_text().splitlines()[0])
+    assert {"pretrain_reply", "dpo_reply", "ppo_reply", "dpo_replies"} <= set(samples_file)
