@@ -879,6 +879,15 @@ class RunConfig(Section):
             lengths.append((["eval.max_prompt_length", "eval.response_length"], [self.eval.max_prompt_length, self.eval.response_length]))
         return lengths
 
+    def judges_share_of(self, data: "PreferenceData") -> float | None:
+        """The share of `data`'s prompts the judges take (judges.reward_share) when they train on a
+        share of the reward data and `data` is that data: the reward stage, and DPO on the same
+        file, leave those prompts out, so nothing the judges or eval hold out is trained on. None otherwise."""
+        judges = self.judges
+        if judges is None or judges.count == 0 or judges.data is not None or self.reward is None or data != self.reward.data:
+            return None
+        return judges.reward_share
+
     @property
     def policy_stage(self) -> str:
         """The stage whose model RL starts from: the SFT policy when there is one."""
@@ -939,12 +948,23 @@ def corpus_sources(data: DataSource | list[DataSource] | None) -> list[DataSourc
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read, override and validate a run config file."""
+    """Read, override and validate a run config file (and the config it `extends`, if any)."""
     path = Path(path)
+    raw = read_config_file(path)
+    for override in overrides:
+        apply_override(raw, override)
+    return validate_config(raw, source=str(path), base_dir=path.parent)
+
+
+def read_config_file(path: Path, extended_by: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file as a mapping, on top of the one it names in `extends:` (a path relative to
+    it): `extends: tiny.yaml` and a `dpo:` section is the demo with a DPO stage. Mappings merge
+    key by key; a list, a value or null replaces the base's (`ppo: null` drops its ppo section)."""
     try:
         raw = read_yaml(path.read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
+        by = f" (extended by {extended_by[-1]})" if extended_by else ""
+        raise ConfigError(f"{path}: config file not found{by}") from None
     except DuplicateKeyError as error:
         raise ConfigError(
             f"{path}, line {error.line}: key {error.key!r} is given twice in one mapping (first at line {error.first_line}); "
@@ -954,9 +974,26 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (name, model, tokenizer, pretrain...)")
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_config(raw, source=str(path), base_dir=path.parent)
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected the path of another config, relative to {path.parent}; got {base!r}")
+    base_path = path.parent / base
+    chain = (*extended_by, path)
+    if base_path.resolve() in {link.resolve() for link in chain}:
+        raise ConfigError(f"{path}: extends {base}, which extends it in turn ({' -> '.join(map(str, (*chain, base_path)))}); "
+                          "a config may extend another only once along a chain")
+    return merged_config(read_config_file(base_path, chain), raw)
+
+
+def merged_config(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`: mappings merge key by key; anything else replaces."""
+    result = dict(base)
+    for key, value in override.items():
+        both_mappings = isinstance(value, dict) and isinstance(result.get(key), dict)
+        result[key] = merged_config(result[key], value) if both_mappings else value
+    return result
 
 
 class DuplicateKeyError(yaml.YAMLError):

@@ -129,6 +129,41 @@ def test_config_file_errors_name_the_file(tmp_path):
         load_config(broken)
 
 
+def test_a_config_extends_another_section_by_section(write_config, tmp_path, shakespeare_excerpt):
+    base = write_config("base.yaml", sft={"data": {"path": str(shakespeare_excerpt)}, "max_length": 64, "max_steps": 5})
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nname: child\npretrain:\n  max_steps: 7\nsft: null\n")
+    config, parent = load_config(child), load_config(base)
+    assert config.name == "child" and config.pretrain.max_steps == 7 and config.sft is None
+    # What the child leaves alone is the base's, down to the keys beside the one it sets.
+    assert config.pretrain.model_dump(exclude={"max_steps"}) == parent.pretrain.model_dump(exclude={"max_steps"})
+    assert config.model.model_dump() == parent.model.model_dump() and parent.sft is not None
+
+
+def test_an_extends_chain_that_loops_or_names_no_file_is_an_error_naming_both_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: extends a.yaml, which extends it in turn"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml: config file not found \(extended by .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"d.yaml: extends: expected the path of another config"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_tiny_dpo_is_the_demo_with_a_dpo_stage_that_leaves_the_demos_stages_up_to_date():
+    from pipeline.orchestration.registry import STAGES
+
+    demo, with_dpo = load_config(REPO_ROOT / "configs" / "tiny.yaml"), load_config(REPO_ROOT / "configs" / "tiny-dpo.yaml")
+    assert demo.dpo is None and with_dpo.dpo is not None and with_dpo.dpo.data == demo.reward.data
+    assert with_dpo.model_dump(exclude={"dpo"}) == demo.model_dump(exclude={"dpo"})
+    for spec in STAGES:
+        if spec.name != "dpo":  # a run dir where the demo ran runs dpo, then eval (its inputs gain dpo's policy)
+            assert spec.config_digest(with_dpo) == spec.config_digest(demo), spec.name
+
+
 def test_config_hash_ignores_key_order_but_not_values():
     assert config_hash({"a": 1, "b": {"c": 2}}) == config_hash({"b": {"c": 2}, "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
