@@ -150,7 +150,11 @@ def _sft_slice(config: RunConfig) -> dict[str, Any]:
 
 
 def _dpo_slice(config: RunConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "dpo": config.dpo.model_dump()}
+    values = {"seed": config.seed, "dpo": config.dpo.model_dump()}
+    share = config.judges_share_of(config.dpo.data)
+    if share is not None:  # DPO on the reward data leaves the judges' prompts out, as the reward model does
+        values["judges_share"] = share
+    return values
 
 
 def _reward_slice(config: RunConfig) -> dict[str, Any]:

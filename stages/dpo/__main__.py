@@ -42,7 +42,7 @@ from pipeline.training.loop import Cadence, OptimizerStep, SupervisedStep, fit, 
 from pipeline.training.optimization import adamw, prepare_training, warmup_cosine
 from pipeline.training.state import Checkpointer
 from reward_model.batching import EncodedGroup, collate_groups, encode_groups
-from reward_model.data import held_out_groups, load_preference_groups
+from reward_model.data import held_out_groups, load_preference_groups, split_for_judges
 from reward_model.losses import per_prompt_mean
 from reward_model.training import group_batches, training_steps
 from stages.dpo.losses import REFERENCE_FREE, PairLosses, pair_losses, reward_accuracy
@@ -61,6 +61,10 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- data
     cache = context.run_dir / "cache"
     groups, rows = load_preference_groups(section.data, section, cache / "datasets", config_section="dpo")
+    given_to_judges, judges_share = 0, config.judges_share_of(section.data)
+    if judges_share is not None:  # the reward data: its judges' prompts are eval's, held out from every model
+        groups, judge_groups = split_for_judges(groups, judges_share, config.seed)
+        given_to_judges = len(judge_groups)
     train_groups, validation_groups = held_out_groups(groups, section, config.seed, cache / "datasets", config_section="dpo")
     with accelerator.main_process_first():  # rendered once, by the main process on all cores
         train_encoded = encode_groups(train_groups, tokenizer, section.max_length, cache / "chat_tokens")
@@ -122,6 +126,7 @@ def train(context: StageContext) -> StageResult:
         "train_prompts": len(train_encoded),
         "train_pairs": sum(len(group.pairs) for group in train_encoded),
         "validation_prompts": len(validation_encoded),
+        "prompts_given_to_judges": given_to_judges,
         "rows_read": rows.total,
         "rows_dropped": rows.dropped,
         "dropped_reasons": dict(rows.reasons),

@@ -354,6 +354,9 @@ def test_eval_compares_dpo_and_ppo_from_the_same_policy_with_it_and_with_each_ot
     chatpipe("eval", str(copy))
     stages = read_manifest(copy).stages
     assert set(stages["dpo"].inputs) == {"pretrain"} and set(stages["eval"].inputs) == {"pretrain", "dpo", "ppo", "reward", "judges"}
+    # DPO on the reward data leaves out the judges' share, as the reward model does: eval's prompts come from it.
+    assert stages["dpo"].metrics["prompts_given_to_judges"] == stages["reward"].metrics["prompts_given_to_judges"] > 0
+    assert stages["dpo"].metrics["validation_prompts"] == stages["reward"].metrics["validation_prompts"]
     metrics = stages["eval"].metrics
     prompts, samples = metrics["prompts"], metrics["samples_per_prompt"]
     for pair in ("dpo_vs_pretrain", "ppo_vs_pretrain", "ppo_vs_dpo"):
