@@ -165,8 +165,7 @@ def _reward_slice(config: RunConfig) -> dict[str, Any]:
 
 
 def _judges_share_reward_data(config: RunConfig) -> bool:
-    judges = config.judges
-    return judges is not None and judges.count > 0 and judges.data is None and config.reward is not None
+    return config.reward is not None and config.judges_share_of(config.reward.data) is not None
 
 
 def _judges_slice(config: RunConfig) -> dict[str, Any]:

@@ -36,10 +36,9 @@ def train(context: StageContext) -> StageResult:
     # ----------------------------------------------------------------------------------- data
     cache = context.run_dir / "cache" / "datasets"
     groups, rows = load_preference_groups(section.data, section, cache)
-    given_to_judges = 0
-    judges = config.judges
-    if judges is not None and judges.count > 0 and judges.data is None:
-        groups, judge_groups = split_for_judges(groups, judges.reward_share, config.seed)
+    given_to_judges, judges_share = 0, config.judges_share_of(section.data)
+    if judges_share is not None:  # the judges train on a share of these prompts, and hold out eval's from it
+        groups, judge_groups = split_for_judges(groups, judges_share, config.seed)
         given_to_judges = len(judge_groups)
     train_groups, validation_groups = held_out_groups(groups, section, config.seed, cache)
 
