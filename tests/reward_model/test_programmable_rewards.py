@@ -141,3 +141,26 @@ def test_each_function_logs_its_mean_over_the_rollout(bpe_tokenizer):
         assert metrics["reward/constant_two"] == 2.0
         assert metrics["reward/reply_length"] == pytest.approx(experience.response_mask.sum(1).float().mean().item())
         assert metrics["objective/raw_scores"] == pytest.approx(0.5 * metrics["reward/reply_length"] + 2.0)
+
+
+# ------------------------------------------------------------------------------ the pipeline
+def run_config(**reward):
+    ppo = {"data": {"prompts": {"path": "data/samples/hh_harmless_1000.jsonl"}}, "sampling": {"samples_per_prompt": 2},
+           "algorithm": {"estimator": "grpo"}, "reward": reward}
+    raw = {"name": "t", "model": {"architecture": "llama"}, "pretrain": {"data": {"path": "data/samples/tinyshakespeare.txt"}},
+           "sft": {"data": {"path": "data/samples/hh_harmless_1000.jsonl"}}, "ppo": ppo}
+    if reward.get("model", True):
+        raw["reward"] = {"data": {"path": "data/samples/hh_harmless_1000.jsonl"}}
+    return validate_config(raw)
+
+
+def test_functions_alone_need_no_reward_stage_and_a_config_without_them_hashes_as_before():
+    from pipeline.orchestration.registry import get_stage
+
+    ppo = get_stage("ppo")
+    alone = run_config(model=False, functions=[{"function": f"{HERE}:constant_two"}])
+    assert "reward" not in ppo.choose_inputs(alone)
+    plain = run_config()
+    assert "reward" in ppo.choose_inputs(plain)
+    assert not {"model", "model_weight", "functions"} & set(ppo.config_slice(plain)["ppo"]["reward"])
+    assert ppo.config_slice(run_config(functions=[{"function": f"{HERE}:constant_two"}]))["ppo"]["reward"]["functions"]
