@@ -12,17 +12,19 @@ reward_model/functions.py).
 
 from __future__ import annotations
 
-from data.arithmetic import answer_in, solve
+from data.arithmetic import ANSWER, solve
 
 
 def exact_answer(prompts: list[str], replies: list[str], prompt_ids=None, reply_ids=None) -> list[float]:
-    """1.0 where the reply's "answer is N" is the prompt's arithmetic word problem's exact answer
-    (data/arithmetic.py), else 0.0. A prompt with no such problem is an error, not a zero: the
-    checker was pointed at data it cannot check."""
+    """1.0 where the reply is exactly the taught answer, "The answer is N." with N the prompt's
+    arithmetic word problem's answer (data/arithmetic.py), surrounding whitespace aside; else 0.0.
+    Strict on purpose: a checker that finds "answer is N" anywhere pays a policy to drift from the
+    format ("T answer is 7.") or run on past its answer, and it does. A prompt with no such problem
+    is an error, not a zero: the checker was pointed at data it cannot check."""
     scores = []
     for prompt, reply in zip(prompts, replies):
         expected = solve(prompt)
         if expected is None:
             raise ValueError(f"no arithmetic word problem in the prompt {prompt!r}")
-        scores.append(1.0 if answer_in(reply) == expected else 0.0)
+        scores.append(1.0 if reply.strip() == ANSWER.format(answer=expected) else 0.0)
     return scores

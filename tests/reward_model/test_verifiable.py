@@ -1,4 +1,4 @@
-"""The exact-answer checker: 1 for the exact answer in the taught format, 0 otherwise, an error off its data."""
+"""The exact-answer checker: 1 for exactly the taught reply with the right answer, 0 otherwise, an error off its data."""
 
 import pytest
 
@@ -11,8 +11,9 @@ PROMPT = "<|user|>\nTom has 3 apples and buys 4 more. How many apples does Tom h
 
 
 def test_only_the_exact_answer_scores():
-    replies = ["The answer is 7.", "The answer is 8.", "7", "I think the answer is 7", "The answer is 77."]
-    assert exact_answer([PROMPT] * 5, replies) == [1.0, 0.0, 0.0, 1.0, 0.0]
+    replies = ["The answer is 7.", " The answer is 7.\n", "The answer is 8.", "7", "I think the answer is 7.", "The answer is 77.",
+               "T answer is 7.", "The answer is 7.\nThe answer"]
+    assert exact_answer([PROMPT] * 8, replies) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
 
 
 def test_a_prompt_without_a_problem_stops_the_run_naming_the_checker(bpe_tokenizer):
