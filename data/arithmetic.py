@@ -16,6 +16,7 @@ reply from the prompt and the reply alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import re
@@ -87,26 +88,37 @@ def answer_in(reply: str) -> int | None:
 def distinct_problems(count: int, seed: int, exclude: set[str] = frozenset(), largest: int = 9) -> list[Problem]:
     """`count` problems with different questions (none of `exclude`), the same for the same seed."""
     rng, problems, seen = random.Random(seed), [], set(exclude)
-    while len(problems) < count:
+    for draws in itertools.count():
+        if len(problems) == count:
+            return problems
+        if draws > 1000 * (count + 1):
+            raise ValueError(f"only {len(problems)} distinct problems over 1..{largest} beyond the {len(exclude)} excluded; ask for fewer")
         problem = word_problem(rng, largest)
         if problem.question not in seen:
             seen.add(problem.question)
             problems.append(problem)
-    return problems
 
 
-def write_example(folder: str | Path, sft: int = 600, prompts: int = 400, seed: int = 0, largest: int = 9) -> dict[str, Path]:
+def write_example(folder: str | Path, sft: int = 600, prompts: int = 400, corpus: int = 4000, seed: int = 0,
+                  largest: int = 9) -> dict[str, Path]:
     """The example's files: sft.jsonl (solved problems), prompts.jsonl (other problems: RL's prompts,
-    whose held-out share measures exact match) and corpus.txt (the sft problems as plain text, the
-    tokenizer's and pretraining's corpus). No question is in both jsonl files."""
+    whose held-out share measures exact match) and corpus.txt (pretraining's and the tokenizer's
+    text: the sft problems and `corpus` - `sft` more, solved, as plain lines). No prompt's question
+    is in either of the others.
+
+    The corpus is what teaches the arithmetic: on the sft problems alone a small model memorises
+    its questions and answers 1 in 5 new ones; on a few thousand it learns to add and take away,
+    and SFT need only teach the reply's form."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     solved = distinct_problems(sft, seed, largest=largest)
     unseen = distinct_problems(prompts, seed + 1, exclude={p.question for p in solved}, largest=largest)
+    held = {p.question for p in solved} | {p.question for p in unseen}
+    extra = distinct_problems(max(corpus - sft, 0), seed + 2, exclude=held, largest=largest)
     paths = {"sft": folder / "sft.jsonl", "prompts": folder / "prompts.jsonl", "corpus": folder / "corpus.txt"}
     paths["sft"].write_text("".join(json.dumps(p.conversation()) + "\n" for p in solved))
     paths["prompts"].write_text("".join(json.dumps(p.conversation()) + "\n" for p in unseen))
-    paths["corpus"].write_text("".join(f"{p.question} {p.reply}\n" for p in solved))
+    paths["corpus"].write_text("".join(f"{p.question} {p.reply}\n" for p in solved + extra))
     return paths
 
 

@@ -3,6 +3,8 @@
 import json
 import random
 
+import pytest
+
 from data.arithmetic import answer_in, distinct_problems, solve, word_problem, write_example
 
 
@@ -23,9 +25,18 @@ def test_solve_reads_the_problem_out_of_a_chat_formatted_prompt():
 
 
 def test_the_files_never_share_a_question(tmp_path):
-    files = write_example(tmp_path, sft=40, prompts=30, seed=2, largest=5)
+    files = write_example(tmp_path, sft=40, prompts=30, corpus=100, seed=2, largest=5)
     questions = {name: {json.loads(line)["messages"][0]["content"] for line in files[name].read_text().splitlines()}
                  for name in ("sft", "prompts")}
     assert len(questions["sft"]) == 40 and len(questions["prompts"]) == 30
     assert not questions["sft"] & questions["prompts"]
-    assert len(files["corpus"].read_text().splitlines()) == 40
+    corpus = files["corpus"].read_text().splitlines()
+    assert len(corpus) == len(set(corpus)) == 100
+    corpus_questions = {line.rsplit(" The answer is", 1)[0] for line in corpus}
+    assert questions["sft"] <= corpus_questions and not questions["prompts"] & corpus_questions
+    assert all(answer_in(line) == solve(line) for line in corpus)
+
+
+def test_asking_for_more_problems_than_there_are_is_an_error_not_a_hang():
+    with pytest.raises(ValueError, match="distinct problems over 1..1"):
+        distinct_problems(1000, seed=0, largest=1)
