@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib
 import json
 import re
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
@@ -607,8 +608,64 @@ class PPOSampling(Section):
     )
 
 
+def import_reward_function(path: str, key: str = "ppo.reward.functions") -> Callable:
+    """The function "package.module:name" names, imported (its module's top level runs here), or ConfigError."""
+    module_name, colon, name = path.partition(":")
+    if not colon or not module_name or not name:
+        raise ConfigError(f"{key}: {path!r} is not \"package.module:name\" (a module path, a colon, a function name)")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # a missing module, or one whose own code fails on import
+        raise ConfigError(f"{key}: {path!r}: cannot import module {module_name!r} ({type(error).__name__}: {error}); "
+                          "it must be importable from the run's working directory or an installed package") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise ConfigError(f"{key}: {path!r}: module {module_name!r} has no function {name!r}")
+    return function
+
+
+class RewardFunctionSpec(Section):
+    """One entry of `ppo.reward.functions`: a Python function that scores replies, and its weight.
+
+    The function is `fn(prompts, replies, prompt_ids, reply_ids) -> one float per reply` (see
+    reward_model/functions.py); it is imported by every process that validates the config or
+    runs PPO, so it runs with the pipeline's permissions, as any code you import does.
+    """
+
+    function: str = Field(..., description='"package.module:name" of the function, importable from the run\'s working directory.')
+    weight: float = Field(1.0, description="Its weight in the reward: score = model_weight * normalised model score + sum of weight * value.")
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, value: str) -> str:
+        try:
+            import_reward_function(value, key="function")
+        except ConfigError as error:  # as a ValueError pydantic names the whole key (ppo.reward.functions.0.function)
+            raise ValueError(str(error)) from None
+        return value
+
+    @property
+    def name(self) -> str:
+        """The name in the logs (`reward/<name>`): the function's own name."""
+        return self.function.rsplit(":", 1)[-1]
+
+
 class PPOReward(Section):
-    """`ppo.reward`: the reward PPO maximises, the reward model's score shaped by a KL penalty to the SFT policy."""
+    """`ppo.reward`: the reward PPO maximises, the reward model's score shaped by a KL penalty to the SFT policy.
+
+    With `functions` the score is the reward model's normalised score times `model_weight` plus each
+    function's value times its weight; with `model: false` it is the functions alone, and PPO needs
+    no reward stage (rloo and grpo only: ppo's value model starts from the reward model).
+    """
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: bool = Field(True, description="Score replies with the reward stage's model; false: with `functions` alone (no reward stage needed).")
+    model_weight: float = Field(1.0, description="The reward model's normalised score's weight when `functions` are given too.")
+    functions: list[RewardFunctionSpec] = Field(
+        default_factory=list,
+        description='Programmable rewards: [{function: "package.module:name", weight: 1.0}, ...], added to the model\'s score.',
+    )
 
     normalize_scores: bool = Field(True, description="Standardise scores with the reward model's held-out mean and std.")
     score_clip: float | None = Field(None, gt=0, description="Clip normalised scores to +-this value.")
@@ -681,7 +738,8 @@ class PPOAlgorithm(Section):
 
 # Where each key of the old flat `ppo` section lives now.
 _PPO_GROUPS = {"data": PPOData, "sampling": PPOSampling, "reward": PPOReward, "algorithm": PPOAlgorithm}
-_PPO_MOVED = {key: group for group, model in _PPO_GROUPS.items() for key in model.model_fields}
+_PPO_NEW_KEYS = {"model", "model_weight", "functions"}  # never in the flat layout: `ppo.model` is not `ppo.reward.model`
+_PPO_MOVED = {key: group for group, model in _PPO_GROUPS.items() for key in model.model_fields if key not in _PPO_NEW_KEYS}
 
 
 def nest_ppo_keys(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -755,6 +813,15 @@ class PPOConfig(CheckpointedStage):
         if self.algorithm.importance_ratio is None:
             self.algorithm.importance_ratio = "token" if estimator == "ppo" else "sequence"
         reward = self.reward
+        if not reward.model and not reward.functions:
+            raise ValueError("ppo.reward.model is false and ppo.reward.functions is empty: nothing would score the replies")
+        if not reward.model and estimator == "ppo":
+            raise ValueError("ppo.reward.model: false needs estimator rloo or grpo: ppo's value model starts from the reward model")
+        if not reward.model and (reward.ensemble_penalty is not None or reward.length_correction):
+            raise ValueError("ppo.reward.ensemble_penalty and length_correction need the reward model (ppo.reward.model: true)")
+        names = [spec.name for spec in reward.functions]
+        if len(set(names)) < len(names):
+            raise ValueError(f"ppo.reward.functions: two functions share a name ({', '.join(names)}); each logs as reward/<name>")
         if reward.kl_penalty is None:
             reward.kl_penalty = "loss" if estimator == "grpo" else "reward"
         if reward.kl_estimator is None:
@@ -831,8 +898,9 @@ class RunConfig(Section):
     def _reward_source_exists(self) -> "RunConfig":
         if self.reward is not None and self.reward.init_from == "sft" and self.sft is None:
             raise ValueError("reward.init_from is sft but there is no sft section; add one or set reward.init_from: pretrain")
-        if self.ppo is not None and self.reward is None:
-            raise ValueError("ppo needs a reward section: PPO optimises against the reward model it trains")
+        if self.ppo is not None and self.ppo.reward.model and self.reward is None:
+            raise ValueError("ppo needs a reward section: PPO optimises against the reward model it trains "
+                             "(or set ppo.reward.model: false and score with ppo.reward.functions alone)")
         if self.eval is not None and self.reward is None:
             raise ValueError("eval needs a reward section: the reward model judges the policies")
         if self.eval is not None and self.eval.prompts is None and self.ppo is None:

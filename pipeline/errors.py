@@ -19,3 +19,7 @@ class DataError(ChatpipeError):
 
 class ManifestError(ChatpipeError):
     """A run directory whose manifest is missing, torn, or names an input that is not usable."""
+
+
+class RewardFunctionError(ChatpipeError):
+    """A programmable reward (`ppo.reward.functions`) that raised, or returned a wrong count or a non-finite value."""

@@ -176,7 +176,12 @@ def _judges_slice(config: RunConfig) -> dict[str, Any]:
 
 
 def _ppo_slice(config: RunConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "ppo": config.ppo.model_dump()}
+    ppo = config.ppo.model_dump()
+    reward = config.ppo.reward
+    if reward.model and reward.model_weight == 1.0 and not reward.functions:
+        # No programmable reward hashes as it always did: a run recorded before them stays up to date.
+        ppo["reward"] = {k: v for k, v in ppo["reward"].items() if k not in ("model", "model_weight", "functions")}
+    return {"seed": config.seed, "ppo": ppo}
 
 
 def _eval_slice(config: RunConfig) -> dict[str, Any]:
@@ -186,6 +191,11 @@ def _eval_slice(config: RunConfig) -> dict[str, Any]:
 
 def _judged(config: RunConfig) -> tuple[str, ...]:
     return ("judges",) if config.judges is not None else ()
+
+
+def _ppo_reward(config: RunConfig) -> tuple[str, ...]:
+    # With `ppo.reward.model: false` the reward functions score alone: no reward stage to wait for.
+    return ("reward",) if config.ppo.reward.model else ()
 
 
 def _eval_inputs(config: RunConfig) -> tuple[str, ...]:
@@ -224,7 +234,7 @@ STAGES: tuple[StageSpec, ...] = (
         ("sft", "reward", "judges"),
         _ppo_slice,
         enabled=lambda config: config.ppo is not None,
-        choose_inputs=lambda config: (config.policy_stage, "reward", *_judged(config)),
+        choose_inputs=lambda config: (config.policy_stage, *_ppo_reward(config), *_judged(config)),
     ),
     StageSpec("eval", ("sft", "dpo", "ppo", "reward", "judges"), _eval_slice, enabled=lambda config: config.eval is not None,
               choose_inputs=_eval_inputs),

@@ -43,7 +43,12 @@ from pipeline.evaluation.comparison import (
     win_rate,
 )
 from pipeline.training.state import Checkpointer
-from reward_model.functions import conservative_reward_function, ensemble_members, reward_model_function
+from reward_model.functions import (
+    conservative_reward_function,
+    ensemble_members,
+    programmable_reward_function,
+    reward_model_function,
+)
 from reward_model.judges import JudgePanel, judge_folders
 from reward_model.model import TokenScorer, load_reward_model
 from reward_model.statistics import ScoreStatistics
@@ -56,7 +61,7 @@ BEST_NAME = "best"  # RUN_DIR/ppo/best: the policy select_by prefers so far
 def train(context: StageContext) -> StageResult:
     config, section = context.config, context.config.ppo
     policy_dir = context.inputs[config.policy_stage]
-    reward_stats = ScoreStatistics.read(context.inputs["reward"])
+    reward_stats = reward_statistics(context)
     tokenizer = AutoTokenizer.from_pretrained(policy_dir)
 
     # ---------------------------------------------------------------------------------- setup
@@ -159,7 +164,7 @@ def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutS
     """The trainer over the policy (with LoRA if set), its reference, the value model and the
     reward function; and {name: frozen model} of the reward model, reference and ensemble members."""
     config, section = context.config, context.config.ppo
-    policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs["reward"]
+    policy_dir, reward_dir = context.inputs[config.policy_stage], context.inputs.get("reward")
     policy = load_causal_lm(policy_dir)
     reference, reference_context = None, None
     if section.lora is not None:
@@ -168,8 +173,8 @@ def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutS
     else:
         reference = load_causal_lm(policy_dir)
     value = TokenScorer(load_reward_model(reward_dir)) if section.algorithm.estimator == "ppo" else None
-    reward_model = TokenScorer(load_reward_model(reward_dir))
-    reward_fn, members = reward_model_function(reward_model), []
+    reward_model = TokenScorer(load_reward_model(reward_dir)) if section.reward.model else None
+    reward_fn, members = reward_model_function(reward_model) if reward_model is not None else None, []
     if section.reward.ensemble_penalty is not None:  # the ensemble's mean less its disagreement
         folders = ensemble_members(reward_dir)
         if not folders:
@@ -179,6 +184,12 @@ def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutS
         reward_fn = conservative_reward_function(
             [reward_model, *members], [reward_stats, *(ScoreStatistics.read(folder) for folder in folders)],
             section.reward.ensemble_penalty,
+        )
+    if section.reward.functions:  # the programmable rewards, weighed with the model's standardised score
+        normalised = section.reward.normalize_scores and reward_stats.std > 0  # the units the rollout normalises with
+        reward_fn = programmable_reward_function(
+            section.reward.functions, tokenizer, reward_fn, section.reward.model_weight,
+            score_mean=reward_stats.mean if normalised else 0.0, score_std=reward_stats.std if normalised else 1.0,
         )
     trainer = RLTrainer(
         policy, reference, value, reward_fn, tokenizer, section, accelerator,
@@ -190,6 +201,13 @@ def build_trainer(context: StageContext, tokenizer, accelerator, shape: RolloutS
     for member in members:  # placed like the reward model (the reward function holds the modules)
         engine_of(accelerator).place_frozen(member)
     return trainer, {"reward": reward_model, "reference": reference}
+
+
+def reward_statistics(context: StageContext) -> ScoreStatistics:
+    """The reward model's held-out score statistics; mean 0 and std 1 (the functions' own units) without one."""
+    if "reward" in context.inputs:
+        return ScoreStatistics.read(context.inputs["reward"])
+    return ScoreStatistics(mean=0.0, std=1.0)
 
 
 def held_fractions(engine, trainer: RLTrainer, frozen: dict, panel: JudgePanel | None) -> dict[str, float]:

@@ -23,7 +23,7 @@ from pipeline.models.logprobs import log_softmax_at, masked_mean, masked_sum, re
 from pipeline.models.responses import Responses, length_sorted_micro_batches
 from pipeline.training.distributed import engine_of
 from pipeline.training.optimization import fused_adamw_supported, prepare_training
-from reward_model.functions import RewardFunction
+from reward_model.functions import ProgrammableReward, RewardFunction
 from reward_model.judges import JudgePanel
 from reward_model import policy_evaluation
 from reward_model.policy_evaluation import PolicyEvaluation
@@ -145,6 +145,8 @@ class RLTrainer:
     # ------------------------------------------------------------------------------ rollout
     def rollout(self, query_ids: torch.Tensor, query_mask: torch.Tensor) -> Experience:
         self.model.eval()
+        if isinstance(self.maker.reward_fn, ProgrammableReward):  # its reward/<name> means cover this rollout alone
+            self.maker.reward_fn.reset()
         scored = self.maker.score(query_ids.to(self.accelerator.device), query_mask.to(self.accelerator.device))
         return self.maker.experience(scored, self.kl_controller.value)
 
@@ -273,7 +275,18 @@ class RLTrainer:
             "objective/kl", "objective/entropy", "objective/scores", "objective/raw_scores",
             "objective/rlhf_reward", "objective/non_score_reward", "val/response_length", "val/eos_fraction",
         ]
-        return {**dict(zip(names, means)), "val/num_eos": num_eos, "_generated_tokens": generated}
+        return {**dict(zip(names, means)), **self.reward_function_means(), "val/num_eos": num_eos, "_generated_tokens": generated}
+
+    def reward_function_means(self) -> dict[str, float]:
+        """`reward/<name>`: each programmable reward's mean value over the rollout's replies on every process."""
+        reward_fn = self.maker.reward_fn
+        if not isinstance(reward_fn, ProgrammableReward):
+            return {}
+        totals = reward_fn.totals()
+        names = sorted(totals)
+        local = torch.tensor([[totals[name][0], totals[name][1]] for name in names], dtype=torch.float64, device=self.accelerator.device)
+        summed = self.accelerator.reduce(local, "sum").tolist()
+        return {f"reward/{name}": total / max(count, 1) for name, (total, count) in zip(names, summed)}
 
 
 def evaluate_policy(
