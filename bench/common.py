@@ -63,8 +63,12 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
         info["gpu"] = torch.cuda.get_device_name(0)
         info["gpus"] = torch.cuda.device_count()
+        info["gpu_memory_gib"] = round(properties.total_memory / 2**30, 1)
+        info["gpu_capability"] = f"{properties.major}.{properties.minor}"
+        info["cuda"] = torch.version.cuda
     else:
         info["gpu"] = None
     return info

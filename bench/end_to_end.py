@@ -88,8 +88,13 @@ def high_water_mark_mb(pid: int, fallback: float) -> float:
     return fallback
 
 
-def run_measured(command: list[str], log, poll: float) -> dict:
-    """Run `command` (output to `log`), polling its process tree; returns wall time, memory, CPU time."""
+def run_measured(command: list[str], log, poll: float, timeout: float | None = None) -> dict:
+    """Run `command` (output to `log`), polling its process tree; returns wall time, memory, CPU time.
+
+    Past `timeout` seconds the command is killed (`timed_out`; its exit code is then the kill's):
+    bench/gpu_check.py must not let one run eat a lent GPU's time. The `chatpipe` CLI's stage
+    processes end with it (pipeline/orchestration/launcher.py asks the kernel for that).
+    """
     import psutil
 
     log.write(f"$ {' '.join(command)}\n".encode())
@@ -97,8 +102,13 @@ def run_measured(command: list[str], log, poll: float) -> dict:
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
     root = psutil.Process(process.pid)
-    peak_tree, peak_stage, peak_cli, cpu_by_pid = 0.0, 0.0, 0.0, {}
+    peak_tree, peak_stage, peak_cli, cpu_by_pid, timed_out = 0.0, 0.0, 0.0, {}, False
     while process.poll() is None:
+        if timeout is not None and time.perf_counter() - started > timeout:
+            process.kill()
+            process.wait()
+            timed_out = True
+            break
         samples = process_tree_sample(root)
         if samples:
             peak_tree = max(peak_tree, sum(rss for _, rss, _, _ in samples))
@@ -118,6 +128,7 @@ def run_measured(command: list[str], log, poll: float) -> dict:
         "peak_tree_rss_mb": peak_tree,
         "cpu_seconds": sum(cpu_by_pid.values()),
         "processes": len(cpu_by_pid),
+        "timed_out": timed_out,
     }
 
 

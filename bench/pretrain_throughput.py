@@ -128,7 +128,11 @@ class ChatpipeLoop:
 
     name = "chatpipe"
 
-    def __init__(self, model_cfg, section, tokenizer, blocks: np.ndarray, seed: int):
+    def __init__(self, model_cfg, section, tokenizer, blocks: np.ndarray, seed: int, *, model=None,
+                 compile_backend: str = "inductor"):
+        """`model`: one built elsewhere instead of from `model_cfg` and `tokenizer` (bench/gpu_check.py's
+        GPT-2 shape, whose 50,304-token vocabulary no tokenizer here has). `compile_backend`: what
+        `section.compile` compiles with (the stage uses inductor; a CPU smoke run, a cheaper one)."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -141,11 +145,13 @@ class ChatpipeLoop:
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(section.launch.mixed_precision))
         set_seed(seed)
         self.section, self.blocks, self.seed = section, blocks, seed
-        model = model_from_config(model_cfg, tokenizer)
+        model = model if model is not None else model_from_config(model_cfg, tokenizer)
         optimizer = adamw(model, section.learning_rate, section.weight_decay, (section.adam_beta1, section.adam_beta2))
         self.scheduler = warmup_cosine(optimizer, section.warmup_steps, section.max_steps, section.min_lr_ratio)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.optimizer_step = OptimizerStep(self.accelerator, self.model, self.optimizer, self.scheduler, section.max_grad_norm)
+        if section.compile:  # as the stage does, after prepare
+            self.model.compile(backend=compile_backend)
         self.model.train()
         self.step_index = 0
 
@@ -241,8 +247,11 @@ def expected_padding(documents: list[list[int]], batch: int, block: int, seed: i
 
 # -------------------------------------------------------------------------------- FLOPs/MFU
 def matmul_parameters(model: torch.nn.Module) -> int:
-    """N for 6*N: weights of every nn.Linear (a tied LM head counts: it is a matmul)."""
-    return sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    """N for 6*N: weights of every nn.Linear (a tied LM head counts: it is a matmul), and of
+    transformers' Conv1D, GPT-2's linear layers with the weight transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    return sum(module.weight.numel() for module in model.modules() if isinstance(module, (torch.nn.Linear, Conv1D)))
 
 
 def flops_per_token(n_matmul: int, layers: int, hidden: int, seq_len: int) -> float:

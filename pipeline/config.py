@@ -388,6 +388,10 @@ class PretrainConfig(LoggedStage):
     eval_every: int = every(100, "evaluations")
     eval_batches: int = Field(20, ge=1, description="Validation batches per evaluation.")
     save_every: int = every(200, "resumable checkpoints")
+    compile: bool = Field(
+        False, description="torch.compile the model (inductor): pays on a GPU at GPT-2 size once its ~1 min of "
+        "compilation is spent (bench/gpu_check.py measures both); on a CPU the compilation outlasts a short run.",
+    )
 
 
 # The fields a conversation row can have; `columns` maps them to a dataset's own column names.

@@ -142,7 +142,10 @@ def _tokenizer_slice(config: RunConfig) -> dict[str, Any]:
 
 
 def _pretrain_slice(config: RunConfig) -> dict[str, Any]:
-    return {"seed": config.seed, "model": config.model.model_dump(), "pretrain": config.pretrain.model_dump()}
+    # `compile` off hashes as before the field existed, so a run recorded then stays up to date;
+    # on, it is a new result (compiled kernels round differently).
+    section = config.pretrain.model_dump(exclude=set() if config.pretrain.compile else {"compile"})
+    return {"seed": config.seed, "model": config.model.model_dump(), "pretrain": section}
 
 
 def _sft_slice(config: RunConfig) -> dict[str, Any]:

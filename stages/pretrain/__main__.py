@@ -65,6 +65,10 @@ def train(context: StageContext) -> StageResult:
         accelerator, model, optimizer, scheduler, micro_batch_size=micro_batch, max_grad_norm=section.max_grad_norm
     )
     model = optimizer_step.model
+    if section.compile:
+        # In place (nn.Module.compile): the same module object, so checkpoints, evaluation and the
+        # final save see unchanged parameter names; the first steps pay for the compilation.
+        model.compile()
 
     def micro_batches(step: int) -> list[torch.Tensor]:
         """This process's blocks for each micro-step of optimiser step `step` (0-based)."""

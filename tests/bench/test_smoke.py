@@ -233,6 +233,86 @@ def test_data_pipeline_measures_the_token_store_on_a_corpus_and_chat_data(tmp_pa
         assert (row["items"], row["tokens"]) == (chat[part, "cold"]["items"], chat[part, "cold"]["tokens"])
 
 
+def test_gpu_check_runs_every_phase_at_tiny_sizes_without_a_gpu(tmp_path):
+    """bench/gpu_check.py --cpu-smoke: the GPU check's own phase functions (peak, the pretrain
+    stage's step eager and compiled, chatpipe's sampler against transformers' generate, an
+    RLTrainer step, the demo end to end through `chatpipe run`) at tiny sizes, so the check a
+    lent GPU runs in one call cannot rot where no GPU is."""
+    import torch
+
+    on_gpu = torch.cuda.is_available()  # CI has none; on a GPU the tiny sizes run there
+    out = tmp_path / "gpu_check.jsonl"
+    stdout = run_bench("gpu_check.py", "--cpu-smoke", "--run-dir", str(tmp_path / "demo"), "--output", str(out),
+                       default_output="bench/results/gpu_check.jsonl")
+
+    records = json_lines(out.read_text())
+    assert records == json_lines(stdout)
+    assert len({record["run_id"] for record in records}) == 1
+    assert all("gpu" in record["machine"] and record["settings"]["cpu_smoke"] for record in records)
+    measurements = {name: rows[0] for name, rows in by_measurement(records).items()}
+    phases = ("peak", "pretrain", "generation", "ppo", "demo", "pretrain_compiled")
+    assert set(measurements) == {"versions", *phases, "demo_stage", "summary"}
+    for phase in phases:
+        assert measurements[phase]["status"] == "ok", measurements[phase]
+        assert_positive(measurements[phase], "phase_seconds")
+    assert measurements["versions"]["torch"] and measurements["versions"]["transformers"]
+    assert_positive(measurements["peak"], "peak_gflops")
+    for phase in ("pretrain", "pretrain_compiled"):
+        assert_positive(measurements[phase], "median_step_seconds", "tokens_per_second", "achieved_gflops", "mfu",
+                        "warmup_seconds", "matmul_parameters")
+        assert measurements[phase]["compiled"] is (phase == "pretrain_compiled")
+    assert_positive(measurements["generation"], "chatpipe_tokens_per_second", "hf_generate_tokens_per_second",
+                    "chatpipe_over_hf_generate")
+    ppo = measurements["ppo"]
+    assert_positive(ppo, "median_step_seconds", "median_rollout_seconds", "median_sampling_seconds", "median_update_seconds",
+                    "generated_tokens_per_second", "mean_response_tokens")
+    assert ppo["median_sampling_seconds"] < ppo["median_rollout_seconds"]  # sampling is a part of the rollout
+
+    stages = by_measurement(records)["demo_stage"]
+    assert [row["stage"] for row in stages] == ["tokenizer", "pretrain", "sft", "reward", "judges", "ppo", "eval"]
+    for row in stages:
+        assert row["status"] == "completed" and row["error"] is None and row["seconds"] >= 0  # whole seconds
+        assert_positive(row, "peak_rss_mib")
+        assert (row["peak_gpu_mib"] is not None) == on_gpu  # recorded only where a GPU is
+    assert measurements["demo"]["all_completed"] and measurements["demo"]["stages"] == [row["stage"] for row in stages]
+    assert_positive(measurements["demo"], "run_seconds")
+
+    summary = measurements["summary"]
+    assert summary["phases_not_ok"] == [] and summary["demo_completed"] is True
+    assert_positive(summary, "mfu_eager", "mfu_compiled", "compiled_over_eager", "sampler_over_hf_generate")
+    if not on_gpu:
+        assert set(summary["met"].values()) == {None}  # the targets are a GPU's
+
+
+def test_gpu_check_records_a_failed_phase_and_runs_the_next(tmp_path):
+    """A tokenizer larger than the model's vocabulary fails the phases that build the model; the
+    peak before them and the exit code still say what happened."""
+    out = tmp_path / "gpu_check.jsonl"
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--cpu-smoke", "--phases", "pretrain,peak", "--bpe-vocab", "600",
+         "--output", str(out)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 1, result.stdout[-4000:] + result.stderr[-4000:]
+    measurements = {name: rows[0] for name, rows in by_measurement(json_lines(out.read_text())).items()}
+    assert measurements["pretrain"]["status"] == "failed"
+    assert "--bpe-vocab 600 is above the model's vocabulary 512" in measurements["pretrain"]["error"]
+    assert measurements["peak"]["status"] == "ok"  # run after the failure
+    assert measurements["summary"]["phases_not_ok"] == ["pretrain"]
+
+
+def test_gpu_check_without_a_gpu_says_to_use_the_cpu_smoke(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--output", str(tmp_path / "out.jsonl")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "no CUDA GPU here" in result.stderr and "--cpu-smoke" in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.distributed
 def test_engines_runs_a_stage_on_one_process_and_under_ddp(tmp_path, shakespeare_excerpt):
     """One engine (DDP, two CPU processes over gloo) and one stage: pretraining, as the script

@@ -117,3 +117,15 @@ def test_an_accelerate_config_is_identified_by_its_content_not_its_path(tmp_path
     ddp = (REPO_ROOT / "configs" / "accelerate" / "ddp.yaml").read_text()
     assert digest(tmp_path / "A", ddp) == digest(tmp_path / "B", ddp)
     assert digest(tmp_path / "C", ddp.replace("num_processes: 8", "num_processes: 4")) != digest(tmp_path / "A", ddp)
+
+
+def test_pretrain_compile_off_leaves_the_stage_hash_as_it_was_and_on_reruns_it(shakespeare_excerpt):
+    """`pretrain.compile` came after runs were recorded: off (the default) its slice is the one
+    those runs hashed, so they stay up to date; on, compiled kernels round differently, a new result."""
+    spec = get_stage("pretrain")
+    off = validate_config(tiny_config(shakespeare_excerpt))
+    on = validate_config(tiny_config(shakespeare_excerpt, pretrain={"compile": True}))
+    assert off.pretrain.compile is False
+    assert "compile" not in spec.config_slice(off)["pretrain"]
+    assert spec.config_slice(on)["pretrain"]["compile"] is True
+    assert spec.config_digest(on) != spec.config_digest(off)
