@@ -74,7 +74,7 @@ def main() -> None:
         "save_seconds": seconds.get("save_final_model", 0.0),
         "stage_seconds": stage_seconds,
         "worker_seconds": time.perf_counter() - started_process,
-        "train_loss": metrics["train_loss"], "stage_eval_accuracy": metrics.get("eval_accuracy"),
+        "train_loss_last_logged": metrics["train_loss"], "stage_eval_accuracy": metrics.get("eval_accuracy"),
         "stage_peak_rss_mib": metrics.get("peak_rss_mib"),
         "rss_before_stage_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
         "policy": str(run_dir / "dpo" / "final"),

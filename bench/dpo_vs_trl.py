@@ -1,6 +1,6 @@
 """chatpipe's dpo stage against TRL's DPOTrainer on the CPU, at identical settings.
 
-    .venv/bin/python bench/dpo_vs_trl.py                      # SFT built first, 3 interleaved rounds: see the run time below
+    .venv/bin/python bench/dpo_vs_trl.py                      # SFT built first (~3 min quiet), then 3 interleaved rounds (~20 min)
     .venv/bin/python bench/dpo_vs_trl.py --run-dir runs/tiny  # start from a finished run's SFT policy instead
     .venv/bin/python bench/dpo_vs_trl.py --rounds 1 --sides chatpipe,trl
     .venv/bin/python bench/dpo_vs_trl.py --profile            # also cProfile chatpipe's and TRL's training (round 1)
@@ -67,7 +67,44 @@ same pairs (per pair, paired over every round) with its 95% interval: "equal wit
 that interval containing 0.
 
 # -------------------------------------------------------------------------------- results
-(filled in from the measured run below)
+2026-12-07 17:08-17:30 UTC (run 20261207T170800Z), 2-core shared AMD EPYC VM, load average 2.2-3.3
+(other sessions' jobs), torch 2.13.0+cpu, transformers 5.25.0, accelerate 1.16.0, TRL 1.16.0, one
+torch thread per side. SFT policy: configs/tiny.yaml's model (1,115,264 parameters) after 200
+pretraining steps and 1 SFT epoch (`--run-dir` of a run built with the defaults above). Pairs: 825
+of the 1,000 fit in 384 tokens, 0 rendered differently; 624 to train (78 steps of 8), 200 held
+out; 159 tokens per conversation on average. beta 0.1, lr 2e-4, 1 epoch, warmup 7 steps. Medians
+of 3 interleaved rounds (held-out accuracy: each round, with its 95% interval):
+
+    side            pairs/s (train)  loop pairs/s  process pairs/s  loop s  reference s  process s  peak RSS MB  held-out accuracy by round
+    chatpipe        13.2             17.1          11.4             36.5    11.0         54.8       914          0.575 [0.506, 0.641], 0.585 [0.516, 0.651], 0.625 [0.556, 0.689]
+    trl             5.14             5.14          4.84             121     0            129        1,282        0.615 [0.546, 0.680], 0.580 [0.511, 0.646], 0.590 [0.521, 0.656]
+    trl-precompute  4.87             6.59          4.56             94.7    33.5         137        1,270        0.615 [0.546, 0.680], 0.580 [0.511, 0.646], 0.590 [0.521, 0.656]
+
+chatpipe / trl: pairs/s x2.57 (rounds 2.57, 2.50, 2.52; loop alone x3.32, whole process x2.35),
+peak RSS x0.71; held-out accuracy chatpipe - TRL +0.000 [-0.035, +0.035] over the 600 paired
+held-out scores of the three rounds (both sides 0.595 on average, from 0.5 at the SFT policy).
+chatpipe / trl-precompute: x2.71 (2.62, 2.89, 2.53; loop x2.59, process x2.50), peak RSS x0.72.
+The target (>= 1.5x the pairs/s at <= 1x the peak RSS, accuracy equal within noise) is met.
+
+- TRL's two reference modes train the same model (same seed, same accuracy in every round);
+  precomputing did not pay here: with one epoch the reference scores each pair once either way,
+  and its precompute pass (33.5 s for 624 pairs) cost more than the on-the-fly passes it saved.
+- Where TRL's time goes (cProfile of the same settings at --max-length 256, one round under
+  load): its chunked log-prob kernel (`trl/kernels/chunked_logprob.py`, the `fused_lm_head`
+  its loss always asks for) took 15.0 s forward and 15.0 s backward of a 72 s loop, and it runs
+  the reference model's forward on every batch; every sequence of a batch is padded to the
+  longest (45% of the positions, on these pairs).
+- The same benchmark on the dpo stage before this change (commit 8be3055, run 20261207T173023Z,
+  1 round, load 1.3-2.0): chatpipe 6.02 pairs/s (loop 79.3 s, reference 24.3 s), peak RSS 1,119
+  MB; TRL 5.53, 1,287 MB: x1.09 at x0.87, short of the target. The stage then scored every
+  position of a right-padded batch through the LM head and a full-vocabulary log-softmax: 45%
+  of the positions were padding and two thirds of the rest prompt. Now (stages/dpo/reference.py
+  `reply_logps`) a batch's rows go through the model in a few left-padded passes of similar
+  length, with logits for the reply positions only, and the reference pass batches the pairs
+  by length: x1.09 -> x2.57 TRL's pairs/s (chatpipe's own 6.02 -> 13.2, TRL 5.53 and 5.14 in the
+  two runs), peak RSS 1,119 -> 914 MB, the same log-probs to ~1e-6 relative.
+- Where chatpipe's time goes now (`--profile --sides chatpipe`, self time of the stage): backward
+  44%, linear layers' forward 26%, attention 11%, log-softmax 4%: the model's own passes.
 """
 
 from __future__ import annotations
@@ -105,7 +142,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sft-epochs", type=float, default=1.0)
     parser.add_argument("--pairs-file", type=Path, default=ROOT / "data" / "samples" / "hh_harmless_1000.jsonl")
     parser.add_argument("--pair-rows", type=int, default=None, help="read only the first N rows of --pairs-file")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per conversation; longer pairs are left out")
+    parser.add_argument("--max-length", type=int, default=384, help="tokens per conversation; longer pairs are left out")
     parser.add_argument("--held-out", type=int, default=200, help="pairs held out for the accuracy")
     parser.add_argument("--train-pairs", type=int, default=None, help="default: every other pair that fits, cut to a multiple of --batch")
     parser.add_argument("--stage-eval-pairs", type=int, default=16, help="of the held-out pairs, the ones chatpipe's stage evaluates on")
@@ -357,7 +394,7 @@ def summarise(rows: list[dict]) -> list[dict]:
                  "intervals": [row["held_out"]["interval"] for row in group],
                  "margin_mean": statistics.mean(row["held_out"]["margin"] for row in group)}
         for key in ("pairs_per_second", "loop_pairs_per_second", "process_pairs_per_second", "loop_seconds",
-                    "reference_seconds", "train_seconds", "process_seconds", "train_loss"):
+                    "reference_seconds", "train_seconds", "process_seconds"):
             entry[key] = statistics.median(row.get(key, 0.0) for row in group)
         entry["stage_eval_seconds"] = statistics.median(row.get("stage_eval_seconds", 0.0) for row in group)
         summary.append(entry)
@@ -393,13 +430,13 @@ def comparisons(rows: list[dict], summary: list[dict]) -> list[dict]:
 def print_summary(summary: list[dict], found: list[dict]) -> None:
     print()
     headers = ["side", "pairs/s (train)", "loop pairs/s", "process pairs/s", "loop s", "reference s", "process s",
-               "peak RSS MB", "held-out accuracy [95% interval], by round", "train loss"]
+               "peak RSS MB", "held-out accuracy [95% interval], by round"]
     lines = []
     for entry in summary:
         accuracy = ", ".join(f"{a:.3f} [{low:.3f}, {high:.3f}]" for a, (low, high) in zip(entry["accuracies"], entry["intervals"]))
         lines.append([entry["side"], entry["pairs_per_second"], entry["loop_pairs_per_second"], entry["process_pairs_per_second"],
                       entry["loop_seconds"], entry["reference_seconds"], entry["process_seconds"], entry["peak_rss_mb"],
-                      accuracy, entry["train_loss"]])
+                      accuracy])
     print(table(lines, headers))
     for c in found:
         difference = c["accuracy_difference"]

@@ -99,7 +99,7 @@ def main() -> None:
         "loop_seconds": loop_seconds, "setup_seconds": setup_seconds,
         "reference_seconds": reference_seconds[0], "save_seconds": save_seconds,
         "worker_seconds": time.perf_counter() - started_process,
-        "train_loss": output.training_loss,
+        "train_loss_mean": output.training_loss,
         "rss_before_stage_mb": rss_before, "peak_rss_mb": peak_rss_mb(),
         "policy": str(out),
     })
