@@ -46,7 +46,7 @@ from reward_model.data import held_out_groups, load_preference_groups, split_for
 from reward_model.losses import per_prompt_mean
 from reward_model.training import group_batches, training_steps
 from stages.dpo.losses import REFERENCE_FREE, PairLosses, pair_losses, reward_accuracy
-from stages.dpo.reference import cached_reference, reference_key, reference_logps, reply_logps, with_reference
+from stages.dpo.reference import cached_reference, length_order, reference_key, reference_logps, reply_logps, with_reference
 
 
 def train(context: StageContext) -> StageResult:
@@ -83,13 +83,15 @@ def train(context: StageContext) -> StageResult:
     if needs_reference:
         everything = train_encoded + validation_encoded
         key = reference_key(context.input_digests[config.policy_stage], everything)
+
+        def score(groups):
+            return reference_logps(model.to(accelerator.device), groups, tokenizer.pad_token_id, section.prompts_per_batch, accelerator.device)
+
         # Computed by the main process, before the policy's first step; the others read its file.
+        # The held-out groups apart, batched as evaluate_pairs batches them.
         with accelerator.main_process_first():
             logps, reference_reused = cached_reference(
-                cache / "dpo_reference", key,
-                lambda: reference_logps(
-                    model.to(accelerator.device), everything, tokenizer.pad_token_id, section.prompts_per_batch, accelerator.device
-                ),
+                cache / "dpo_reference", key, lambda: torch.cat([score(train_encoded), score(validation_encoded)]),
             )
         split = sum(len(group.completion_ids) for group in train_encoded)
         train_encoded, validation_encoded = with_reference(train_encoded, logps[:split]), with_reference(validation_encoded, logps[split:])
@@ -185,6 +187,7 @@ def evaluate_pairs(model, groups: list[EncodedGroup], section: DPOConfig, pad_to
     was_training = model.training
     model.eval()
     mine = groups[accelerator.process_index :: accelerator.num_processes]
+    mine = [mine[index] for index in length_order(mine)]  # the reference pass's batches: see length_order
     # loss (summed over prompts), prompts, pairs, accuracy, margin, chosen, rejected, likelihood accuracy, shorter rule
     totals = torch.zeros(9, dtype=torch.float64, device=accelerator.device)
     for start in range(0, len(mine), section.prompts_per_batch):
