@@ -82,7 +82,7 @@ def comparison_line(metrics: dict[str, Any], challenger: str, baseline: str, jud
     if challenger not in TRAINED_AGAINST_REWARD_MODEL:
         return f"{who} vs {against} at equal length: {figure} by {reward_model_phrase(challenger)} (add a `judges` section for held-out judges)."
     return (
-        f"{who} vs {against} at equal length: {figure} by {reward_model_phrase(challenger)} — with no held-out "
+        f"{who} vs {against} at equal length: {figure} by the reward model {who} was trained on — with no held-out "
         f"judges this cannot tell help from reward hacking (add a `judges` section)."
     )
 

@@ -224,3 +224,21 @@ def test_without_judges_the_verdict_says_it_cannot_tell():
     metrics = verdict_metrics(judges=[], **{"ppo_vs_sft/reward/lc_win_rate": 0.8})
     lines = verdict_lines(metrics, baseline="sft", challengers=["ppo"])
     assert "by the reward model PPO was trained on" in lines[0] and "add a `judges` section" in lines[0]
+
+
+def test_with_dpo_beside_ppo_the_verdict_compares_each_with_sft_then_ppo_with_dpo_and_names_what_each_trained_on():
+    def pair(prefix, lc, low, high):
+        return {f"{prefix}/reward_sampled/win_rate": 0.7, f"{prefix}/judges/lc_win_rate": lc,
+                f"{prefix}/judges/lc_win_rate_low": low, f"{prefix}/judges/lc_win_rate_high": high}
+
+    metrics = verdict_metrics(**pair("dpo_vs_sft", 0.58, 0.53, 0.62), **pair("ppo_vs_dpo", 0.40, 0.33, 0.46),
+                              **{"dpo/length_median": 28, "dpo/eos_share": 0.85})
+    lines = verdict_lines(metrics, baseline="sft", challengers=["dpo", "ppo"])
+    assert lines[0].startswith("DPO vs SFT at equal length: 0.58 [0.53, 0.62] by 3 held-out judges — a win")
+    assert "0.70 by the reward model, which DPO never trained against" in lines[0]
+    assert lines[1].startswith("PPO vs SFT at equal length: 0.53 [0.49, 0.57]") and "the reward model it was trained on" in lines[1]
+    assert lines[2].startswith("PPO vs DPO at equal length: 0.40 [0.33, 0.46] by 3 held-out judges — a loss")
+    assert lines[-1].startswith("Replies — SFT: median 38 tokens") and "; DPO: median 28 tokens" in lines[-1]
+    # Without judges DPO's line does not call the reward model its training signal.
+    alone = verdict_lines(verdict_metrics(judges=[], **{"dpo_vs_sft/reward/lc_win_rate": 0.6}), baseline="sft", challengers=["dpo"])
+    assert alone[0] == "DPO vs SFT at equal length: 0.60 by the reward model, which DPO never trained against (add a `judges` section for held-out judges)."

@@ -345,7 +345,7 @@ def test_eval_compares_dpo_and_ppo_from_the_same_policy_with_it_and_with_each_ot
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     raw = yaml.safe_load(config.read_text())
-    raw["dpo"] = {"data": raw["reward"]["data"], "validation_fraction": 0.2, "max_length": 64, "max_steps": 10,
+    raw["dpo"] = {"data": raw["reward"]["data"], "max_length": 64, "max_steps": 10,
                   "prompts_per_batch": 8, "learning_rate": 3e-3, "eval_every": 10, "save_every": 10, "log_every": 5}
     with_dpo = tmp_path / "with_dpo.yaml"
     with_dpo.write_text(yaml.safe_dump(raw))
@@ -354,7 +354,8 @@ def test_eval_compares_dpo_and_ppo_from_the_same_policy_with_it_and_with_each_ot
     chatpipe("eval", str(copy))
     stages = read_manifest(copy).stages
     assert set(stages["dpo"].inputs) == {"pretrain"} and set(stages["eval"].inputs) == {"pretrain", "dpo", "ppo", "reward", "judges"}
-    # DPO on the reward data leaves out the judges' share, as the reward model does: eval's prompts come from it.
+    # DPO on the reward data leaves out the judges' share, as the reward model does (eval's prompts come from
+    # it), and holds out the reward model's held-out prompts.
     assert stages["dpo"].metrics["prompts_given_to_judges"] == stages["reward"].metrics["prompts_given_to_judges"] > 0
     assert stages["dpo"].metrics["validation_prompts"] == stages["reward"].metrics["validation_prompts"]
     metrics = stages["eval"].metrics
