@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 
+from tests.bench.test_smoke import assert_positive
 from tests.conftest import REPO_ROOT
 
 # configs/tiny.yaml shrunk to seconds (as tests/bench/test_smoke.py's TINY_RUN), for the SFT build.
@@ -23,12 +24,6 @@ TINY_SFT = [
     "pretrain.per_device_batch_size=4", "pretrain.eval_batches=1", "pretrain.log_every=1",
     "sft.data.max_rows=40", "sft.max_length=96", "sft.max_steps=2", "sft.per_device_batch_size=4", "sft.log_every=1",
 ]
-
-
-def positive(record: dict, *keys: str) -> None:
-    for key in keys:
-        value = record.get(key)
-        assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, f"{key}={value!r} in {record.get('side')}"
 
 
 def test_every_side_completes_and_its_lines_parse(tmp_path):
@@ -50,17 +45,17 @@ def test_every_side_completes_and_its_lines_parse(tmp_path):
     assert set(runs) == {"chatpipe", "trl", "trl-precompute"}
     for name, run in runs.items():
         assert (run["steps"], run["pairs"]) == (4, 16), name  # the same optimiser steps and pairs on every side
-        positive(run, "pairs_per_second", "loop_pairs_per_second", "process_pairs_per_second", "peak_rss_mb", "loop_seconds")
+        assert_positive(run, "pairs_per_second", "loop_pairs_per_second", "process_pairs_per_second", "peak_rss_mb", "loop_seconds")
         held_out = run["held_out"]
         assert held_out["pairs"] == 16 and 0 <= held_out["interval"][0] <= held_out["accuracy"] <= held_out["interval"][1] <= 1
         assert math.isfinite(run.get("train_loss_last_logged", run.get("train_loss_mean"))) and math.isfinite(held_out["margin"]), name
-    positive(runs["chatpipe"], "reference_seconds")
-    positive(runs["trl-precompute"], "reference_seconds")
+    assert_positive(runs["chatpipe"], "reference_seconds")
+    assert_positive(runs["trl-precompute"], "reference_seconds")
     assert runs["trl"]["reference_seconds"] == 0  # on the fly, inside its loop
     ratios = {record["trl_side"]: record for record in by_kind["ratio"]}
     assert set(ratios) == {"trl", "trl-precompute"}
     for ratio in ratios.values():
-        positive(ratio, "pairs_per_second_ratio", "loop_pairs_per_second_ratio", "process_pairs_per_second_ratio", "peak_rss_ratio")
+        assert_positive(ratio, "pairs_per_second_ratio", "loop_pairs_per_second_ratio", "process_pairs_per_second_ratio", "peak_rss_ratio")
         low, high = ratio["accuracy_difference"]["interval"]
         assert low <= ratio["accuracy_difference"]["difference"] <= high
     assert "chatpipe / trl:" in done.stdout and "held-out accuracy" in done.stdout
