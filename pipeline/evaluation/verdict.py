@@ -178,16 +178,19 @@ def shape_line(metrics: dict[str, Any], policies: list[str], limit: int | None) 
     return "Replies — " + "; ".join(parts) + "." if parts else None
 
 
+def head_to_head(challengers: list[str]) -> list[tuple[str, str]]:
+    """Each later challenger against each earlier one: (PPO, DPO) for ["dpo", "ppo"]."""
+    return [(later, earlier) for i, earlier in enumerate(challengers) for later in challengers[i + 1 :]]
+
+
 def verdict_lines(metrics: dict[str, Any], baseline: str, challengers: list[str]) -> list[str]:
     """The verdict, a line per finding; see the module docstring."""
     judges = [name for name in metrics.get("judges", [])]
     null_replies = [tuple(pair) for pair in metrics.get("null_replies", [])]
     lines = [comparison_line(metrics, challenger, baseline, len(judges)) for challenger in challengers]
-    # Trained policies head to head (PPO against DPO), where eval measured them: each later one against each earlier one.
-    lines += [
+    lines += [  # trained policies head to head (PPO against DPO), where eval measured them
         comparison_line(metrics, later, earlier, len(judges))
-        for i, earlier in enumerate(challengers) for later in challengers[i + 1 :]
-        if any(key.startswith(f"{later}_vs_{earlier}/") for key in metrics)
+        for later, earlier in head_to_head(challengers) if any(key.startswith(f"{later}_vs_{earlier}/") for key in metrics)
     ]
     lines.append(accuracy_line(metrics, judges))
     for policy in challengers or [baseline]:

@@ -52,7 +52,7 @@ from pipeline.evaluation.comparison import (
     win_rate,
 )
 from pipeline.evaluation.replies import reply_statistics
-from pipeline.evaluation.verdict import verdict_lines
+from pipeline.evaluation.verdict import head_to_head, verdict_lines
 from pipeline.models.checkpoints import load_causal_lm
 from pipeline.models.generation import seeded_generator
 from pipeline.models.responses import Responses
@@ -73,9 +73,7 @@ TRAINED_POLICIES = ("dpo", "ppo")  # the stages whose policies eval compares wit
 def pairings(baseline: str, challengers: list[str]) -> list[tuple[str, str]]:
     """Which policy is compared with which: each challenger with the baseline, then each later
     challenger with each earlier one (PPO with DPO), so every pair is measured once."""
-    against_baseline = [(name, baseline) for name in challengers]
-    head_to_head = [(later, earlier) for i, earlier in enumerate(challengers) for later in challengers[i + 1 :]]
-    return against_baseline + head_to_head
+    return [(name, baseline) for name in challengers] + head_to_head(challengers)
 
 
 def held_out_conversations(context: StageContext) -> tuple[list[list[dict]], str]:
